@@ -1,0 +1,27 @@
+"""trl-mig: Step-wise Marginal Information Gain (MIG) process credit for TRL's GRPOTrainer."""
+
+from .config import MIGConfig
+from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
+from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
+from .scoring import StepLikelihoodScorer
+from .segmentation import FormatSpec, segment_completion
+from .trainer import MIGGRPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnswerAccuracyReward",
+    "FormatSpec",
+    "MIGConfig",
+    "MIGGRPOTrainer",
+    "StepFormatReward",
+    "StepLikelihoodScorer",
+    "answer_accuracy_reward",
+    "gated_sft_loss",
+    "hwm_gains",
+    "normalize_rewards",
+    "per_token_advantages",
+    "segment_completion",
+    "step_advantages",
+    "step_format_reward",
+]

@@ -1,0 +1,220 @@
+"""`MIGConfig`: every `GRPOConfig` option, plus the MIG fields."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+CREDIT_MODES = ("trajectory", "step")
+MIG_SCALINGS = ("group", "batch", "none")
+LIKELIHOOD_MODELS = ("policy", "reference")
+STEP_FALLBACKS = ("paragraph", "line", "none")
+SCORING_METHODS = ("auto", "block", "prefix")
+
+
+@dataclass
+class MIGConfig(GRPOConfig):
+    r"""
+    Configuration of [`MIGGRPOTrainer`]. It accepts every [`~trl.GRPOConfig`] option and adds the fields below.
+
+    Ground truth and format:
+        solution_column (`str`, defaults to `"solution"`): dataset column holding the ground-truth answer `y*`,
+            a string or a list of accepted variants.
+        think_open_tag / think_close_tag (`str`, defaults to `"<think>"` / `"</think>"`): the chain-of-thought tags.
+            The open tag may live in the prompt (chat templates that pre-fill it); only the close tag is then in the
+            completion.
+        step_pattern (`str`, defaults to `r"#+[ \t]*Step[ \t]*\d+"`): regex of a step header. Each match starts a step.
+        step_fallback (`str`, defaults to `"paragraph"`): how a chain of thought without any step header is split:
+            `"paragraph"` at blank lines, `"line"` at line breaks, `"none"` keeps it as one step.
+        answer_pattern (`str`, defaults to `r"<answer>(.*?)</answer>"`): regex whose first group is the final answer,
+            searched after the chain of thought. Used by the structural gate of gated SFT and by the built-in rewards.
+        mig_scaffold (`str`, defaults to `"\n</think>\n<answer>"`): text teacher-forced between a step prefix and the
+            answer: it closes the thought and opens the answer.
+        mig_max_steps (`int`, defaults to `16`): cap on steps per completion; extra steps are merged into evenly sized
+            groups of consecutive steps.
+
+    Loss:
+        mig_weight (`float`, defaults to `1.0`): α, weight of the MIG advantage (chain-of-thought tokens only).
+        outcome_weight (`float`, defaults to `1.0`): β, weight of the GRPO outcome advantage (all completion tokens).
+        sft_weight (`float`, defaults to `0.1`): γ, weight of the gated SFT loss (`0` disables it).
+        mig_credit (`str`, defaults to `"trajectory"`): `"trajectory"` (paper) gives every CoT token the normalised
+            trajectory gain; `"step"` gives the tokens of step k credit from their own gain g_k.
+        mig_scale_rewards (`str`, defaults to `"group"`): normalisation of the MIG reward, as GRPO's `scale_rewards`:
+            `"group"`, `"batch"` or `"none"` (centred only).
+        sft_correctness_reward (`str` or `None`, defaults to `None`): name of the reward function that says a
+            completion is correct (the factual gate). `None` picks the first reward function whose name contains
+            `"accuracy"`.
+        sft_correctness_threshold (`float`, defaults to `1.0`): a completion is correct when that reward is at least
+            this value.
+
+    Scoring:
+        mig_likelihood_model (`str`, defaults to `"policy"`): which model scores the step-conditioned likelihoods:
+            `"policy"` (with LoRA: adapters on) or `"reference"` (the reference model, or the adapter-free base).
+        mig_scoring_method (`str`, defaults to `"auto"`): `"block"` scores all K+1 prefixes of a completion in one
+            forward with a block attention mask; `"prefix"` scores each prefix as its own batched row; `"auto"` uses
+            `"block"` when the attention implementation takes custom 4-D masks (sdpa, eager), else `"prefix"`.
+        mig_scoring_batch_size (`int`, defaults to `8`): rows per scoring forward; bounds the scoring pass's memory.
+    """
+
+    solution_column: str = field(
+        default="solution",
+        metadata={"help": "Dataset column with the ground-truth answer (a string or a list of accepted variants)."},
+    )
+    think_open_tag: str = field(
+        default="<think>",
+        metadata={"help": "Tag that opens the chain of thought. It may be in the prompt instead of the completion."},
+    )
+    think_close_tag: str = field(default="</think>", metadata={"help": "Tag that closes the chain of thought."})
+    step_pattern: str = field(
+        default=r"#+[ \t]*Step[ \t]*\d+",
+        metadata={"help": "Regular expression of a step header; each match starts a new step."},
+    )
+    step_fallback: str = field(
+        default="paragraph",
+        metadata={
+            "help": "Segmentation of a chain of thought that has no step header: 'paragraph' (split at blank lines), "
+            "'line' (split at line breaks) or 'none' (one step).",
+            "choices": list(STEP_FALLBACKS),
+        },
+    )
+    answer_pattern: str = field(
+        default=r"<answer>(.*?)</answer>",
+        metadata={"help": "Regular expression whose first group is the final answer, searched after the thought."},
+    )
+    mig_scaffold: str = field(
+        default="\n</think>\n<answer>",
+        metadata={"help": "Text teacher-forced between a step prefix and the answer (closes thought, opens answer)."},
+    )
+    mig_max_steps: int = field(
+        default=16,
+        metadata={"help": "Maximum steps per completion; more are merged into evenly sized groups of steps."},
+    )
+    mig_weight: float = field(
+        default=1.0, metadata={"help": "Weight alpha of the MIG advantage, applied to chain-of-thought tokens only."}
+    )
+    outcome_weight: float = field(
+        default=1.0, metadata={"help": "Weight beta of the GRPO outcome advantage, applied to all completion tokens."}
+    )
+    sft_weight: float = field(
+        default=0.1, metadata={"help": "Weight gamma of the gated SFT loss on correct, breakthrough completions."}
+    )
+    mig_credit: str = field(
+        default="trajectory",
+        metadata={
+            "help": "'trajectory': every CoT token gets the normalised trajectory gain (paper). 'step': the tokens of "
+            "step k get credit from their own gain g_k.",
+            "choices": list(CREDIT_MODES),
+        },
+    )
+    mig_scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Normalisation of the MIG reward, like `scale_rewards`: 'group', 'batch' or 'none'.",
+            "choices": list(MIG_SCALINGS),
+        },
+    )
+    sft_correctness_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the reward function that marks a completion correct for gated SFT. Default: the first "
+            "reward function whose name contains 'accuracy'."
+        },
+    )
+    sft_correctness_threshold: float = field(
+        default=1.0, metadata={"help": "A completion is correct when the correctness reward is at least this."}
+    )
+    mig_likelihood_model: str = field(
+        default="policy",
+        metadata={
+            "help": "Model that scores the step-conditioned likelihoods: 'policy' or 'reference'.",
+            "choices": list(LIKELIHOOD_MODELS),
+        },
+    )
+    mig_scoring_method: str = field(
+        default="auto",
+        metadata={
+            "help": "'block' (one forward per completion, block attention mask), 'prefix' (one row per prefix) or "
+            "'auto' (block when the attention implementation takes a custom 4-D mask).",
+            "choices": list(SCORING_METHODS),
+        },
+    )
+    mig_scoring_batch_size: int = field(
+        default=8, metadata={"help": "Rows per scoring forward pass; bounds the memory of the scoring pass."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_mig_fields(self)
+
+
+def _choice(config, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"MIGConfig.{name}={value!r} is not one of {list(choices)}.")
+
+
+def _compile(config, name: str) -> re.Pattern:
+    pattern = getattr(config, name)
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"MIGConfig.{name} must be a non-empty regular expression, got {pattern!r}.")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"MIGConfig.{name}={pattern!r} is not a valid regular expression: {err}.") from None
+    if compiled.fullmatch(""):
+        raise ValueError(f"MIGConfig.{name}={pattern!r} matches the empty string, so it would match everywhere.")
+    return compiled
+
+
+def validate_mig_fields(config) -> None:
+    """Raise a `ValueError` naming the field for every invalid MIG setting."""
+    for name in ("mig_weight", "outcome_weight", "sft_weight"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"MIGConfig.{name} must be a finite number >= 0, got {value!r}.")
+    if config.mig_weight == 0 and config.outcome_weight == 0:
+        raise ValueError("MIGConfig.mig_weight and MIGConfig.outcome_weight are both 0: no token gets an advantage.")
+    _choice(config, "mig_credit", CREDIT_MODES)
+    _choice(config, "mig_scale_rewards", MIG_SCALINGS)
+    _choice(config, "mig_likelihood_model", LIKELIHOOD_MODELS)
+    _choice(config, "step_fallback", STEP_FALLBACKS)
+    _choice(config, "mig_scoring_method", SCORING_METHODS)
+    _compile(config, "step_pattern")
+    if _compile(config, "answer_pattern").groups < 1:
+        raise ValueError(
+            f"MIGConfig.answer_pattern={config.answer_pattern!r} needs a capture group around the answer, "
+            r"e.g. r'<answer>(.*?)</answer>'."
+        )
+    for name in ("think_close_tag", "solution_column"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise ValueError(f"MIGConfig.{name} must be a non-empty string, got {getattr(config, name)!r}.")
+    if not isinstance(config.think_open_tag, str):
+        raise ValueError(f"MIGConfig.think_open_tag must be a string, got {config.think_open_tag!r}.")
+    if not isinstance(config.mig_scaffold, str) or not config.mig_scaffold:
+        raise ValueError(
+            f"MIGConfig.mig_scaffold must be a non-empty string (it closes the thought and opens the answer), "
+            f"got {config.mig_scaffold!r}."
+        )
+    if "{answer}" in config.mig_scaffold:
+        raise ValueError(
+            "MIGConfig.mig_scaffold is the text placed before the answer and has no answer slot: remove '{answer}' "
+            f"from {config.mig_scaffold!r}."
+        )
+    for name in ("mig_max_steps", "mig_scoring_batch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"MIGConfig.{name} must be an integer >= 1, got {value!r}.")
+    if not isinstance(config.sft_correctness_threshold, (int, float)) or not math.isfinite(
+        config.sft_correctness_threshold
+    ):
+        raise ValueError(
+            f"MIGConfig.sft_correctness_threshold must be a finite number, got {config.sft_correctness_threshold!r}."
+        )
+    if config.remove_unused_columns:
+        raise ValueError(
+            "MIGConfig.remove_unused_columns=True would drop the ground-truth column "
+            f"{config.solution_column!r} that MIG scores; set it to False."
+        )

@@ -1,0 +1,104 @@
+"""Reward functions in TRL's signature (`completions`, dataset columns as keyword lists, `**kwargs`).
+
+TRL's own rewards are reused where they fit: `trl.rewards.accuracy_reward` for `\\boxed{}` answers and
+`trl.rewards.think_format_reward` for the think block. What TRL lacks is added here: the accuracy of an answer inside
+answer tags (TRL's extractor needs LaTeX anchors, so `<answer>7</answer>` scores 0 there) and a step-structure format
+check. Both read the completion with the same `FormatSpec` the trainer uses for the structural gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from .segmentation import FormatSpec, analyze_text
+
+
+def completion_text(completion) -> str:
+    """Text of a completion, whether plain (`str`) or conversational (`[{"role": ..., "content": ...}]`)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        return content if isinstance(content, str) else str(content)
+    raise TypeError(f"Expected a completion string or a list of chat messages, got {type(completion).__name__}.")
+
+
+def answer_variants(value, column: str = "solution") -> list[str]:
+    """
+    Accepted answers of one row: a string, a number, or a list of them. Empty or missing values give `[]`
+    (the row cannot be scored); any other type raises a `TypeError` naming the column.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        variants = []
+        for item in value:
+            variants += answer_variants(item, column)
+        return list(dict.fromkeys(variants))
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(
+            f"Column {column!r} must hold a string, a number or a list of them, got {type(value).__name__}: {value!r}."
+        )
+    text = str(value).strip()
+    return [text] if text else []
+
+
+def answers_match(answer: str, gold: list[str]) -> bool:
+    """True when `answer` equals one of the `gold` variants: math-verify when both parse, else exact text."""
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use signal.alarm, which only works in the main thread
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+    parsed_answer = parse(answer, parsing_timeout=timeout)
+    for variant in gold:
+        parsed_gold = parse(variant, parsing_timeout=timeout)
+        if parsed_gold and parsed_answer:
+            if verify(parsed_gold, parsed_answer, timeout_seconds=timeout):
+                return True
+        elif " ".join(answer.split()) == " ".join(variant.split()):
+            return True
+    return False
+
+
+class AnswerAccuracyReward:
+    """
+    1.0 when the answer found by `spec.answer_pattern` after the thought matches the ground truth in `column`
+    (a string or a list of variants), 0.0 when it does not or when there is no answer, and None for rows without a
+    ground truth (TRL then leaves them out of the statistics). A picklable callable, named like a function.
+    """
+
+    def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
+        self.spec = spec or FormatSpec()
+        self.column = column
+        self.__name__ = "answer_accuracy_reward"
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        if self.column not in kwargs:
+            raise KeyError(f"answer_accuracy_reward needs the dataset column {self.column!r}; got {sorted(kwargs)}.")
+        rewards = []
+        for completion, gold in zip(completions, kwargs[self.column], strict=True):
+            variants = answer_variants(gold, self.column)
+            if not variants:
+                rewards.append(None)
+                continue
+            answer = analyze_text(completion_text(completion), self.spec).answer
+            rewards.append(float(answer is not None and answers_match(answer.strip(), variants)))
+        return rewards
+
+
+class StepFormatReward:
+    """1.0 when a completion has at least one step header, a closed thought and an answer after it (the structural
+    gate of gated SFT), else 0.0."""
+
+    def __init__(self, spec: FormatSpec | None = None):
+        self.spec = spec or FormatSpec()
+        self.__name__ = "step_format_reward"
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        return [float(analyze_text(completion_text(c), self.spec).well_formed) for c in completions]
+
+
+answer_accuracy_reward = AnswerAccuracyReward()
+step_format_reward = StepFormatReward()
