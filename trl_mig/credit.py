@@ -34,7 +34,8 @@ def hwm_gains(loglik: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if loglik.shape[-1] < 1:
         raise ValueError(f"hwm_gains needs at least l_0 on the last axis, got shape {tuple(loglik.shape)}.")
-    loglik = loglik.float()
+    if not loglik.is_floating_point():
+        loglik = loglik.float()
     finite = torch.isfinite(loglik)
     neg_inf = torch.full_like(loglik, float("-inf"))
     watermark = torch.cummax(torch.where(finite, loglik, neg_inf), dim=-1).values
@@ -69,7 +70,7 @@ def normalize_rewards(
             f"normalize_rewards needs a 1-D tensor whose length ({rewards.numel()}) is a multiple of group_size "
             f"({group_size})."
         )
-    rewards = rewards.float()
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
     rewards = rewards.masked_fill(~torch.isfinite(rewards), torch.nan)
     grouped = rewards.view(-1, group_size)
     baseline = torch.nanmean(grouped, dim=1, keepdim=True).expand_as(grouped).reshape(-1)

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny tokenizers and models built locally (no hub), and CPU-friendly MIG configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trl_mig.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
+
+BPE_CORPUS = [
+    "<think>### Step 1\n12+7=19\n### Step 2\n19*3=57\n</think>\n<answer>57</answer>",
+    "<think>### Step 1\n5-2=3\n</think>\n<answer>3</answer>",
+    "Compute (12+7)*3. Think step by step.",
+    "<answer>19</answer> <answer>3</answer> <answer>57</answer> >57 >19 >3",
+    "The answer is 42. Then 42 + 8 = 50, and 50 / 5 = 10.",
+    "héllo wörld ünïcode ✓ → ∑",
+]
+
+
+def build_bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained locally on a tiny corpus: multi-character tokens, merges across tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(BPE_CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def build_metaspace_tokenizer(vocab_size: int = 200):
+    """A SentencePiece-style (metaspace) BPE: single tokens decode without their leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"])
+    backend.train_from_iterator(BPE_CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return build_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer():
+    return build_metaspace_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(char_tokenizer):
+    return build_tiny_model(char_tokenizer).float()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def cpu_config(output_dir, **overrides):
+    """A MIGConfig sized for a CPU test: tiny batches, short completions, no saving, no reporting."""
+    from trl_mig import MIGConfig
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=24,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+    )
+    defaults.update(overrides)
+    return MIGConfig(**defaults)

@@ -1,0 +1,197 @@
+"""Pure credit math, without any model: watermark gains, normalisation, step credit, masking, gated SFT."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_mig import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
+from trl_mig.credit import NOT_COT
+
+logliks = st.lists(st.floats(-20, 0, allow_nan=False, allow_infinity=False), min_size=1, max_size=24)
+
+
+def total_gain(values):
+    gains, _ = hwm_gains(torch.tensor(values, dtype=torch.float64))
+    return gains.sum().item()
+
+
+def test_watermark_example():
+    gains, watermark = hwm_gains(torch.tensor([-3.0, -2.0, -2.5, -1.0, -1.5]))
+    assert gains.tolist() == pytest.approx([1.0, 0.0, 1.0, 0.0])
+    assert watermark.tolist() == pytest.approx([-3.0, -2.0, -2.0, -1.0, -1.0])
+
+
+def test_pump_and_dump_earns_nothing_for_recovery():
+    # l drops from -2 to -5, then "recovers" to -2: the recovery does not lift the watermark
+    dump = [-3.0, -2.0, -5.0, -2.0]
+    assert total_gain(dump) == pytest.approx(1.0)
+    assert hwm_gains(torch.tensor(dump))[0].tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_batched_shapes():
+    values = torch.randn(3, 5, 7)
+    gains, watermark = hwm_gains(values)
+    assert gains.shape == (3, 5, 6) and watermark.shape == (3, 5, 7)
+    single = hwm_gains(values[1, 2])[0]
+    assert torch.equal(gains[1, 2], single)
+
+
+def test_k_zero_has_no_gains():
+    gains, watermark = hwm_gains(torch.tensor([[-1.0]]))
+    assert gains.shape == (1, 0) and watermark.tolist() == [[-1.0]]
+
+
+@pytest.mark.parametrize("missing", [float("nan"), float("inf"), float("-inf")])
+def test_missing_steps_earn_nothing_and_keep_the_watermark(missing):
+    gains, watermark = hwm_gains(torch.tensor([-3.0, missing, -2.0, missing]))
+    assert gains.tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert watermark.tolist() == pytest.approx([-3.0, -3.0, -2.0, -2.0])
+
+
+def test_missing_first_entry_starts_the_watermark_later():
+    gains, watermark = hwm_gains(torch.tensor([float("nan"), -4.0, -1.0]))
+    assert gains.tolist() == pytest.approx([0.0, 3.0])
+    assert math.isnan(watermark[0].item()) and watermark[1:].tolist() == pytest.approx([-4.0, -1.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(logliks)
+def test_gains_are_nonnegative_and_sum_to_best_minus_baseline(values):
+    gains, watermark = hwm_gains(torch.tensor(values, dtype=torch.float64))
+    assert (gains >= 0).all()
+    assert gains.sum().item() == pytest.approx(max(values) - values[0], abs=1e-9)
+    assert (watermark[1:] >= watermark[:-1]).all(), "the watermark is monotone"
+    assert watermark[-1].item() == pytest.approx(max(values))
+
+
+@settings(max_examples=300, deadline=None)
+@given(logliks, st.data())
+def test_inserting_or_duplicating_a_step_never_raises_the_reward(values, data):
+    position = data.draw(st.integers(1, len(values)))
+    duplicate = data.draw(st.sampled_from(values))
+    below_best = data.draw(st.floats(-40, max(values), allow_nan=False))
+    for inserted in (duplicate, below_best):
+        longer = values[:position] + [inserted] + values[position:]
+        assert total_gain(longer) <= total_gain(values) + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(logliks, st.floats(0.01, 10), st.integers(1, 4))
+def test_pump_and_dump_never_beats_the_direct_path(values, depth, repeats):
+    # after any prefix, dip below the watermark and climb back to it, several times: no extra reward
+    position = len(values)
+    watermark = max(values)
+    detour = [watermark - depth, watermark] * repeats
+    assert total_gain(values + detour) == pytest.approx(total_gain(values), abs=1e-9)
+    assert total_gain(values[:position] + detour + [watermark + 1]) == pytest.approx(total_gain(values + [watermark + 1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-20, 0) | st.just(float("nan")), min_size=1, max_size=16))
+def test_no_sequence_earns_more_than_best_minus_first(values):
+    tensor = torch.tensor(values, dtype=torch.float64)
+    gains, _ = hwm_gains(tensor)
+    finite = [v for v in values if math.isfinite(v)]
+    bound = max(finite) - finite[0] if finite else 0.0
+    assert torch.isfinite(gains).all() and (gains >= 0).all()
+    assert gains.sum().item() == pytest.approx(bound, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------- normalisation
+def test_group_normalisation_matches_grpo_formula():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 2.0])
+    advantages, baseline, divisor = normalize_rewards(rewards, group_size=4)
+    first = rewards[:4]
+    expected = (first - first.mean()) / (first.std() + 1e-4)
+    assert torch.allclose(advantages[:4], expected)
+    assert baseline.tolist() == pytest.approx([2.5] * 4 + [0.5] * 4)
+    assert divisor[0].item() == pytest.approx(first.std().item() + 1e-4)
+
+
+def test_zero_std_group_gets_zero_advantage():
+    advantages, _, _ = normalize_rewards(torch.tensor([0.3, 0.3, 0.3, 1.0, 0.0, 1.0]), group_size=3)
+    assert advantages[:3].tolist() == [0.0, 0.0, 0.0]
+    assert torch.isfinite(advantages).all()
+
+
+def test_nan_rewards_are_left_out_and_get_zero():
+    rewards = torch.tensor([1.0, float("nan"), 3.0, float("nan")])
+    advantages, baseline, _ = normalize_rewards(rewards, group_size=2)
+    assert advantages[1].item() == 0.0 and advantages[3].item() == 0.0
+    assert advantages[0].item() == 0.0, "a group with one valid reward has no spread"
+    assert baseline.tolist() == pytest.approx([1.0, 1.0, 3.0, 3.0])
+    all_nan, _, _ = normalize_rewards(torch.full((4,), float("nan")), group_size=2)
+    assert all_nan.tolist() == [0.0] * 4
+
+
+def test_batch_and_none_scaling():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    batch, _, divisor = normalize_rewards(rewards, 2, "batch")
+    assert divisor[0].item() == pytest.approx(rewards.std().item() + 1e-4)
+    assert batch.tolist() == pytest.approx([(-1) / divisor[0].item(), 1 / divisor[0].item(), -2 / divisor[0].item(), 2 / divisor[0].item()])
+    centred, _, _ = normalize_rewards(rewards, 2, "none")
+    assert centred.tolist() == pytest.approx([-1.0, 1.0, -2.0, 2.0])
+    with pytest.raises(ValueError, match="scaling"):
+        normalize_rewards(rewards, 2, "max")
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        normalize_rewards(rewards, 3)
+
+
+# ------------------------------------------------------------------------------------------------------ step credit
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(-10, 0), min_size=2, max_size=8), min_size=4, max_size=4))
+def test_step_credit_averages_to_trajectory_advantage_and_is_never_positive_below_watermark(groups):
+    width = max(len(values) for values in groups)
+    loglik = torch.full((4, width), float("nan"), dtype=torch.float64)
+    for row, values in enumerate(groups):
+        loglik[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    num_steps = torch.tensor([len(values) - 1 for values in groups])
+    gains, _ = hwm_gains(loglik)
+    trajectory, baseline, divisor = normalize_rewards(gains.sum(1), group_size=4)
+    credit = step_advantages(gains, num_steps, baseline.double(), divisor.double())
+    for row in range(4):
+        steps = num_steps[row].item()
+        assert credit[row, :steps].mean().item() == pytest.approx(trajectory[row].item(), abs=1e-6)
+        assert (credit[row, steps:] == 0).all()
+        assert (credit[row, :steps][gains[row, :steps] == 0] <= 1e-12).all()
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+def test_answer_tokens_get_only_outcome_advantage_in_both_credit_modes():
+    outcome = torch.tensor([1.0, -1.0])
+    step_ids = torch.tensor([[NOT_COT, 0, 0, 1, 1, NOT_COT, NOT_COT], [0, 0, 0, 0, NOT_COT, NOT_COT, NOT_COT]])
+    trajectory = per_token_advantages(outcome, torch.tensor([2.0, 0.5]), step_ids, mig_weight=0.5, outcome_weight=2.0)
+    assert trajectory[0].tolist() == pytest.approx([2.0, 3.0, 3.0, 3.0, 3.0, 2.0, 2.0])
+    assert trajectory[1].tolist() == pytest.approx([-1.75] * 4 + [-2.0] * 3)
+    per_step = torch.tensor([[4.0, -2.0], [1.0, 0.0]])
+    stepwise = per_token_advantages(outcome, per_step, step_ids, mig_weight=1.0, outcome_weight=1.0)
+    assert stepwise[0].tolist() == pytest.approx([1.0, 5.0, 5.0, -1.0, -1.0, 1.0, 1.0])
+    assert stepwise[1].tolist() == pytest.approx([0.0] * 4 + [-1.0] * 3)
+
+
+def test_masking_with_zero_steps_everywhere():
+    step_ids = torch.full((2, 3), NOT_COT)
+    advantages = per_token_advantages(torch.tensor([1.0, 2.0]), torch.zeros(2, 0), step_ids)
+    assert advantages.tolist() == [[1.0] * 3, [2.0] * 3]
+
+
+# ---------------------------------------------------------------------------------------------------- gated SFT
+def test_gated_sft_loss_uses_only_gated_completions():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    loss = gated_sft_loss(logps, mask, torch.tensor([1.0, 0.0, 1.0]))
+    assert loss.item() == pytest.approx((1 + 2 + 7) / 3)
+    loss.backward()
+    assert logps.grad[1].abs().sum() == 0 and logps.grad[0, 2] == 0
+    assert logps.grad[0, 0].item() == pytest.approx(-1 / 3)
+
+
+def test_gated_sft_loss_with_no_gated_completion_is_zero_and_differentiable():
+    logps = torch.randn(2, 4, requires_grad=True)
+    loss = gated_sft_loss(logps, torch.ones(2, 4), torch.zeros(2))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logps.grad is not None and logps.grad.abs().sum() == 0

@@ -1,0 +1,71 @@
+"""Reward functions: answer-tag accuracy with math-verify, step-structure format, ground-truth parsing."""
+
+import pickle
+
+import pytest
+
+from trl_mig import AnswerAccuracyReward, FormatSpec, answer_accuracy_reward, step_format_reward
+from trl_mig.rewards import answer_variants, completion_text
+
+GOOD = "<think>### Step 1\n2+3=5\n</think>\n<answer>5</answer>"
+
+
+def test_accuracy_on_answer_tags():
+    completions = [GOOD, GOOD.replace(">5<", ">5.0<"), GOOD.replace(">5<", ">6<"), "<think>### Step 1</think>no answer"]
+    assert answer_accuracy_reward(completions, solution=["5"] * 4) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_accuracy_with_variants_missing_gold_and_conversational_completions():
+    chat = [[{"role": "assistant", "content": GOOD}]] * 4
+    rewards = answer_accuracy_reward(chat, solution=[["4", "5"], "", None, 5])
+    assert rewards == [1.0, None, None, 1.0]
+
+
+def test_accuracy_ignores_answers_inside_the_thought():
+    text = "<think>### Step 1\n<answer>5</answer>\n</think>\n<answer>6</answer>"
+    assert answer_accuracy_reward([text], solution=["5"]) == [0.0]
+
+
+def test_text_answers_fall_back_to_exact_match():
+    text = GOOD.replace(">5<", ">north  pole<")
+    assert answer_accuracy_reward([text, GOOD], solution=["north pole", "south pole"]) == [1.0, 0.0]
+
+
+def test_accuracy_reward_needs_its_column():
+    with pytest.raises(KeyError, match="'solution'"):
+        answer_accuracy_reward([GOOD], answer=["5"])
+    custom = AnswerAccuracyReward(column="answer")
+    assert custom([GOOD], answer=["5"]) == [1.0]
+
+
+def test_format_reward():
+    completions = [
+        GOOD,
+        "<think>no header</think><answer>5</answer>",
+        "<think>### Step 1\nunfinished",
+        "### Step 1\n2+3=5\n</think><answer>5</answer>",  # <think> in the prompt
+    ]
+    assert step_format_reward(completions) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_rewards_are_picklable_and_named():
+    for reward in (answer_accuracy_reward, step_format_reward, AnswerAccuracyReward(FormatSpec(step_fallback="line"))):
+        clone = pickle.loads(pickle.dumps(reward))
+        assert clone.__name__ == reward.__name__ and clone([GOOD], solution=["5"]) == reward([GOOD], solution=["5"])
+
+
+def test_answer_variants():
+    assert answer_variants(" 7 ") == ["7"]
+    assert answer_variants(3) == ["3"] and answer_variants(2.5) == ["2.5"]
+    assert answer_variants(["7", "7", " ", "seven"]) == ["7", "seven"]
+    assert answer_variants(None) == [] and answer_variants("   ") == []
+    with pytest.raises(TypeError, match="'gold'.*dict"):
+        answer_variants({"a": 1}, column="gold")
+    with pytest.raises(TypeError, match="bool"):
+        answer_variants(True)
+
+
+def test_completion_text_rejects_other_types():
+    assert completion_text([{"role": "assistant", "content": "x"}]) == "x"
+    with pytest.raises(TypeError, match="int"):
+        completion_text(3)
