@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -148,6 +148,12 @@ class MIGConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         validate_mig_fields(self)
+
+
+def mig_field_names() -> tuple[str, ...]:
+    """The fields MIGConfig adds to GRPOConfig."""
+    inherited = {f.name for f in fields(GRPOConfig)}
+    return tuple(f.name for f in fields(MIGConfig) if f.name not in inherited)
 
 
 def _choice(config, name: str, choices: tuple[str, ...]) -> None:

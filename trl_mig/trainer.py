@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 from accelerate.utils import gather, is_peft_model
@@ -20,7 +21,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .config import MIGConfig
+from .config import MIGConfig, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_variants
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
@@ -127,8 +128,11 @@ class MIGGRPOTrainer(GRPOTrainer):
 
         gains, _ = hwm_gains(loglik)  # (B, K_max)
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
-        scorable = torch.tensor([bool(blocks) for blocks in answers], device=device)
-        gain_sum = torch.where(scorable, gains.sum(1), torch.full_like(gains[:, 0:1].sum(1), float("nan")))
+        # a row without a ground truth, or whose likelihoods are all non-finite, carries no MIG information
+        has_answer = torch.tensor([bool(blocks) for blocks in answers], device=device)
+        scorable = has_answer & torch.isfinite(loglik).any(1)
+        gain_sum = gains.sum(1)
+        gain_sum = torch.where(scorable, gain_sum, torch.full_like(gain_sum, float("nan")))
 
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         all_gain_sums = gather(gain_sum)
@@ -150,7 +154,7 @@ class MIGGRPOTrainer(GRPOTrainer):
             well_formed = torch.tensor([seg.layout.well_formed for seg in segments], device=device)
             output["sft_gate"] = (correct & well_formed & breakthrough).float()
 
-        self._log_mig_metrics(mode, loglik, gain_sum, num_steps, segments, scorable, output.get("sft_gate"))
+        self._log_mig_metrics(mode, loglik, gain_sum, num_steps, segments, has_answer, output.get("sft_gate"))
         return output
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -176,7 +180,28 @@ class MIGGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["sft/loss"].append(self.accelerator.gather(sft_loss.detach()).mean().item())
         return loss + self.args.sft_weight * sft_loss / normalizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._warn_on_changed_mig_settings(checkpoint)
+
     # -------------------------------------------------------------------------------------------------- internals
+    def _warn_on_changed_mig_settings(self, checkpoint: str) -> None:
+        """A resumed run should keep its credit signal: name every MIG setting that differs from the checkpoint's."""
+        path = os.path.join(checkpoint, "training_args.bin")
+        if not os.path.exists(path):
+            return
+        saved = torch.load(path, weights_only=False)
+        changed = {
+            name: (getattr(saved, name, None), getattr(self.args, name))
+            for name in mig_field_names()
+            if getattr(saved, name, None) != getattr(self.args, name)
+        }
+        if changed:
+            details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+            logger.warning("Resuming from %s with different MIG settings (%s).", checkpoint, details)
+        self.resumed_mig_changes = changed
+
     def _content_ids(self, completion_ids: list[int]) -> list[int]:
         """Completion tokens without the trailing EOS / padding that end generation."""
         stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
@@ -241,7 +266,7 @@ class MIGGRPOTrainer(GRPOTrainer):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
 
-    def _log_mig_metrics(self, mode, loglik, gain_sum, num_steps, segments, scorable, sft_gate):
+    def _log_mig_metrics(self, mode, loglik, gain_sum, num_steps, segments, has_answer, sft_gate):
         device = loglik.device
         finite = torch.isfinite(loglik)
         in_range = torch.arange(loglik.shape[1], device=device).unsqueeze(0) <= num_steps.unsqueeze(1)
@@ -250,18 +275,19 @@ class MIGGRPOTrainer(GRPOTrainer):
         last = loglik.gather(1, num_steps.clamp(max=loglik.shape[1] - 1).unsqueeze(1)).squeeze(1)
         no_value = torch.full_like(first, float("nan"))
         flag = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+        usable = lambda values: torch.where(has_answer & torch.isfinite(values), values, no_value)  # noqa: E731
         columns = {
-            "mig/loglik_prompt_only": torch.where(scorable, first, no_value),
-            "mig/loglik_best": torch.where(scorable & torch.isfinite(best), best, no_value),
-            "mig/loglik_final": torch.where(scorable, last, no_value),
+            "mig/loglik_prompt_only": usable(first),
+            "mig/loglik_best": usable(best),
+            "mig/loglik_final": usable(last),
             "mig/gain_sum": gain_sum,
-            "mig/breakthrough_frac": torch.where(scorable, (torch.nan_to_num(gain_sum) > 0).float(), no_value),
+            "mig/breakthrough_frac": torch.where(has_answer, (torch.nan_to_num(gain_sum) > 0).float(), no_value),
             "mig/steps": num_steps.float(),
             "mig/no_step_frac": flag([not seg.layout.has_step_headers for seg in segments]),
             "mig/merged_frac": flag([seg.merged_steps > 0 for seg in segments]),
             "mig/truncated_frac": flag([not seg.layout.think_closed for seg in segments]),
-            "mig/nonfinite_frac": torch.where(scorable, (~finite & in_range).any(1).float(), no_value),
-            "mig/unscorable_frac": (~scorable).float(),
+            "mig/nonfinite_frac": torch.where(has_answer, (~finite & in_range).any(1).float(), no_value),
+            "mig/unscorable_frac": (~has_answer).float(),
         }
         if sft_gate is not None:
             columns["sft/gated_frac"] = sft_gate
