@@ -98,3 +98,33 @@ def cpu_config(output_dir, **overrides):
     )
     defaults.update(overrides)
     return MIGConfig(**defaults)
+
+
+def scripted_rollout(script: dict, end_with_eos=lambda text: text.rstrip().endswith("</answer>")):
+    """
+    A TRL `rollout_func` that returns fixed completions: `script[prompt][i % num_generations]` for the i-th prompt
+    of the batch (GRPO repeats each prompt `num_generations` times in a row). Completions that `end_with_eos` get the
+    EOS token; the others look truncated.
+    """
+
+    def rollout(prompts, trainer):
+        tokenizer = trainer.processing_class
+        texts = [script[_prompt_key(prompt)][i % trainer.num_generations] for i, prompt in enumerate(prompts)]
+        if isinstance(prompts[0], list):
+            prompt_ids = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+                for p in prompts
+            ]
+        else:
+            prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        completion_ids = [
+            tokenizer(t, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if end_with_eos(t) else [])
+            for t in texts
+        ]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    return rollout
+
+
+def _prompt_key(prompt):
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOTrainer
 
-from conftest import cpu_config
+from conftest import cpu_config, scripted_rollout
 from trl_mig import MIGGRPOTrainer
 from trl_mig.tiny import build_tiny_model
 
@@ -32,26 +32,11 @@ SCRIPT = {
 OUTCOME = {PROMPTS[0]: [2.0, 1.0, 0.0, 1.0], PROMPTS[1]: [2.0] * 4}  # accuracy + step format
 
 
-def scripted_rollout(prompts, trainer):
-    tokenizer = trainer.processing_class
-    group = trainer.num_generations
-    completions = [SCRIPT[prompt][i % group] for i, prompt in enumerate(prompts)]
-    truncated = [not text.endswith("</answer>") for text in completions]
-    return {
-        "prompt_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
-        "completion_ids": [
-            tokenizer(c, add_special_tokens=False)["input_ids"] + ([] if cut else [tokenizer.eos_token_id])
-            for c, cut in zip(completions, truncated)
-        ],
-        "logprobs": None,
-    }
-
-
 def scripted_batch():
     return [{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS) for _ in range(4)]
 
 
-def make_trainer(tmp_path, tokenizer, model=None, rollout=scripted_rollout, dataset=None, **overrides):
+def make_trainer(tmp_path, tokenizer, model=None, rollout=None, dataset=None, **overrides):
     model = model if model is not None else build_tiny_model(tokenizer).float()
     dataset = dataset if dataset is not None else Dataset.from_list(scripted_batch())
     trainer = MIGGRPOTrainer(
@@ -59,7 +44,7 @@ def make_trainer(tmp_path, tokenizer, model=None, rollout=scripted_rollout, data
         args=cpu_config(tmp_path, **overrides),
         train_dataset=dataset,
         processing_class=tokenizer,
-        rollout_func=rollout,
+        rollout_func=rollout or scripted_rollout(SCRIPT),
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
