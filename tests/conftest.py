@@ -103,13 +103,16 @@ def cpu_config(output_dir, **overrides):
 def scripted_rollout(script: dict, end_with_eos=lambda text: text.rstrip().endswith("</answer>")):
     """
     A TRL `rollout_func` that returns fixed completions: `script[prompt][i % num_generations]` for the i-th prompt
-    of the batch (GRPO repeats each prompt `num_generations` times in a row). Completions that `end_with_eos` get the
+    of the global batch (GRPO repeats each prompt `num_generations` times in a row, ranks in order). Completions that `end_with_eos` get the
     EOS token; the others look truncated.
     """
 
     def rollout(prompts, trainer):
         tokenizer = trainer.processing_class
-        texts = [script[_prompt_key(prompt)][i % trainer.num_generations] for i, prompt in enumerate(prompts)]
+        # this process's rows come after those of the lower ranks in the global batch
+        first = trainer.accelerator.process_index * len(prompts)
+        group = trainer.num_generations
+        texts = [script[_prompt_key(prompt)][(first + i) % group] for i, prompt in enumerate(prompts)]
         if isinstance(prompts[0], list):
             prompt_ids = [
                 tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)

@@ -137,6 +137,10 @@ class MIGGRPOTrainer(GRPOTrainer):
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         all_gain_sums = gather(gain_sum)
         mig_adv, baseline, divisor = normalize_rewards(all_gain_sums, group_size, self.args.mig_scale_rewards)
+        # per-completion columns of the completions table (`log_completions`), in the global order
+        self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
+        self._logs["extra"]["mig_steps"].extend(gather(num_steps.float()).tolist())
+        self._logs["extra"]["mig_advantage"].extend(mig_adv.tolist())
         mig_adv, baseline, divisor = mig_adv[process_slice], baseline[process_slice], divisor[process_slice]
         if self.args.mig_credit == "step":
             mig_adv = step_advantages(torch.nan_to_num(gains), num_steps, baseline, divisor)
