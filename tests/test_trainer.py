@@ -87,9 +87,10 @@ def group_normalise(values):
     return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
 
 
-@pytest.mark.parametrize("credit", ["trajectory", "step"])
-def test_per_token_advantages_match_an_independent_computation(tmp_path, char_tokenizer, credit):
-    trainer = make_trainer(tmp_path, char_tokenizer, mig_weight=0.7, outcome_weight=1.3, mig_credit=credit)
+@pytest.mark.parametrize("architecture, credit", [("qwen2", "trajectory"), ("qwen2", "step"), ("llama", "trajectory")])
+def test_per_token_advantages_match_an_independent_computation(tmp_path, char_tokenizer, architecture, credit):
+    model = build_tiny_model(char_tokenizer, architecture).float()
+    trainer = make_trainer(tmp_path, char_tokenizer, model=model, mig_weight=0.7, outcome_weight=1.3, mig_credit=credit)
     output = trainer._generate_and_score_completions(scripted_batch())
     advantages = output["advantages"]
     assert advantages.shape == output["completion_ids"].shape
