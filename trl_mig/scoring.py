@@ -4,15 +4,28 @@ r"""Step-conditioned answer likelihoods l_0..l_K, teacher-forced, without gradie
 
 Two exact methods:
 
-- `block`: one row per completion, `prompt + completion[:b_K] + (K+1) copies of scaffold+answer`, with a block
-  attention mask under which copy k sees the prompt, the completion up to b_k and itself (causally), and position ids
-  that continue from b_k. O(L + K|y*|) tokens per completion.
+- `block`: one row per completion, `prompt + completion[:b_K] + (K+1) copies of scaffold+answer` (per answer
+  variant), with a block attention mask under which copy k sees the prompt, the completion up to b_k and itself
+  (causally), and position ids that continue from b_k. O(L + K|y*|) tokens per completion, one forward per micro-batch.
 - `prefix`: one row per prefix, `prompt + completion[:b_k] + scaffold+answer`, with an ordinary padding mask.
   O(K L) tokens, but works with every attention implementation (flash-attention, flex, sliding windows).
+
+Row layout of a block micro-batch of B rows, width W = S + C:
+
+    columns [0, S):  prompt + completion[:b_K] of each row, left-aligned (right-padded); plain causal attention
+    columns [S, W):  the row's answer copies, one after the other (then padding); copy k sees the first P + b_k
+                     columns and itself causally
+
+With sdpa, the block mask only covers the C copy queries: the scoring forward temporarily routes attention through
+`_split_sdpa_attention`, which runs the S shared queries with `is_causal=True` (the fast causal kernels, no W x W mask)
+and the C copy queries with the (B, 1, C, W) block mask. Attention is separable over queries, so this is the same
+computation as one W x W block mask, with about half the attention work when the completion dominates W.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -23,6 +36,33 @@ import torch
 logger = logging.getLogger(__name__)
 
 BLOCK_MASK_ATTENTION = ("sdpa", "eager")
+SPLIT_ATTENTION = "trl_mig_split_sdpa"
+
+# Layer types whose token mixing a 4-D attention mask controls (MLP-only kinds are harmless).
+_MASKABLE_LAYER_TYPES = {"full_attention", "dense", "sparse", "moe"}
+# Architectures where the mask does not control all token mixing (recurrent/SSM layers, ALiBi biases built from a
+# 2-D mask), for configs that do not declare `layer_types`.
+_UNMASKABLE_MODEL_TYPES = {
+    "bamba",
+    "bloom",
+    "falcon_h1",
+    "falcon_mamba",
+    "granitemoehybrid",
+    "jamba",
+    "lfm2",
+    "mamba",
+    "mamba2",
+    "minimax",
+    "mpt",
+    "nemotron_h",
+    "plamo2",
+    "qwen3_next",
+    "recurrent_gemma",
+    "rwkv",
+    "xlstm",
+    "zamba",
+    "zamba2",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +120,7 @@ def sliding_window_active(config) -> bool:
 
 def block_mask_unsupported_reason(model) -> str | None:
     """Why `model` cannot take the block attention mask, or None when it can."""
-    config = model.config
+    config = _model_config(model)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in BLOCK_MASK_ATTENTION:
         return (
@@ -89,6 +129,13 @@ def block_mask_unsupported_reason(model) -> str | None:
         )
     if sliding_window_active(config):
         return "the model uses sliding-window attention, which a custom 4-D mask would bypass"
+    layer_types = getattr(config, "layer_types", None) or ()
+    other = sorted({str(kind) for kind in layer_types} - _MASKABLE_LAYER_TYPES)
+    if other:
+        return f"the model has {other} layers, whose token mixing a custom 4-D attention mask does not control"
+    model_type = getattr(config, "model_type", None)
+    if model_type in _UNMASKABLE_MODEL_TYPES or getattr(config, "alibi", False):
+        return f"model type {model_type!r} mixes tokens outside what a custom 4-D attention mask controls"
     return None
 
 
@@ -99,11 +146,14 @@ class StepLikelihoodScorer:
     Args:
         method (`str`): `"block"`, `"prefix"` or `"auto"` (block when the model can take the mask, else prefix with a
             one-time warning that names the reason).
-        batch_size (`int`): rows per forward pass.
-        pad_token_id (`int`): id used to fill padding columns (never attended to).
+        batch_size (`int`): rows per forward pass (completions for `block`, prefixes x variants for `prefix`).
+        pad_token_id (`int`): id used to fill padding columns (never attended to by real tokens).
         sync_forward_count (`callable`, *optional*): maps this process's number of forwards to the number every
             process must run (the max over processes). Under ZeRO-3 every forward all-gathers the parameters, so
             all ranks must run the same count; this rank pads with dummy forwards.
+        split_attention (`bool`, defaults to `True`): with sdpa, run the block method's prompt + completion queries
+            with plain causal attention and only the answer copies under the block mask (same result, less attention
+            work). `False` always passes the full (B, 1, W, W) block mask.
     """
 
     def __init__(
@@ -112,6 +162,7 @@ class StepLikelihoodScorer:
         batch_size: int = 8,
         pad_token_id: int = 0,
         sync_forward_count: Callable[[int], int] | None = None,
+        split_attention: bool = True,
     ):
         if method not in ("auto", "block", "prefix"):
             raise ValueError(f"Unknown scoring method {method!r}; expected 'auto', 'block' or 'prefix'.")
@@ -121,8 +172,10 @@ class StepLikelihoodScorer:
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.sync_forward_count = sync_forward_count
+        self.split_attention = split_attention
         self.forward_count = 0  # forwards run so far, dummy ones included
         self._warned = False
+        self._split_verified = False
 
     def resolve_method(self, model) -> str:
         if self.method == "prefix":
@@ -138,7 +191,7 @@ class StepLikelihoodScorer:
         return "prefix"
 
     def plan(self, items: Sequence[ScoringItem], method: str) -> int:
-        """Number of forward passes this process needs for `items` (before synchronisation)."""
+        """Forward passes this process needs for `items` (before synchronisation); depends on nothing else."""
         rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
         return math.ceil(rows / self.batch_size)
 
@@ -151,157 +204,345 @@ class StepLikelihoodScorer:
         for item in items:
             if not item.answers:
                 raise ValueError("Every scoring item needs at least one answer variant.")
-            if len(item.prompt_ids) + item.boundaries[0] == 0:
+            if not item.boundaries:
+                raise ValueError("Every scoring item needs at least one step boundary (b_0).")
+            if len(item.prompt_ids) + min(item.boundaries) == 0:
                 raise ValueError("Cannot score an answer after an empty prompt and an empty prefix.")
+            if not all(0 <= b <= len(item.completion_ids) for b in item.boundaries):
+                # a boundary past the completion would let a copy see columns that are not its prefix
+                raise ValueError(
+                    f"Step boundaries {list(item.boundaries)} must lie in [0, {len(item.completion_ids)}] "
+                    "(the completion's length)."
+                )
         method = self.resolve_method(model)
         device = _model_device(model)
         rows = _block_rows(items) if method == "block" else _prefix_rows(items)
-        rows.sort(key=lambda row: len(row.ids), reverse=True)  # similar lengths share a batch: less padding
-        totals = [torch.zeros(item.num_prefixes, len(item.answers)) for item in items]
-        counts = [torch.zeros(item.num_prefixes, len(item.answers)) for item in items]
-        forwards = 0
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
+        # longest first, ties in input order: similar lengths share a micro-batch (less padding), deterministically
+        order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
+        slot_base, num_slots = [], 0
+        for item in items:
+            slot_base.append(num_slots)
+            num_slots += item.num_prefixes * len(item.answers)
+        sums = torch.zeros(num_slots, dtype=torch.float64)
+        first_forward = self.forward_count
+        for start in range(0, len(order), self.batch_size):
+            batch = [rows[r] for r in order[start : start + self.batch_size]]
             if method == "block":
-                logps = self._forward_block(model, batch, device)
+                token_logps, slots = self._forward_block(model, batch, device, slot_base)
             else:
-                logps = self._forward_prefix(model, batch, device)
-            forwards += 1
-            for row, row_logps in zip(batch, logps):
-                for (item, k, variant), value in zip(row.slots, row_logps):
-                    totals[item][k, variant] += value
-                    counts[item][k, variant] += 1
-        self._pad_forwards(model, device, forwards)
-        return [(total / count).max(dim=1).values for total, count in zip(totals, counts)]
+                token_logps, slots = self._forward_prefix(model, batch, device, slot_base)
+            sums.index_add_(0, slots, token_logps.double())
+        # forwards actually run (the plan, plus one if a first split forward had to be redone with the full mask)
+        self._pad_forwards(model, device, self.forward_count - first_forward)
+        out = []
+        for item, base in zip(items, slot_base):
+            counts = torch.tensor([block.scored[1] - block.scored[0] for block in item.answers], dtype=torch.float64)
+            per_variant = sums[base : base + item.num_prefixes * len(item.answers)].view(len(item.answers), -1)
+            out.append((per_variant / counts.unsqueeze(1)).max(dim=0).values.float())
+        return out
 
     def _pad_forwards(self, model, device, forwards: int) -> None:
-        required = forwards if self.sync_forward_count is None else self.sync_forward_count(forwards)
+        """Run dummy forwards until this process has run as many as the synchronised count (ZeRO-3)."""
+        required = forwards if self.sync_forward_count is None else int(self.sync_forward_count(forwards))
         dummy = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device)
         for _ in range(required - forwards):
-            model(input_ids=dummy, attention_mask=torch.ones_like(dummy), use_cache=False, logits_to_keep=1)
-        self.forward_count += max(required, forwards)
+            self._call(model, input_ids=dummy, attention_mask=torch.ones_like(dummy), logits_to_keep=1)
 
-    def _forward_block(self, model, batch: list[_Row], device) -> list[list[float]]:
-        shared_width = max(row.shared_len for row in batch)
-        width = shared_width + max(len(row.ids) - row.shared_len for row in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        shared_index = torch.full((len(batch), width), -1, dtype=torch.long)
-        copy_id = torch.full((len(batch), width), -1, dtype=torch.long)
-        limit = torch.zeros((len(batch), width), dtype=torch.long)
+    def _call(self, model, **kwargs):
+        self.forward_count += 1
+        return model(use_cache=False, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------- block
+    def _forward_block(self, model, batch: list[_Row], device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,)."""
+        shared = max(row.shared_len for row in batch)
+        copies = max(row.length - row.shared_len for row in batch)
+        split = self.split_attention and _config_attn(model) == "sdpa" and _split_available()
+        if split and copies < 2:
+            copies = 2  # a (B, 1, 1, W) mask would broadcast over every query: keep it unambiguous
+        width = shared + copies
+        n = len(batch)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.arange(width).repeat(n, 1)
+        position_ids[:, shared:] = 0  # padding copy columns: any valid position (never seen by real tokens)
+        # per copy-region column: where its copy starts and how many leading shared columns it sees
+        copy_start = torch.arange(shared, width).repeat(n, 1)
+        copy_visible = torch.zeros((n, copies), dtype=torch.long)
         for r, row in enumerate(batch):
-            # right-align the shared part so every row's copies start at column `shared_width`
-            offset = shared_width - row.shared_len
-            n = len(row.ids)
-            cols = slice(offset, offset + n)
-            input_ids[r, cols] = torch.tensor(row.ids)
-            position_ids[r, cols] = torch.tensor(row.positions)
-            shared_index[r, cols] = torch.tensor(row.shared_index)
-            copy_id[r, cols] = torch.tensor(row.copy_id)
-            limit[r, cols] = torch.tensor(row.limit)
-        column = torch.arange(width)
-        sees_shared = (shared_index.unsqueeze(1) >= 0) & (shared_index.unsqueeze(1) < limit.unsqueeze(2))
-        same_copy = (copy_id.unsqueeze(1) == copy_id.unsqueeze(2)) & (copy_id.unsqueeze(1) >= 0)
-        causal = column.view(1, 1, -1) <= column.view(1, -1, 1)
-        allowed = sees_shared | (same_copy & causal) | torch.eye(width, dtype=torch.bool).unsqueeze(0)
-        attention_mask = _as_model_mask(model, allowed.unsqueeze(1)).to(device)
-        offsets = [shared_width - row.shared_len for row in batch]
-        return self._gather(model, batch, offsets, input_ids.to(device), attention_mask, position_ids.to(device))
+            input_ids[r, : row.shared_len] = row.ids[: row.shared_len]
+            tail = row.length - row.shared_len
+            input_ids[r, shared : shared + tail] = row.ids[row.shared_len :]
+            position_ids[r, shared : shared + tail] = row.copy_positions
+            copy_start[r, :tail] = row.copy_start + shared
+            copy_visible[r, :tail] = row.copy_visible
+        rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (0, shared))
+        copy_start, copy_visible = copy_start.to(device), copy_visible.to(device)
+        key = torch.arange(width, device=device)
+        query = torch.arange(shared, width, device=device).view(1, -1, 1)
+        # copy query q sees the shared columns [0, visible) and its own copy's columns [start, q]
+        copy_rows = (key < copy_visible.unsqueeze(-1)) | ((key >= copy_start.unsqueeze(-1)) & (key <= query))
+        inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device))
+        if split:
+            attention_mask = _as_model_mask(model, copy_rows.unsqueeze(1))  # (B, 1, C, W)
+            try:
+                logps = self._run_split(model, inputs, attention_mask, shared, rows, cols, targets)
+                self._split_verified = True
+                return logps, slots
+            except RuntimeError as err:
+                # only a first split forward may fail for want of routing (e.g. attention hard-coded in the model)
+                if self._split_verified or isinstance(err, torch.OutOfMemoryError):
+                    raise
+                logger.warning(
+                    "MIG block scoring cannot split attention for this model (%s); passing the full block mask.", err
+                )
+                self.split_attention = False
+        shared_rows = key <= torch.arange(shared, device=device).view(-1, 1)  # (S, W) causal
+        full = torch.cat([shared_rows.unsqueeze(0).expand(n, -1, -1), copy_rows], dim=1)  # (B, W, W)
+        attention_mask = _as_model_mask(model, full.unsqueeze(1))
+        return self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets), slots
 
-    def _forward_prefix(self, model, batch: list[_Row], device) -> list[list[float]]:
-        width = max(len(row.ids) for row in batch)
+    def _run_split(self, model, inputs, attention_mask, shared, rows, cols, targets) -> torch.Tensor:
+        state = _SplitState(shared)
+        token = _SPLIT_STATE.set(state)
+        try:
+            with _attention_implementation(_model_config(model), SPLIT_ATTENTION):
+                logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets)
+        finally:
+            _SPLIT_STATE.reset(token)
+        if state.calls == 0:
+            raise RuntimeError("no attention layer called the split attention function")
+        return logps
+
+    # --------------------------------------------------------------------------------------------------- prefix
+    def _forward_prefix(self, model, batch: list[_Row], device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(row.length for row in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, row in enumerate(batch):  # left padding: every row ends at the last column
-            input_ids[r, width - len(row.ids) :] = torch.tensor(row.ids)
-            attention_mask[r, width - len(row.ids) :] = 1
+            input_ids[r, width - row.length :] = row.ids
+            attention_mask[r, width - row.length :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        offsets = [width - len(row.ids) for row in batch]
-        return self._gather(
-            model, batch, offsets, input_ids.to(device), attention_mask.to(device), position_ids.to(device)
-        )
+        rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (width - row.length, None))
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+        return self._logps(model, inputs, rows, cols, targets), slots
 
-    def _gather(self, model, batch, offsets, input_ids, attention_mask, position_ids) -> list[list[float]]:
-        """Run the forward, keeping logits only at the columns that predict scored tokens."""
-        predict_cols = [[offset + col for col in row.predict_cols] for row, offset in zip(batch, offsets)]
-        keep = sorted({col for cols in predict_cols for col in cols})
-        keep_index = {col: j for j, col in enumerate(keep)}
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=input_ids.device),
-        )
-        logits = outputs.logits
-        row_index = torch.tensor([r for r, cols in enumerate(predict_cols) for _ in cols], device=logits.device)
-        col_index = torch.tensor([keep_index[c] for cols in predict_cols for c in cols], device=logits.device)
-        targets = torch.tensor([t for row in batch for t in row.targets], device=logits.device)
-        selected = logits[row_index, col_index].float()  # (n_scored, vocab), temperature 1
-        token_logps = selected.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, dim=-1)
-        token_logps = token_logps.cpu().tolist()
-        out, cursor = [], 0
-        for row in batch:
-            out.append(token_logps[cursor : cursor + len(row.targets)])
-            cursor += len(row.targets)
-        return out
+    def _logps(self, model, inputs, rows, cols, targets) -> torch.Tensor:
+        """Run the forward, keeping logits only at the columns that predict scored tokens; (N,) float32 on the CPU."""
+        keep, position = torch.unique(cols, return_inverse=True)  # sorted union of the predicting columns
+        device = inputs["input_ids"].device
+        logits = self._call(model, **inputs, logits_to_keep=keep.to(device)).logits
+        selected = logits[rows.to(device), position.to(device)].float()  # (N, vocab), temperature 1
+        token_logps = selected.gather(1, targets.to(device).unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
+        return token_logps.cpu()
 
 
 @dataclass
 class _Row:
-    """One input row and, per scored token, the column predicting it, its target id and its (item, k, variant)."""
+    """
+    One input row, before padding.
 
-    ids: list[int]
+    `ids` (L,) long: the shared part (its first `shared_len` tokens) then the answer copies. For block rows,
+    `copy_positions`, `copy_start` and `copy_visible` (L - shared_len,) give, per copy token, its position id, the
+    offset of its copy within the copy region and the number of shared tokens the copy sees. `predict` (N,) is the
+    column (in the shared part for the first answer token, else relative to the copy region's start) that predicts
+    each scored token, `from_shared` (N,) bool tells which, `targets` (N,) the scored ids, `slots` (N,) the item's
+    (variant, k) slot index.
+    """
+
+    ids: torch.Tensor
     shared_len: int
-    positions: list[int]
-    shared_index: list[int]
-    copy_id: list[int]
-    limit: list[int]
-    predict_cols: list[int]
-    targets: list[int]
-    slots: list[tuple[int, int, int]]
+    copy_positions: torch.Tensor | None
+    copy_start: torch.Tensor | None
+    copy_visible: torch.Tensor | None
+    predict: torch.Tensor
+    from_shared: torch.Tensor
+    targets: torch.Tensor
+    slots: torch.Tensor
+    item: int
+
+    @property
+    def length(self) -> int:
+        return self.ids.numel()
+
+
+def _scored_columns(batch: list[_Row], slot_base, layout):
+    """
+    Flatten the scored tokens of a micro-batch into `(rows, cols, targets, slots)`, each (N,) long.
+
+    `layout(row)` gives the column where the row's shared part starts and the column where its copy region starts
+    (None for prefix rows, which have none).
+    """
+    rows, cols, targets, slots = [], [], [], []
+    for r, row in enumerate(batch):
+        shared_at, copies_at = layout(row)
+        if copies_at is None:
+            cols.append(row.predict + shared_at)
+        else:
+            cols.append(torch.where(row.from_shared, row.predict + shared_at, row.predict + copies_at))
+        rows.append(torch.full_like(row.predict, r))
+        targets.append(row.targets)
+        slots.append(row.slots + slot_base[row.item])
+    return torch.cat(rows), torch.cat(cols), torch.cat(targets), torch.cat(slots)
 
 
 def _block_rows(items: Sequence[ScoringItem]) -> list[_Row]:
     rows = []
     for i, item in enumerate(items):
         prompt_len = len(item.prompt_ids)
-        shared = list(item.prompt_ids) + list(item.completion_ids[: item.boundaries[-1]])
-        ids, positions = list(shared), list(range(len(shared)))
-        shared_index, copy_id, limit = list(range(len(shared))), [-1] * len(shared), list(range(1, len(shared) + 1))
-        predict_cols, targets, slots = [], [], []
-        copy = 0
+        prompt = torch.as_tensor(list(item.prompt_ids), dtype=torch.long)
+        completion = torch.as_tensor(list(item.completion_ids[: item.boundaries[-1]]), dtype=torch.long)
+        visible = prompt_len + torch.as_tensor(list(item.boundaries), dtype=torch.long)  # (K+1,)
+        num_k = visible.numel()
+        ids, positions, starts, sees = [prompt, completion], [], [], []
+        predict, from_shared, targets, slots = [], [], [], []
+        offset = 0
         for variant, block in enumerate(item.answers):
-            for k, boundary in enumerate(item.boundaries):
-                visible = prompt_len + boundary
-                start = len(ids)
-                ids += block.ids
-                positions += range(visible, visible + len(block.ids))
-                shared_index += [-1] * len(block.ids)
-                copy_id += [copy] * len(block.ids)
-                limit += [visible] * len(block.ids)
-                for m in range(*block.scored):
-                    # token m of the copy is predicted by the token before it: the copy's own, or the prefix's last
-                    predict_cols.append(start + m - 1 if m > 0 else visible - 1)
-                    targets.append(block.ids[m])
-                    slots.append((i, k, variant))
-                copy += 1
-        rows.append(_Row(ids, len(shared), positions, shared_index, copy_id, limit, predict_cols, targets, slots))
+            block_ids = torch.as_tensor(block.ids, dtype=torch.long)
+            size = block_ids.numel()
+            within = torch.arange(size)
+            copy_offsets = offset + size * torch.arange(num_k)  # (K+1,) start of each copy in the copy region
+            ids.append(block_ids.repeat(num_k))
+            positions.append((visible.unsqueeze(1) + within).flatten())
+            starts.append(copy_offsets.repeat_interleave(size))
+            sees.append(visible.repeat_interleave(size))
+            # token m of copy k is predicted by the token before it: the copy's own, or the prefix's last (m = 0)
+            scored = torch.arange(*block.scored)
+            first = scored == 0
+            from_copy = copy_offsets.unsqueeze(1) + scored - 1
+            predict.append(torch.where(first, visible.unsqueeze(1) - 1, from_copy).ravel())
+            from_shared.append(first.expand(num_k, -1).flatten())
+            targets.append(block_ids[scored].repeat(num_k))
+            slots.append((variant * num_k + torch.arange(num_k)).repeat_interleave(scored.numel()))
+            offset += size * num_k
+        rows.append(
+            _Row(
+                torch.cat(ids),
+                prompt_len + completion.numel(),
+                torch.cat(positions),
+                torch.cat(starts),
+                torch.cat(sees),
+                torch.cat(predict),
+                torch.cat(from_shared),
+                torch.cat(targets),
+                torch.cat(slots),
+                i,
+            )
+        )
     return rows
 
 
 def _prefix_rows(items: Sequence[ScoringItem]) -> list[_Row]:
     rows = []
     for i, item in enumerate(items):
+        num_k = item.num_prefixes
         for variant, block in enumerate(item.answers):
+            block_ids = torch.as_tensor(block.ids, dtype=torch.long)
+            scored = torch.arange(*block.scored)
             for k, boundary in enumerate(item.boundaries):
                 prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
-                ids = prefix + list(block.ids)
-                predict_cols = [len(prefix) + m - 1 for m in range(*block.scored)]
-                targets = [block.ids[m] for m in range(*block.scored)]
-                slots = [(i, k, variant)] * len(targets)
-                rows.append(_Row(ids, len(ids), [], [], [], [], predict_cols, targets, slots))
+                ids = torch.cat([torch.as_tensor(prefix, dtype=torch.long), block_ids])
+                rows.append(
+                    _Row(
+                        ids,
+                        ids.numel(),
+                        None,
+                        None,
+                        None,
+                        len(prefix) + scored - 1,
+                        torch.ones_like(scored, dtype=torch.bool),
+                        block_ids[scored],
+                        torch.full_like(scored, variant * num_k + k),
+                        i,
+                    )
+                )
     return rows
+
+
+# ------------------------------------------------------------------------------------------- split attention
+@dataclass
+class _SplitState:
+    shared_width: int
+    calls: int = 0
+
+
+_SPLIT_STATE: contextvars.ContextVar[_SplitState | None] = contextvars.ContextVar("trl_mig_split", default=None)
+_SPLIT_REGISTERED: bool | None = None
+
+
+def _split_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """
+    sdpa attention for a block row: queries `[0, S)` with `is_causal=True` over keys `[0, S)`, queries `[S, W)` with
+    `attention_mask` of shape (B, 1, W - S, W) over all keys. query (B, H, W, D), key/value (B, H_kv, W, D).
+
+    Returns (B, W, H, D), like transformers' sdpa function, which does the work for both parts.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    state = _SPLIT_STATE.get()
+    if state is None:  # not inside a scoring forward: plain sdpa
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    width = state.shared_width
+    if attention_mask is None or attention_mask.shape[-2] != query.shape[2] - width:
+        shape = None if attention_mask is None else tuple(attention_mask.shape)
+        raise RuntimeError(f"the split attention got the mask {shape} for {query.shape[2]} queries")
+    shared = slice(0, width)
+    head, _ = sdpa(module, query[:, :, shared], key[:, :, shared], value[:, :, shared], None, is_causal=True, **kwargs)
+    tail, _ = sdpa(module, query[:, :, width:], key, value, attention_mask, is_causal=False, **kwargs)
+    state.calls += 1
+    return torch.cat([head, tail], dim=1), None
+
+
+def _split_available() -> bool:
+    """Register the split attention function with transformers once; False if this transformers cannot take it."""
+    global _SPLIT_REGISTERED
+    if _SPLIT_REGISTERED is None:
+        try:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+            from transformers.modeling_utils import AttentionInterface
+
+            AttentionInterface.register(SPLIT_ATTENTION, _split_sdpa_attention)
+            # only reached by a 2-D mask, which scoring never passes under this name: behave as sdpa
+            AttentionMaskInterface.register(SPLIT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+            _SPLIT_REGISTERED = True
+        except (ImportError, AttributeError, KeyError):
+            _SPLIT_REGISTERED = False
+    return _SPLIT_REGISTERED
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    """Route the model's attention through `name` for the duration of one forward, then restore every (sub)config."""
+    saved = []
+
+    def walk(cfg):
+        if cfg is None or any(cfg is seen for seen, _ in saved):
+            return
+        saved.append((cfg, cfg.__dict__.get("_attn_implementation_internal")))
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            walk(getattr(cfg, key, None))
+
+    walk(config)
+    try:
+        config._attn_implementation = name
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg._attn_implementation_internal = value
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _model_config(model):
+    """The transformers config of `model`, looking through wrappers (DDP, DeepSpeed engine) via `.module`."""
+    while not hasattr(getattr(model, "config", None), "_attn_implementation") and hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
+def _config_attn(model) -> str | None:
+    return getattr(_model_config(model), "_attn_implementation", None)
 
 
 def _model_device(model) -> torch.device:
@@ -313,9 +554,16 @@ def _model_device(model) -> torch.device:
 
 def _as_model_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     """sdpa takes a boolean mask (True = attend); eager adds the mask to the scores, so it needs a float one."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    if _config_attn(model) == "sdpa":
         return allowed
-    dtype = next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    dtype = _compute_dtype(model)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype of the activations: the input embeddings' (a LoRA adapter may be float32 on a bf16 base)."""
+    try:
+        dtype = model.get_input_embeddings().weight.dtype
+    except (AttributeError, NotImplementedError):
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    return dtype if dtype.is_floating_point else torch.float32
