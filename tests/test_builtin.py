@@ -1,0 +1,126 @@
+"""The built-in arithmetic task and the built-in tiny model (local, warm-started, cached)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from trl_mig.builtin import (
+    SCAFFOLD,
+    ArithmeticTaskConfig,
+    BuiltinArguments,
+    generate_splits,
+    load_builtin_dataset,
+    resolve_builtin_model,
+)
+from trl_mig.builtin.model import METADATA_FILE
+from trl_mig.builtin.task import sft_rows
+from trl_mig.rewards import AnswerAccuracyReward, StepFormatReward, answers_match
+from trl_mig.segmentation import FormatSpec, analyze_text
+
+SMALL = ArithmeticTaskConfig(train_size=300, test_size=60, ood_size=40)
+# The tiny model settings shared by the tests that build one (one warm start per session and cache folder).
+TINY = dict(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1, warmstart_max_steps=3,
+            warmstart_batch_size=4, task_train_size=64, task_test_size=8, task_ood_size=4)
+
+
+@pytest.fixture(autouse=True)
+def _private_default_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "default-cache"))
+
+
+def test_splits_are_a_function_of_the_seed():
+    assert generate_splits(SMALL) == generate_splits(SMALL)
+    other = generate_splits(ArithmeticTaskConfig(seed=1, train_size=300, test_size=60, ood_size=40))
+    assert other["train"] != generate_splits(SMALL)["train"]
+    # a split does not depend on the size of the splits drawn after it
+    bigger_ood = generate_splits(ArithmeticTaskConfig(train_size=300, test_size=60, ood_size=80))
+    assert bigger_ood["train"] == generate_splits(SMALL)["train"]
+    assert bigger_ood["ood"][:40] == generate_splits(SMALL)["ood"]
+
+
+def test_test_split_is_disjoint_and_ood_is_longer():
+    splits = generate_splits(SMALL)
+    assert [len(splits[s]) for s in ("train", "test", "ood")] == [300, 60, 40]
+    train = {row["expression"] for row in splits["train"]}
+    assert not train & {row["expression"] for row in splits["test"]}
+    assert len(train) == 300  # no duplicates
+    max_train_ops = max(row["num_ops"] for row in splits["train"] + splits["test"])
+    assert max_train_ops <= SMALL.max_ops
+    assert min(row["num_ops"] for row in splits["ood"]) > max_train_ops
+    mean = lambda rows: sum(len(r["gold_completion"]) for r in rows) / len(rows)  # noqa: E731
+    assert mean(splits["ood"]) > mean(splits["train"])
+
+
+def test_gold_solutions_verify_with_math_verify():
+    spec = FormatSpec()
+    rows = [row for split in generate_splits(SMALL).values() for row in split]
+    golds = [row["gold_completion"] for row in rows]
+    solutions = [row["solution"] for row in rows]
+    assert AnswerAccuracyReward(spec)(golds, solution=solutions) == [1.0] * len(rows)
+    assert StepFormatReward(spec)(golds) == [1.0] * len(rows)
+    for row in rows:
+        # the expression really evaluates to the answer, one step per operation, the prompt asks for the format
+        assert answers_match(row["solution"], [str(eval(row["expression"]))])  # noqa: S307 - digits and + - * ( )
+        assert analyze_text(row["gold_completion"], spec).num_steps == row["num_ops"]
+        assert re.findall(r"### Step (\d+)", row["gold_completion"]) == [str(i + 1) for i in range(row["num_ops"])]
+        assert row["expression"] in row["prompt"] and "<think>" in row["prompt"] and "<answer>" in row["prompt"]
+        # the scaffold is the text between the last step and the answer: MIG scores in the taught layout
+        assert row["gold_completion"].endswith(f"\n{SCAFFOLD}{row['solution']}</answer>")
+    wrong = [str(int(s) + 1) for s in solutions[:20]]
+    assert AnswerAccuracyReward(spec)(golds[:20], solution=wrong) == [0.0] * 20
+
+
+def test_sft_rows_exclude_test_problems_and_are_deterministic():
+    rows = sft_rows(SMALL, 500, seed=0)
+    assert rows == sft_rows(SMALL, 500, seed=0) and rows != sft_rows(SMALL, 500, seed=1)
+    test = {row["prompt"] for row in generate_splits(SMALL, ("test",))["test"]}
+    assert not test & {row["prompt"] for row in rows}
+    assert all(set(row) == {"prompt", "completion"} for row in rows)
+
+
+def test_dataset_dict_and_task_validation():
+    data = load_builtin_dataset("builtin:arithmetic", BuiltinArguments(task_train_size=10, task_test_size=5,
+                                                                       task_ood_size=3))
+    assert {name: len(split) for name, split in data.items()} == {"train": 10, "test": 5, "ood": 3}
+    assert set(data["train"].column_names) == {"prompt", "solution", "gold_completion", "expression", "num_ops"}
+    with pytest.raises(ValueError, match="ood_min_ops=3 must exceed max_ops=3"):
+        ArithmeticTaskConfig(ood_min_ops=3)
+    with pytest.raises(ValueError, match="min_ops"):
+        ArithmeticTaskConfig(min_ops=0)
+
+
+def test_unknown_builtin_names_are_clear_errors():
+    with pytest.raises(ValueError, match=r"Unknown built-in dataset 'builtin:gsm8k'.*builtin:arithmetic"):
+        load_builtin_dataset("builtin:gsm8k")
+    with pytest.raises(ValueError, match=r"Unknown built-in model 'builtin:tiny-gpt2'.*builtin:tiny-qwen2"):
+        resolve_builtin_model("builtin:tiny-gpt2")
+
+
+def test_tiny_model_is_warm_started_once_then_cached(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trl_mig.builtin.model as model_module
+
+    args = BuiltinArguments(builtin_cache_dir=str(tmp_path), **TINY)
+    path = resolve_builtin_model("builtin:tiny-qwen2", args, use_cpu=True)
+    info = json.loads((Path(path) / METADATA_FILE).read_text())
+    assert info["warmstart"]["steps"] == 3 and info["spec"]["hidden_size"] == 32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tokenizer)
+    assert len(tokenizer("<think>", add_special_tokens=False)["input_ids"]) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached model was trained again")
+
+    monkeypatch.setattr(model_module, "_warm_start", fail)
+    assert resolve_builtin_model("builtin:tiny-qwen2", args, use_cpu=True) == path
+    # other settings are another model: the scratch variant is built without SFT
+    scratch = resolve_builtin_model("builtin:tiny-llama-scratch", args, use_cpu=True)
+    assert scratch != path
+    scratch_info = json.loads((Path(scratch) / METADATA_FILE).read_text())
+    assert scratch_info["warmstart"] is None and scratch_info["spec"]["architecture"] == "llama"

@@ -1,0 +1,258 @@
+"""The built-in tiny model: a small Qwen2/Llama-style causal LM with the local character tokenizer, created on the
+spot and warm-started by a short SFT (TRL's `SFTTrainer`) on worked solutions of the built-in arithmetic task.
+
+The result is saved with `save_pretrained` in a cache folder keyed by every setting that shapes it, so the second run
+loads it instead of training again; from then on it is an ordinary local model path. Under a multi-process launch
+the ranks run the warm start together (data parallel) and the local main process of every node writes the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .task import ArithmeticTaskConfig, sft_rows
+
+logger = logging.getLogger(__name__)
+
+WARMSTART_VERSION = 1  # bump when the warm-start recipe changes, so cached models are rebuilt
+METADATA_FILE = "trl_mig_builtin.json"
+ARCHITECTURES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of the built-in tiny model."""
+
+    architecture: str = "qwen2"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Unknown tiny architecture {self.architecture!r}; expected one of {list(ARCHITECTURES)}.")
+        if self.hidden_size < 1 or self.num_layers < 1 or self.num_heads < 1 or self.num_kv_heads < 1:
+            raise ValueError("tiny_hidden_size, tiny_num_layers, tiny_num_heads and tiny_num_kv_heads must be >= 1.")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"tiny_hidden_size={self.hidden_size} must be divisible by tiny_num_heads={self.num_heads}, and "
+                f"tiny_num_heads by tiny_num_kv_heads={self.num_kv_heads}."
+            )
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """The warm-start SFT: `max_steps` optimiser steps of `batch_size` worked solutions (global batch)."""
+
+    max_steps: int = 800
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    max_seconds: float | None = None  # stop early when the SFT has run this long (a time cap, not part of the key)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_steps < 0:
+            raise ValueError(f"warmstart_max_steps must be >= 0, got {self.max_steps}.")
+        if self.batch_size < 1:
+            raise ValueError(f"warmstart_batch_size must be >= 1, got {self.batch_size}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"warmstart_learning_rate must be > 0, got {self.learning_rate}.")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"warmstart_max_seconds must be > 0 or unset, got {self.max_seconds}.")
+
+
+def default_cache_dir() -> Path:
+    """`$TRL_MIG_CACHE`, else `$XDG_CACHE_HOME/trl-mig`, else `~/.cache/trl-mig`."""
+    if os.environ.get("TRL_MIG_CACHE"):
+        return Path(os.environ["TRL_MIG_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "trl-mig"
+
+
+def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
+    payload = {"spec": asdict(spec), "version": WARMSTART_VERSION}
+    if warm is not None:
+        warm_fields = asdict(warm)
+        warm_fields.pop("max_seconds")
+        payload["warm"] = warm_fields
+        payload["task"] = task.to_dict()
+        if warm.max_seconds is not None:
+            payload["capped"] = warm.max_seconds
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_model_and_tokenizer(spec: TinyModelSpec, max_length: int = 2048):
+    from ..tiny import build_char_tokenizer, build_tiny_model
+
+    tokenizer = build_char_tokenizer(model_max_length=max_length)
+    model = build_tiny_model(
+        tokenizer,
+        architecture=spec.architecture,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        seed=spec.seed,
+        max_position_embeddings=max_length,
+    ).float()
+    return model, tokenizer
+
+
+def prepare_tiny_model(
+    name: str,
+    spec: TinyModelSpec,
+    warm: WarmStartConfig | None,
+    task: ArithmeticTaskConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    use_cpu: bool = False,
+    bf16: bool = False,
+    fp16: bool = False,
+) -> str:
+    """
+    Path of a saved tiny model (and its tokenizer) for `name`, building it first if the cache lacks it.
+
+    `warm=None` gives the randomly initialised model; otherwise it is warm-started by SFT on the task's worked
+    solutions. Every process of a distributed launch must call this (the ranks agree on whether to build, and build
+    together).
+    """
+    from accelerate import PartialState
+
+    task = task or ArithmeticTaskConfig()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = root / f"{name}-{cache_key(spec, warm, task)}"
+    state = PartialState(cpu=use_cpu)  # the existing state when training arguments made one
+    ready = (path / METADATA_FILE).is_file()
+    if state.num_processes > 1:
+        ready = _all_processes(state, ready)
+    if ready:
+        logger.info("Using the cached built-in model %s at %s", name, path)
+        _warn_if_cut_short(path, state)
+        return str(path)
+
+    started = time.perf_counter()
+    model, tokenizer = build_model_and_tokenizer(spec)
+    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict()}
+    if warm is not None:
+        state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in task ({warm.max_steps} steps), cached at {path}")
+        model, info["warmstart"] = _warm_start(model, tokenizer, warm, task, use_cpu=use_cpu, bf16=bf16, fp16=fp16)
+    info["build_seconds"] = round(time.perf_counter() - started, 2)
+    info["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if state.is_local_main_process:
+        _save_atomically(model, tokenizer, info, path)
+    state.wait_for_everyone()
+    return str(path)
+
+
+def _warn_if_cut_short(path: Path, state) -> None:
+    try:
+        warm = json.loads((path / METADATA_FILE).read_text()).get("warmstart") or {}
+    except (OSError, ValueError):
+        return
+    if warm.get("steps", 0) < warm.get("max_steps", 0):
+        state.print(
+            f"[trl-mig] note: the cached warm start at {path} stopped at {warm['steps']}/{warm['max_steps']} SFT steps "
+            f"(warmstart_max_seconds={warm.get('max_seconds')}); delete that folder to warm-start again."
+        )
+
+
+def _all_processes(state, flag: bool) -> bool:
+    import torch
+    from accelerate.utils import gather
+
+    local = torch.tensor([1.0 if flag else 0.0], device=state.device)
+    return bool(gather(local).min().item() > 0)
+
+
+def _save_atomically(model, tokenizer, info: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if path.exists():  # built concurrently (another node or run): keep one, atomically replaced
+            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskConfig, *, use_cpu, bf16, fp16):
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    if warm.max_steps == 0:
+        return model, {"steps": 0, "seconds": 0.0}
+    num_processes = PartialState().num_processes
+    per_device = max(1, -(-warm.batch_size // num_processes))
+    rows = sft_rows(task, warm.max_steps * per_device * num_processes, warm.seed)
+
+    class TimeCap(TrainerCallback):
+        def __init__(self):
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if warm.max_seconds is not None and time.perf_counter() - self.start > warm.max_seconds:
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory(prefix="trl-mig-warmstart-") as output_dir:
+        args = SFTConfig(
+            output_dir=output_dir,
+            max_steps=warm.max_steps,
+            per_device_train_batch_size=per_device,
+            learning_rate=warm.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=min(20, warm.max_steps // 10),
+            weight_decay=0.0,
+            gradient_checkpointing=False,  # TRL's default is on; it only slows a tiny model down
+            logging_steps=max(1, warm.max_steps // 8),
+            save_strategy="no",
+            report_to="none",
+            seed=warm.seed,
+            data_seed=warm.seed,
+            use_cpu=use_cpu,
+            bf16=bf16,
+            fp16=fp16,
+            max_length=512,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            callbacks=[TimeCap()],
+        )
+        started = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - started
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    info = {
+        **asdict(warm),
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "train_loss": round(float(result.training_loss), 5),
+        "num_processes": num_processes,
+    }
+    cut = f" (cut by warmstart_max_seconds={warm.max_seconds})" if info["steps"] < warm.max_steps else ""
+    PartialState().print(
+        f"[trl-mig] warm start done: {info['steps']} SFT steps{cut} in {seconds:.0f}s, mean loss "
+        f"{info['train_loss']:.4f}"
+    )
+    return model.float().cpu(), info
