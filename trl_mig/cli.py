@@ -770,9 +770,9 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
             trainer = MIGGRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
         else:
             if reward_funcs is None:
-                from .rewards import AnswerAccuracyReward, StepFormatReward
+                from .rewards import default_reward_funcs
 
-                reward_funcs = [AnswerAccuracyReward(spec, solution_column), StepFormatReward(spec)]
+                reward_funcs = default_reward_funcs(spec, solution_column)
             trainer = GRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
     except (ValueError, KeyError, TypeError) as err:
         raise CLIError(f"Could not build the {script_args.algorithm} trainer: {err}") from err

@@ -100,5 +100,10 @@ class StepFormatReward:
         return [float(analyze_text(completion_text(c), self.spec).well_formed) for c in completions]
 
 
+def default_reward_funcs(spec: FormatSpec, column: str = "solution") -> list:
+    """The rewards `MIGGRPOTrainer` uses when given none: answer accuracy and step format, read with `spec`."""
+    return [AnswerAccuracyReward(spec, column), StepFormatReward(spec)]
+
+
 answer_accuracy_reward = AnswerAccuracyReward()
 step_format_reward = StepFormatReward()

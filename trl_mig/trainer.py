@@ -23,7 +23,7 @@ from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
-from .rewards import AnswerAccuracyReward, StepFormatReward, answer_variants
+from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, step_ids_tensor
 
@@ -61,7 +61,7 @@ class MIGGRPOTrainer(GRPOTrainer):
         _check_solution_column(kwargs.get("eval_dataset"), args.solution_column, "eval_dataset")
         spec = FormatSpec.from_config(args)
         if reward_funcs is None:
-            reward_funcs = [AnswerAccuracyReward(spec, args.solution_column), StepFormatReward(spec)]
+            reward_funcs = default_reward_funcs(spec, args.solution_column)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
 
         self.format_spec = spec
