@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,21 +28,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import machine  # noqa: E402
 from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, encode_answer  # noqa: E402
 from trl_mig.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
 
 SCAFFOLD = "\n</think>\n<answer>"
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return f"{device} ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def make_items(n, K, L, P, block, vocab, seed):

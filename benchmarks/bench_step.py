@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,8 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import machine  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -269,19 +270,6 @@ def measure_memory_cpu(args):
             raise RuntimeError(f"memory worker {variant} failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
-
-
-def machine() -> str:
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return f"{device} ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):
