@@ -24,7 +24,7 @@ from trl.trainer.utils import use_adapter
 from .config import MIGConfig, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
 from .rewards import answer_variants, default_reward_funcs
-from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
+from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, step_ids_tensor
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class MIGGRPOTrainer(GRPOTrainer):
         self._pending_mig = None
         self._capture_policy_logps = False
         self._captured_policy_logps = None
-        self._answer_blocks: dict[str, object] = {}
+        self._answer_blocks: dict[str, AnswerBlock] = {}
         self._warned_unscorable = False
+        self.resumed_mig_changes: dict[str, tuple] = {}  # MIG settings changed since the checkpoint resumed from
 
     # ----------------------------------------------------------------------------------------------------- set-up
     def _resolve_correctness_reward(self) -> int:
