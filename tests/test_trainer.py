@@ -100,9 +100,8 @@ def test_per_token_advantages_match_an_independent_computation(tmp_path, char_to
         logliks = [reference_logliks(trainer.model, char_tokenizer, prompt, c, SOLUTIONS[group]) for c in SCRIPT[prompt]]
         gains = [watermark_sum(values) for values, _ in logliks]
         expected_mig = group_normalise(gains)
-        for j, completion in enumerate(SCRIPT[prompt]):
+        for j, (values, bounds) in enumerate(logliks):
             row = group * 4 + j
-            values, bounds = logliks[j]
             length = int(output["completion_mask"][row].sum())
             tokens = advantages[row, :length]
             outcome_part = 1.3 * expected_outcome[j]
