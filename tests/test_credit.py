@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_mig import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
+from trl_mig import (
+    gated_sft_loss,
+    hwm_gains,
+    likelihood_differences,
+    normalize_rewards,
+    per_token_advantages,
+    step_advantages,
+    step_gains,
+)
 from trl_mig.credit import NOT_COT
 
 logliks = st.lists(st.floats(-20, 0, allow_nan=False, allow_infinity=False), min_size=1, max_size=24)
@@ -140,23 +148,98 @@ def test_batch_and_none_scaling():
         normalize_rewards(rewards, 3)
 
 
-# ------------------------------------------------------------------------------------------------------ step credit
+# ----------------------------------------------------------------------------------------------- raw differences
+def test_likelihood_differences_example_and_missing_entries():
+    # the "pump-and-dump" is paid twice by raw differences: the drop is negative, the recovery positive
+    diffs = likelihood_differences(torch.tensor([-3.0, -2.0, -5.0, -2.0]))
+    assert diffs.tolist() == pytest.approx([1.0, -3.0, 3.0])
+    missing = likelihood_differences(torch.tensor([[float("nan"), -4.0, float("nan"), -1.0], [-2.0] + [float("nan")] * 3]))
+    assert missing.flatten().tolist() == pytest.approx([0.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+    assert step_gains(torch.tensor([-3.0, -2.0, -5.0, -2.0]), "watermark").tolist() == pytest.approx([1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="watermark"):
+        step_gains(torch.zeros(3), "ratio")
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.floats(-10, 0), min_size=2, max_size=8), min_size=4, max_size=4))
-def test_step_credit_averages_to_trajectory_advantage_and_is_never_positive_below_watermark(groups):
+@given(st.lists(st.one_of(st.floats(-20, 0), st.just(float("nan"))), min_size=1, max_size=16))
+def test_differences_sum_to_last_minus_first_finite(values):
+    diffs = likelihood_differences(torch.tensor(values, dtype=torch.float64))
+    finite = [v for v in values if not math.isnan(v)]
+    expected = finite[-1] - finite[0] if finite else 0.0
+    assert diffs.sum().item() == pytest.approx(expected, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------ step credit
+def sample_std(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_step_credit_by_hand_a_failed_completion_keeps_credit_for_its_correct_first_step():
+    # one group of 4, two steps each. Completion 0 lifts the answer likelihood at step 1 (a correct first step) and
+    # then fails (no further lift); completion 2 only lifts at its last step; 1 and 3 never lift.
+    gains = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    credit = step_advantages(gains, torch.tensor([2, 2, 2, 2]), group_size=4)
+    step1 = [1.0, 0.0, 0.0, 0.0]  # progress after step 1
+    step2 = [1.0, 0.0, 2.0, 0.0]  # progress after step 2
+    expected = [
+        [(a - sum(step1) / 4) / (sample_std(step1) + 1e-4), (b - sum(step2) / 4) / (sample_std(step2) + 1e-4)]
+        for a, b in zip(step1, step2)
+    ]
+    assert credit.tolist() == [pytest.approx(row, abs=1e-9) for row in expected]
+    assert credit[0, 0] > 0, "the correct first step of a failed completion gets positive credit"
+    assert credit[0, 1] > 0, "a step that keeps earlier progress is not punished for not lifting itself"
+    assert credit[2, 0] < 0 < credit[2, 1]
+
+
+def test_step_credit_never_punishes_a_group_that_does_not_lift():
+    gains = torch.zeros(4, 3)
+    assert step_advantages(gains, torch.tensor([3, 2, 3, 1]), group_size=2).abs().max() == 0
+    # the old design, (K * g_k - mean R) / std R, gave every non-lifting step negative credit: here it stays 0
+    gains = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert step_advantages(gains, torch.tensor([3, 3]), group_size=2).abs().max() == 0
+
+
+def test_step_credit_masks_completions_that_ended():
+    # completion 1 has one step: it is left out of step 2's statistics, which then has a single member (credit 0)
+    gains = torch.tensor([[0.5, 1.0], [0.0, 9.0]])
+    credit = step_advantages(gains, torch.tensor([2, 1]), group_size=2)
+    assert credit[1, 1] == 0 and credit[0, 1] == 0
+    assert credit[0, 0] > 0 > credit[1, 0]
+    # three completions: the ended one does not pull the baseline of step 2 down
+    gains = torch.tensor([[1.0, 1.0], [1.0, 3.0], [0.0, 0.0]])
+    credit = step_advantages(gains, torch.tensor([2, 2, 1]), group_size=3, scale="none")
+    assert credit[:, 1].tolist() == pytest.approx([-1.0, 1.0, 0.0])
+    assert credit[:, 0].tolist() == pytest.approx([1 / 3, 1 / 3, -2 / 3])
+
+
+def test_step_credit_leaves_out_unscorable_rows_and_scales():
+    gains = torch.tensor([[1.0, 0.0], [float("nan"), float("nan")], [0.0, 0.0], [3.0, 0.0]])
+    credit = step_advantages(gains, torch.tensor([2, 2, 2, 2]), group_size=4, scale="none")
+    assert credit[1].tolist() == [0.0, 0.0]
+    assert credit[[0, 2, 3], 0].tolist() == pytest.approx([1 - 4 / 3, -4 / 3, 3 - 4 / 3])
+    batch = step_advantages(gains, torch.tensor([2, 2, 2, 2]), group_size=2, scale="batch")
+    assert torch.isfinite(batch).all()
+    with pytest.raises(ValueError, match="scaling"):
+        step_advantages(gains, torch.tensor([2, 2, 2, 2]), group_size=4, scale="max")
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        step_advantages(gains, torch.tensor([2, 2, 2, 2]), group_size=3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 5), min_size=1, max_size=6), min_size=4, max_size=4))
+def test_step_credit_is_centred_per_step_index(groups):
     width = max(len(values) for values in groups)
-    loglik = torch.full((4, width), float("nan"), dtype=torch.float64)
+    gains = torch.zeros(4, width, dtype=torch.float64)
     for row, values in enumerate(groups):
-        loglik[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
-    num_steps = torch.tensor([len(values) - 1 for values in groups])
-    gains, _ = hwm_gains(loglik)
-    trajectory, baseline, divisor = normalize_rewards(gains.sum(1), group_size=4)
-    credit = step_advantages(gains, num_steps, baseline.double(), divisor.double())
-    for row in range(4):
-        steps = num_steps[row].item()
-        assert credit[row, :steps].mean().item() == pytest.approx(trajectory[row].item(), abs=1e-6)
-        assert (credit[row, steps:] == 0).all()
-        assert (credit[row, :steps][gains[row, :steps] == 0] <= 1e-12).all()
+        gains[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    num_steps = torch.tensor([len(values) for values in groups])
+    credit = step_advantages(gains, num_steps, group_size=4, scale="none")
+    for k in range(width):
+        members = num_steps > k
+        assert (credit[~members, k] == 0).all()
+        if members.sum() >= 2:
+            assert credit[members, k].sum().item() == pytest.approx(0.0, abs=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------- masking
@@ -170,6 +253,21 @@ def test_answer_tokens_get_only_outcome_advantage_in_both_credit_modes():
     stepwise = per_token_advantages(outcome, per_step, step_ids, mig_weight=1.0, outcome_weight=1.0)
     assert stepwise[0].tolist() == pytest.approx([1.0, 5.0, 5.0, -1.0, -1.0, 1.0, 1.0])
     assert stepwise[1].tolist() == pytest.approx([0.0] * 4 + [-1.0] * 3)
+
+
+def test_mig_credit_on_all_tokens_ablation():
+    outcome = torch.tensor([1.0, -1.0])
+    step_ids = torch.tensor([[NOT_COT, 0, 0, 1, 1, NOT_COT, NOT_COT], [0, 0, 0, 0, NOT_COT, NOT_COT, NOT_COT]])
+    trajectory = per_token_advantages(outcome, torch.tensor([2.0, 0.5]), step_ids, 0.5, 2.0, scope="all")
+    assert trajectory[0].tolist() == pytest.approx([3.0] * 7)
+    assert trajectory[1].tolist() == pytest.approx([-1.75] * 7)
+    per_step = torch.tensor([[4.0, -2.0], [1.0, 0.0]])
+    stepwise = per_token_advantages(outcome, per_step, step_ids, scope="all")
+    # the leading tag takes step 1's credit, the answer part the last step's
+    assert stepwise[0].tolist() == pytest.approx([5.0, 5.0, 5.0, -1.0, -1.0, -1.0, -1.0])
+    assert stepwise[1].tolist() == pytest.approx([0.0] * 7)
+    with pytest.raises(ValueError, match="scope"):
+        per_token_advantages(outcome, per_step, step_ids, scope="answer")
 
 
 def test_masking_with_zero_steps_everywhere():

@@ -82,6 +82,11 @@ def watermark_sum(values):
     return total
 
 
+def progress(values):
+    """Watermark lift after each step: [h_1 - h_0, h_2 - h_0, ...]."""
+    return [max(values[: k + 1]) - values[0] for k in range(1, len(values))]
+
+
 def group_normalise(values):
     values = torch.tensor(values, dtype=torch.float64)
     return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
@@ -113,10 +118,12 @@ def test_per_token_advantages_match_an_independent_computation(tmp_path, char_to
                 if credit == "trajectory":
                     mig = expected_mig[j]
                 else:
-                    step_gain = max(0.0, values[k + 1] - max(values[: k + 1]))
-                    group_gains = torch.tensor(gains, dtype=torch.float64)
-                    steps = len(bounds) - 1
-                    mig = (steps * step_gain - group_gains.mean().item()) / (group_gains.std().item() + 1e-4)
+                    # progress by step k (watermark lift so far) against the group's completions that reached step k
+                    reached = [progress(v)[k] for v, b in logliks if len(b) - 1 > k]
+                    spread = torch.tensor(reached, dtype=torch.float64)
+                    mig = 0.0
+                    if len(reached) >= 2:
+                        mig = (progress(values)[k] - spread.mean().item()) / (spread.std().item() + 1e-4)
                 expected = outcome_part + 0.7 * mig
                 assert step_tokens.tolist() == pytest.approx([expected] * len(step_tokens), abs=2e-3), (row, k)
     assert (advantages[4:] == 0).all(), "a group of identical completions has zero advantage everywhere"

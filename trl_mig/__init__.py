@@ -1,7 +1,15 @@
 """trl-mig: Step-wise Marginal Information Gain (MIG) process credit for TRL's GRPOTrainer."""
 
 from .config import MIGConfig
-from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
+from .credit import (
+    gated_sft_loss,
+    hwm_gains,
+    likelihood_differences,
+    normalize_rewards,
+    per_token_advantages,
+    step_advantages,
+    step_gains,
+)
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion
@@ -19,9 +27,11 @@ __all__ = [
     "answer_accuracy_reward",
     "gated_sft_loss",
     "hwm_gains",
+    "likelihood_differences",
     "normalize_rewards",
     "per_token_advantages",
     "segment_completion",
     "step_advantages",
     "step_format_reward",
+    "step_gains",
 ]

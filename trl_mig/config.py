@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig
 
 CREDIT_MODES = ("trajectory", "step")
+GAIN_KINDS = ("watermark", "difference")
+TOKEN_SCOPES = ("cot", "all")
 MIG_SCALINGS = ("group", "batch", "none")
 LIKELIHOOD_MODELS = ("policy", "reference")
 STEP_FALLBACKS = ("paragraph", "line", "none")
@@ -41,7 +43,12 @@ class MIGConfig(GRPOConfig):
         outcome_weight (`float`, defaults to `1.0`): β, weight of the GRPO outcome advantage (all completion tokens).
         sft_weight (`float`, defaults to `0.1`): γ, weight of the gated SFT loss (`0` disables it).
         mig_credit (`str`, defaults to `"trajectory"`): `"trajectory"` (paper) gives every CoT token the normalised
-            trajectory gain; `"step"` gives the tokens of step k credit from their own gain g_k.
+            trajectory gain; `"step"` gives the tokens of step k the progress made by step k (sum of gains up to k)
+            compared with the group's completions at the same step index (see [`step_advantages`]).
+        mig_gain (`str`, defaults to `"watermark"`): per-step reward: `"watermark"` (the method's rectified gains
+            over the running maximum) or `"difference"` (raw l_k - l_{k-1}, an ablation).
+        mig_token_scope (`str`, defaults to `"cot"`): tokens that receive the MIG advantage: `"cot"` (the method's
+            decoupled mask, chain of thought only) or `"all"` (every completion token, an ablation).
         mig_scale_rewards (`str`, defaults to `"group"`): normalisation of the MIG reward, as GRPO's `scale_rewards`:
             `"group"`, `"batch"` or `"none"` (centred only).
         sft_correctness_reward (`str` or `None`, defaults to `None`): name of the reward function that says a
@@ -105,8 +112,24 @@ class MIGConfig(GRPOConfig):
         default="trajectory",
         metadata={
             "help": "'trajectory': every CoT token gets the normalised trajectory gain (paper). 'step': the tokens of "
-            "step k get credit from their own gain g_k.",
+            "step k get the progress made by step k, compared with the group's completions at the same step.",
             "choices": list(CREDIT_MODES),
+        },
+    )
+    mig_gain: str = field(
+        default="watermark",
+        metadata={
+            "help": "Per-step MIG reward: 'watermark' (rectified gain over the running maximum, the method) or "
+            "'difference' (raw l_k - l_{k-1}, an ablation).",
+            "choices": list(GAIN_KINDS),
+        },
+    )
+    mig_token_scope: str = field(
+        default="cot",
+        metadata={
+            "help": "Tokens that get the MIG advantage: 'cot' (chain of thought only, the method) or 'all' (every "
+            "completion token, an ablation).",
+            "choices": list(TOKEN_SCOPES),
         },
     )
     mig_scale_rewards: str = field(
@@ -184,6 +207,8 @@ def validate_mig_fields(config) -> None:
     if config.mig_weight == 0 and config.outcome_weight == 0:
         raise ValueError("MIGConfig.mig_weight and MIGConfig.outcome_weight are both 0: no token gets an advantage.")
     _choice(config, "mig_credit", CREDIT_MODES)
+    _choice(config, "mig_gain", GAIN_KINDS)
+    _choice(config, "mig_token_scope", TOKEN_SCOPES)
     _choice(config, "mig_scale_rewards", MIG_SCALINGS)
     _choice(config, "mig_likelihood_model", LIKELIHOOD_MODELS)
     _choice(config, "step_fallback", STEP_FALLBACKS)

@@ -89,29 +89,113 @@ def normalize_rewards(
     return advantages, baseline, divisor
 
 
-def step_advantages(
-    gains: torch.Tensor, num_steps: torch.Tensor, baseline: torch.Tensor, divisor: torch.Tensor
-) -> torch.Tensor:
+def likelihood_differences(loglik: torch.Tensor) -> torch.Tensor:
     r"""
-    Per-step credit (`mig_credit="step"`), the trajectory advantage spread over steps by their gains:
+    Raw step differences `d_k = l_k - l_{k-1}` (`mig_gain="difference"`, an ablation of the watermark): a step that
+    lowers the answer likelihood gets a negative value, and a recovery is paid again.
 
-        A_{i,k} = (K_i * g_{i,k} - baseline_i) / divisor_i
-
-    so the mean of A_{i,1..K_i} equals the trajectory advantage `(sum_k g_{i,k} - baseline_i) / divisor_i`, and a step
-    that does not lift the watermark (g = 0) never gets positive credit (baselines of gains are >= 0).
+    Non-finite entries are missing, as in [`hwm_gains`]: a difference is taken from the last finite l before it, a
+    missing l earns 0, and so does the first finite one. Hence `d.sum(-1) == last finite l - first finite l`.
 
     Args:
-        gains (`torch.Tensor` of shape `(N, K)`): rectified gains, 0 past each completion's own step count.
-        num_steps (`torch.Tensor` of shape `(N,)`): K_i.
-        baseline, divisor (`torch.Tensor` of shape `(N,)`): from [`normalize_rewards`] on the trajectory gains.
+        loglik (`torch.Tensor` of shape `(..., K+1)`): step-conditioned answer log-likelihoods l_0..l_K.
+
+    Returns:
+        `torch.Tensor` of shape `(..., K)`: d_1..d_K, 0 where missing.
+    """
+    if loglik.shape[-1] < 1:
+        raise ValueError(f"likelihood_differences needs at least l_0 on the last axis, got {tuple(loglik.shape)}.")
+    if not loglik.is_floating_point():
+        loglik = loglik.float()
+    finite = torch.isfinite(loglik)
+    # index of the last finite entry at or before each position (-1 when none): a forward fill
+    positions = torch.arange(loglik.shape[-1], device=loglik.device).expand_as(loglik)
+    last_finite = torch.cummax(torch.where(finite, positions, torch.full_like(positions, -1)), dim=-1).values
+    previous_index = last_finite[..., :-1]
+    previous = torch.gather(torch.nan_to_num(loglik, nan=0.0, posinf=0.0, neginf=0.0), -1, previous_index.clamp(min=0))
+    earns = finite[..., 1:] & (previous_index >= 0)
+    return torch.where(earns, loglik[..., 1:] - previous, torch.zeros_like(previous))
+
+
+def step_gains(loglik: torch.Tensor, kind: str = "watermark") -> torch.Tensor:
+    """
+    Per-step MIG rewards from l_0..l_K: `"watermark"` ([`hwm_gains`], the method) or `"difference"`
+    ([`likelihood_differences`], an ablation).
+
+    Args:
+        loglik (`torch.Tensor` of shape `(..., K+1)`).
+        kind (`str`): `"watermark"` or `"difference"`.
+
+    Returns:
+        `torch.Tensor` of shape `(..., K)`.
+    """
+    if kind == "watermark":
+        return hwm_gains(loglik)[0]
+    if kind == "difference":
+        return likelihood_differences(loglik)
+    raise ValueError(f"Unknown MIG gain {kind!r}; expected 'watermark' or 'difference'.")
+
+
+def step_advantages(
+    gains: torch.Tensor, num_steps: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    r"""
+    Per-step credit (`mig_credit="step"`): the progress a completion has made by step k, compared with the
+    completions of its group that reached step k too (a masked step-index baseline, after SPRO's "masked step
+    advantage", arXiv:2507.01551):
+
+        C_{i,k} = sum_{j<=k} g_{i,j}                                  (for watermark gains: h_k - h_0)
+        A_{i,k} = (C_{i,k} - mean_{i' in G, K_{i'} >= k} C_{i',k}) / (std_{i' in G, K_{i'} >= k} C_{i',k} + eps)
+
+    A step that does not lift the watermark keeps the progress made before it, so it is not punished for itself; it
+    gets negative credit only when the group's other completions are further ahead at the same step. Completions that
+    ended before step k are left out of that step's statistics (masked), so length does not bias the baseline. A
+    step index reached by fewer than two completions of a group gets 0, as does a step whose group has no spread.
+
+    Args:
+        gains (`torch.Tensor` of shape `(N, K)`): per-step rewards (watermark gains or differences), the
+            `group_size` completions of a prompt adjacent; values past a completion's own step count are ignored.
+            NaN marks a completion without usable likelihoods: it gets 0 and is left out of the statistics.
+        num_steps (`torch.Tensor` of shape `(N,)`): K_i, the steps of each completion.
+        group_size (`int`): completions per prompt (G).
+        scale (`str`): `"group"` (std per group and step index), `"batch"` (std over all valid entries of the batch)
+            or `"none"` (centred only), as `mig_scale_rewards`.
+        eps (`float`): added to the std.
 
     Returns:
         `torch.Tensor` of shape `(N, K)`: credit per step, 0 past K_i.
     """
-    steps = num_steps.to(gains.dtype).unsqueeze(1)
-    credit = (steps * gains - baseline.unsqueeze(1)) / divisor.unsqueeze(1)
-    in_range = torch.arange(gains.shape[1], device=gains.device).unsqueeze(0) < num_steps.unsqueeze(1)
-    return torch.where(in_range, credit, torch.zeros_like(credit))
+    if gains.dim() != 2 or gains.shape[0] % group_size != 0:
+        raise ValueError(
+            f"step_advantages needs gains of shape (N, K) with N ({gains.shape[0]}) a multiple of group_size "
+            f"({group_size})."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"Unknown MIG reward scaling {scale!r}; expected 'group', 'batch' or 'none'.")
+    gains = gains if gains.is_floating_point() else gains.float()
+    steps = gains.shape[1]
+    usable = torch.isfinite(gains).all(1)
+    in_range = torch.arange(steps, device=gains.device).unsqueeze(0) < num_steps.to(gains.device).unsqueeze(1)
+    valid = in_range & usable.unsqueeze(1)
+    progress = torch.where(valid, gains, torch.zeros_like(gains)).cumsum(1)
+
+    grouped = progress.view(-1, group_size, steps)
+    mask = valid.view(-1, group_size, steps).to(gains.dtype)
+    count = mask.sum(1, keepdim=True)
+    mean = (grouped * mask).sum(1, keepdim=True) / count.clamp(min=1)
+    centred = (grouped - mean) * mask
+    if scale == "none":
+        divisor = torch.ones_like(mean)
+    elif scale == "group":
+        variance = (centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        divisor = variance.sqrt() + eps
+    else:
+        total = mask.sum()
+        batch_mean = (progress * valid).sum() / total.clamp(min=1)
+        batch_var = (((progress - batch_mean) * valid) ** 2).sum() / (total - 1).clamp(min=1)
+        divisor = torch.full_like(mean, batch_var.sqrt().item() + eps)
+    credit = torch.where(count >= 2, centred / divisor, torch.zeros_like(centred))
+    return credit.reshape(-1, steps) * valid
 
 
 def per_token_advantages(
@@ -120,11 +204,15 @@ def per_token_advantages(
     step_ids: torch.Tensor,
     mig_weight: float = 1.0,
     outcome_weight: float = 1.0,
+    scope: str = "cot",
 ) -> torch.Tensor:
     r"""
     Decoupled masking: `A[i,t] = beta * A_out_i + alpha * A_mig[i, step(t)] * M_cot[i,t]`.
 
-    Outcome credit reaches every completion token; MIG credit reaches chain-of-thought tokens only, never the answer.
+    Outcome credit reaches every completion token; MIG credit reaches chain-of-thought tokens only, never the answer
+    (`scope="cot"`, the method). `scope="all"` (an ablation) gives MIG credit to every completion token: a token
+    outside the thought takes the credit of the step before it (the answer that of the last step; tokens before the
+    first step that of step 1).
 
     Args:
         outcome_advantages (`torch.Tensor` of shape `(B,)`): GRPO's outcome advantage per completion.
@@ -132,10 +220,16 @@ def per_token_advantages(
         step_ids (`torch.Tensor` of shape `(B, T)`): index of the step each completion token belongs to, or
             `NOT_COT` (-1) outside the chain of thought. With a `(B,)` MIG advantage only `step_ids >= 0` matters.
         mig_weight (`float`): alpha. outcome_weight (`float`): beta.
+        scope (`str`): `"cot"` or `"all"`.
 
     Returns:
         `torch.Tensor` of shape `(B, T)`.
     """
+    if scope == "all":
+        # each token outside the thought inherits the step before it; leading ones belong to step 1
+        step_ids = torch.cummax(step_ids, dim=1).values.clamp(min=0)
+    elif scope != "cot":
+        raise ValueError(f"Unknown MIG token scope {scope!r}; expected 'cot' or 'all'.")
     cot_mask = step_ids >= 0
     if mig_advantages.dim() == 1:
         mig_per_token = mig_advantages.unsqueeze(1).expand_as(step_ids)

@@ -22,7 +22,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_field_names
-from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages
+from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, step_ids_tensor
@@ -127,39 +127,47 @@ class MIGGRPOTrainer(GRPOTrainer):
         answers = [self._answer_blocks_for(row) for row in inputs]
         loglik = self._score(prompt_rows, contents, segments, answers)  # (B, K_max + 1), NaN-padded
 
-        gains, _ = hwm_gains(loglik)  # (B, K_max)
+        gains = step_gains(loglik, self.args.mig_gain)  # (B, K_max): the per-step MIG rewards
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
         # a row without a ground truth, or whose likelihoods are all non-finite, carries no MIG information
         has_answer = torch.tensor([bool(blocks) for blocks in answers], device=device)
         scorable = has_answer & torch.isfinite(loglik).any(1)
-        gain_sum = gains.sum(1)
-        gain_sum = torch.where(scorable, gain_sum, torch.full_like(gain_sum, float("nan")))
+        no_value = torch.full_like(loglik[:, 0], float("nan"))
+        gain_sum = torch.where(scorable, gains.sum(1), no_value)
+        # the breakthrough gate of gated SFT is the method's (the watermark rose), whatever reward `mig_gain` picks
+        lift = torch.where(scorable, hwm_gains(loglik)[0].sum(1), no_value)
 
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         all_gain_sums = gather(gain_sum)
-        mig_adv, baseline, divisor = normalize_rewards(all_gain_sums, group_size, self.args.mig_scale_rewards)
+        mig_adv, _, _ = normalize_rewards(all_gain_sums, group_size, self.args.mig_scale_rewards)
         # per-completion columns of the completions table (`log_completions`), in the global order
         self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
         self._logs["extra"]["mig_steps"].extend(gather(num_steps.float()).tolist())
         self._logs["extra"]["mig_advantage"].extend(mig_adv.tolist())
-        mig_adv, baseline, divisor = mig_adv[process_slice], baseline[process_slice], divisor[process_slice]
+        mig_adv = mig_adv[process_slice]
         if self.args.mig_credit == "step":
-            mig_adv = step_advantages(torch.nan_to_num(gains), num_steps, baseline, divisor)
-            mig_adv = torch.where(scorable.unsqueeze(1), mig_adv, torch.zeros_like(mig_adv))
+            # fixed width, so that every process gathers the same shape; a whole group is needed for the baselines
+            width = self.args.mig_max_steps
+            padded = torch.zeros(len(segments), width, device=device)
+            padded[:, : gains.shape[1]] = gains[:, :width]
+            padded[~scorable] = float("nan")
+            all_step_adv = step_advantages(gather(padded), gather(num_steps), group_size, self.args.mig_scale_rewards)
+            mig_adv = all_step_adv[process_slice]
 
         step_ids = step_ids_tensor(segments, output["completion_ids"].shape[1], device=device)
         output["advantages"] = per_token_advantages(
-            output["advantages"], mig_adv, step_ids, self.args.mig_weight, self.args.outcome_weight
+            output["advantages"], mig_adv, step_ids, self.args.mig_weight, self.args.outcome_weight,
+            scope=self.args.mig_token_scope,
         )
 
-        breakthrough = torch.nan_to_num(gain_sum) > 0
+        breakthrough = torch.nan_to_num(lift) > 0
         if self._sft_reward_index is not None:
             correctness = rewards_per_func[process_slice, self._sft_reward_index]
             correct = torch.nan_to_num(correctness, nan=float("-inf")) >= self.args.sft_correctness_threshold
             well_formed = torch.tensor([seg.layout.well_formed for seg in segments], device=device)
             output["sft_gate"] = (correct & well_formed & breakthrough).float()
 
-        self._log_mig_metrics(mode, loglik, gain_sum, num_steps, segments, has_answer, output.get("sft_gate"))
+        self._log_mig_metrics(mode, loglik, gain_sum, lift, num_steps, segments, has_answer, output.get("sft_gate"))
         return output
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -271,7 +279,7 @@ class MIGGRPOTrainer(GRPOTrainer):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
 
-    def _log_mig_metrics(self, mode, loglik, gain_sum, num_steps, segments, has_answer, sft_gate):
+    def _log_mig_metrics(self, mode, loglik, gain_sum, lift, num_steps, segments, has_answer, sft_gate):
         device = loglik.device
         finite = torch.isfinite(loglik)
         in_range = torch.arange(loglik.shape[1], device=device).unsqueeze(0) <= num_steps.unsqueeze(1)
@@ -286,7 +294,7 @@ class MIGGRPOTrainer(GRPOTrainer):
             "mig/loglik_best": usable(best),
             "mig/loglik_final": usable(last),
             "mig/gain_sum": gain_sum,
-            "mig/breakthrough_frac": torch.where(has_answer, (torch.nan_to_num(gain_sum) > 0).float(), no_value),
+            "mig/breakthrough_frac": torch.where(has_answer, (torch.nan_to_num(lift) > 0).float(), no_value),
             "mig/steps": num_steps.float(),
             "mig/no_step_frac": flag([not seg.layout.has_step_headers for seg in segments]),
             "mig/merged_frac": flag([seg.merged_steps > 0 for seg in segments]),
