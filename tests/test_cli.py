@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_mig.cli import extract_boxed, extract_gsm8k, main, make_train_parser, parse_recipe_args
+from trl_mig.cli import main, make_train_parser, parse_recipe_args
+from trl_mig.data import extract_boxed, extract_gsm8k
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -1,0 +1,31 @@
+"""Tokenizer loading that keeps the built-in char tokenizer exactly as it was saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_generic_tokenizer(path: str, **kwargs):
+    """
+    The tokenizer saved in a local folder when it was saved as a generic `tokenizers` tokenizer (the built-in char
+    tokenizer), else None (load as usual).
+
+    transformers 5 maps some model types (e.g. qwen2) to their own tokenizer class whatever `tokenizer_class` the
+    folder declares, and `Qwen2Tokenizer` rebuilt from a char-level `tokenizer.json` drops spaces and newlines.
+    Loading the generic class keeps the tokenizer exactly as saved.
+    """
+    config_file = Path(path) / "tokenizer_config.json"
+    if not config_file.is_file() or not (Path(path) / "tokenizer.json").is_file():
+        return None
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if declared not in GENERIC_TOKENIZER_CLASSES:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)

@@ -1,0 +1,338 @@
+"""The work of `trl-mig train` once the recipe is parsed: load and map the data splits, resolve the model, build the
+MIG (or plain GRPO) trainer, measure accuracy before and after training, and write the summary files.
+
+`run_training` is the entry point; the steps below it each do one of those things, in the order it calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
+from .data import get_split, load_dataset_dict, prepare_dataset, select_samples
+from .errors import CLIError
+from .evaluation import evaluate_splits, format_cell, format_table, write_json
+from .tokenizer_utils import load_generic_tokenizer
+
+if TYPE_CHECKING:
+    from .config import MIGConfig
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("mig", "grpo")
+
+
+@dataclass
+class TrainingData:
+    """The mapped splits of a run (see `load_training_data`)."""
+
+    name: str  # the dataset_name, or the mixture's paths joined by ', ': for messages and run_summary.json
+    train: Any
+    eval: Any | None  # `dataset_test_split`, only when `eval_strategy` is not 'no'
+    accuracy: dict  # split -> dataset, for `accuracy_eval_splits` (at most `accuracy_eval_max_samples` rows each)
+
+
+def run_training(script_args, builtin_args, training_args, model_args, mixture_args) -> int:
+    """Load model and data, (optionally) measure accuracy, train with MIG (or GRPO), save, measure again."""
+    from accelerate import PartialState
+
+    from .segmentation import FormatSpec
+
+    state = PartialState()
+    if script_args.algorithm not in ALGORITHMS:
+        raise CLIError(f"algorithm={script_args.algorithm!r} is not one of {list(ALGORITHMS)}.")
+    started = time.perf_counter()
+    timings = {}
+
+    data = load_training_data(script_args, builtin_args, training_args, mixture_args)
+    # the model after the data: data errors are cheaper to find than a warm start
+    model_name = resolve_model(model_args, builtin_args, training_args)
+    if is_builtin(model_name):
+        timings["builtin_model_seconds"] = round(time.perf_counter() - started, 2)
+    set_model_init_kwargs(training_args, model_args)
+
+    spec = FormatSpec.from_config(training_args)
+    trainer = build_trainer(script_args, training_args, model_args, data, spec)
+    eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, spec)
+    accuracy, completions = {}, {}
+    if data.accuracy and script_args.accuracy_eval_before:
+        accuracy["before"], _ = measure_accuracy(trainer.model, data.accuracy, "before", eval_kwargs, timings)
+        state.print(_accuracy_table(accuracy, "before training"))
+
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    timings["train_seconds"] = round(time.perf_counter() - t0, 2)
+    state.print(f"[trl-mig] training done: {trainer.state.global_step} steps in {timings['train_seconds']:.0f}s")
+
+    if data.accuracy:
+        accuracy["after"], completions = measure_accuracy(
+            trainer.model_wrapped, data.accuracy, "after", eval_kwargs, timings
+        )
+
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    timings["total_seconds"] = round(time.perf_counter() - started, 2)
+    output_dir = Path(training_args.output_dir)
+    if state.is_main_process:
+        summary = {
+            "algorithm": script_args.algorithm,
+            "model": model_name,
+            "model_path": model_args.model_name_or_path,
+            "dataset": data.name,
+            "global_steps": trainer.state.global_step,
+            "num_processes": state.num_processes,
+            "timings": timings,
+        }
+        write_summary_files(output_dir, summary, accuracy, completions)
+    if script_args.save_rank_logs:
+        write_rank_log(output_dir, state, trainer.state.log_history)
+    state.wait_for_everyone()
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def load_training_data(script_args, builtin_args, training_args, mixture_args) -> TrainingData:
+    """
+    The train split, the eval split (when `eval_strategy` is not 'no') and the `accuracy_eval_splits`, each mapped to
+    `prompt` + the solution column (see `trl_mig.data.prepare_dataset`). The main process loads and maps first, so
+    the other ranks read its cache.
+    """
+    solution_column = training_args.solution_column
+    with training_args.main_process_first(desc="load and map the dataset"):
+        data, name = load_training_source(script_args, builtin_args, mixture_args)
+
+        def mapped_split(split: str, where: str):
+            return prepare_dataset(
+                get_split(data, split, name, where), script_args, solution_column, f"split {split!r} of {name!r}"
+            )
+
+        train_dataset = mapped_split(script_args.dataset_train_split, "dataset_train_split")
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = mapped_split(script_args.dataset_test_split, "dataset_test_split")
+        accuracy_splits = {
+            split: select_samples(mapped_split(split, "accuracy_eval_splits"), script_args.accuracy_eval_max_samples)
+            for split in script_args.accuracy_eval_splits or []
+        }
+    return TrainingData(name=name, train=train_dataset, eval=eval_dataset, accuracy=accuracy_splits)
+
+
+def load_training_source(script_args, builtin_args, mixture_args):
+    """`(DatasetDict, name)`: TRL's dataset mixture (`datasets`) when set, else `dataset_name`."""
+    if mixture_args.datasets:
+        from trl import get_dataset
+
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are set: `datasets` is used.")
+        try:
+            data = get_dataset(mixture_args)
+        except Exception as err:
+            raise CLIError(f"Could not load the dataset mixture `datasets`: {type(err).__name__}: {err}") from err
+        return data, ", ".join(d.path for d in mixture_args.datasets)
+    data = load_dataset_dict(
+        script_args.dataset_name, script_args.dataset_config, builtin_args, streaming=script_args.dataset_streaming
+    )
+    return data, script_args.dataset_name
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def resolve_model(model_args, builtin_args, training_args) -> str:
+    """
+    Check that a model is named. A `builtin:` name is built (or found in the cache) and `model_name_or_path` is set
+    to its folder. Returns the name as the recipe gave it.
+    """
+    model_name = model_args.model_name_or_path
+    if not model_name:
+        raise CLIError(
+            "No model: set `model_name_or_path` (a hub id, a local folder, or "
+            f"{', '.join(BUILTIN_PREFIX + name for name in BUILTIN_MODELS)})."
+        )
+    if is_builtin(model_name):
+        from .builtin import resolve_builtin_model
+
+        try:
+            model_args.model_name_or_path = resolve_builtin_model(
+                model_name, builtin_args, use_cpu=training_args.use_cpu, bf16=training_args.bf16,
+                fp16=training_args.fp16,
+            )
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    return model_name
+
+
+def set_model_init_kwargs(training_args, model_args) -> None:
+    """`ModelConfig`'s loading settings into `training_args.model_init_kwargs` (recipe `model_init_kwargs` win)."""
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, solution_column: str):
+    """Reward functions from names (see `MIGScriptArguments.reward_funcs`); None keeps the trainer's default."""
+    import importlib
+
+    from .rewards import AnswerAccuracyReward, StepFormatReward
+    from .segmentation import FormatSpec
+
+    spec = FormatSpec.from_config(training_args)
+    if names is None:
+        return None
+    own = {
+        "answer_accuracy": lambda: AnswerAccuracyReward(spec, solution_column),
+        "step_format": lambda: StepFormatReward(spec),
+    }
+    own["answer_accuracy_reward"], own["step_format_reward"] = own["answer_accuracy"], own["step_format"]
+    trl_names = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
+    funcs = []
+    for name in names:
+        if name in own:
+            funcs.append(own[name]())
+        elif name in trl_names:
+            import trl.rewards
+
+            funcs.append(getattr(trl.rewards, name))
+        elif "." in name:
+            module_path, attr = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            try:
+                funcs.append(getattr(importlib.import_module(module_path), attr))
+            except (ImportError, AttributeError) as err:
+                raise CLIError(f"reward_funcs: cannot import {name!r}: {err}") from None
+        else:
+            raise CLIError(
+                f"reward_funcs: unknown reward function {name!r}; expected one of "
+                f"{['answer_accuracy', 'step_format', *trl_names]} or a dotted import path."
+            )
+    if not funcs:
+        raise CLIError("reward_funcs is empty: name at least one reward function, or leave it unset.")
+    return funcs
+
+
+
+def build_trainer(script_args, training_args, model_args, data: TrainingData, spec):
+    """
+    `MIGGRPOTrainer` (algorithm 'mig') or TRL's `GRPOTrainer` ('grpo', with the same default rewards, read with
+    `spec`) on the train and eval splits, with the recipe's rewards, PEFT and quantization settings.
+    """
+    from trl import GRPOTrainer, get_peft_config, get_quantization_config
+
+    from .trainer import MIGGRPOTrainer
+
+    solution_column = training_args.solution_column
+    reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args, solution_column)
+    trainer_kwargs = dict(
+        args=training_args,
+        processing_class=load_generic_tokenizer(model_args.model_name_or_path),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    try:
+        if script_args.algorithm == "mig":
+            return MIGGRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
+        if reward_funcs is None:
+            from .rewards import default_reward_funcs
+
+            reward_funcs = default_reward_funcs(spec, solution_column)
+        return GRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"Could not build the {script_args.algorithm} trainer: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------------- accuracy
+def accuracy_eval_kwargs(script_args, training_args, trainer, splits: dict, spec) -> dict:
+    """
+    The `evaluate_splits` keyword arguments of the accuracy eval: the trainer's tokenizer and accelerator, the
+    recipe's `accuracy_eval_*` settings, and pass@1 per `num_ops` when every split has that column (builtin data).
+    """
+    tokenizer = trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    return dict(
+        tokenizer=tokenizer,
+        spec=spec,
+        batch_size=script_args.accuracy_eval_batch_size,
+        max_new_tokens=script_args.accuracy_eval_max_new_tokens or training_args.max_completion_length,
+        solution_column=training_args.solution_column,
+        group_by="num_ops" if splits and all("num_ops" in d.column_names for d in splits.values()) else None,
+        accelerator=trainer.accelerator,
+    )
+
+
+def measure_accuracy(model, splits: dict, phase: str, eval_kwargs: dict, timings: dict) -> tuple[dict, dict]:
+    """`evaluate_splits` of `model` on the accuracy splits, its duration stored as `timings['eval_<phase>_seconds']`."""
+    t0 = time.perf_counter()
+    results, completions = evaluate_splits(model, splits=splits, label=phase, **eval_kwargs)
+    timings[f"eval_{phase}_seconds"] = round(time.perf_counter() - t0, 2)
+    return results, completions
+
+
+def _accuracy_table(accuracy: dict, title: str) -> str:
+    phases = list(accuracy)
+    splits = list(next(iter(accuracy.values())))
+    header = ["split", "n"] + [f"pass@1 {p}" for p in phases] + [f"format {p}" for p in phases]
+    rows = []
+    for split in splits:
+        first = accuracy[phases[0]][split]
+        rows.append(
+            [split, first["num_examples"]]
+            + [accuracy[p][split]["pass@1"] for p in phases]
+            + [accuracy[p][split]["format_rate"] for p in phases]
+        )
+    lines = [f"\n[trl-mig] {title}", format_table(header, rows)]
+    for split in splits:
+        groups = {p: accuracy[p][split].get("pass@1_by_group") for p in phases}
+        if all(groups.values()):
+            keys = list(groups[phases[-1]])
+            cells = ", ".join(
+                f"{key}: " + " -> ".join(format_cell(groups[p].get(key, float("nan"))) for p in phases) for key in keys
+            )
+            lines.append(f"  {split} by num_ops: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+
+# -------------------------------------------------------------------------------------------------------- outputs
+def write_summary_files(output_dir: Path, summary: dict, accuracy: dict, completions: dict) -> None:
+    """
+    OUTPUT_DIR/run_summary.json; with accuracy results also accuracy.json (the summary with them),
+    accuracy_completions.json and the printed before/after table. Main process only.
+    """
+    if accuracy:
+        summary["accuracy"] = accuracy
+        write_json(output_dir / "accuracy.json", summary)
+        write_json(output_dir / "accuracy_completions.json", completions)
+        print(_accuracy_table(accuracy, "held-out accuracy (greedy pass@1)"))
+    write_json(output_dir / "run_summary.json", summary)
+    print(f"[trl-mig] model, trainer_state.json (logs) and run_summary.json are in {output_dir}")
+
+
+def write_rank_log(output_dir: Path, state, log_history: list) -> None:
+    """OUTPUT_DIR/rank_logs/rank<R>.json: which process this is (rank, world size, host, pid) and its log history."""
+    write_json(
+        output_dir / "rank_logs" / f"rank{state.process_index}.json",
+        {
+            "rank": state.process_index,
+            "local_rank": state.local_process_index,
+            "world_size": state.num_processes,
+            "distributed_type": str(state.distributed_type),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "log_history": log_history,
+        },
+    )
