@@ -1,5 +1,6 @@
 """trl-mig: Step-wise Marginal Information Gain (MIG) process credit for TRL's GRPOTrainer."""
 
+from .callbacks import HeldOutAccuracyCallback
 from .config import MIGConfig
 from .credit import (
     gated_sft_loss,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnswerAccuracyReward",
     "FormatSpec",
+    "HeldOutAccuracyCallback",
     "MIGConfig",
     "MIGGRPOTrainer",
     "StepFormatReward",
