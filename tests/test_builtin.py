@@ -21,10 +21,10 @@ from trl_mig.builtin.task import sft_rows
 from trl_mig.rewards import AnswerAccuracyReward, StepFormatReward, answers_match
 from trl_mig.segmentation import FormatSpec, analyze_text
 
-SMALL = ArithmeticTaskConfig(train_size=300, test_size=60, ood_size=40)
+SMALL = ArithmeticTaskConfig(train_size=300, validation_size=50, test_size=60, ood_size=40)
 # The tiny model settings shared by the tests that build one (one warm start per session and cache folder).
 TINY = dict(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1, warmstart_max_steps=3,
-            warmstart_batch_size=4, task_train_size=64, task_test_size=8, task_ood_size=4)
+            warmstart_batch_size=4, task_train_size=64, task_validation_size=4, task_test_size=8, task_ood_size=4)
 
 
 @pytest.fixture(autouse=True)
@@ -34,63 +34,87 @@ def _private_default_cache(tmp_path, monkeypatch):
 
 def test_splits_are_a_function_of_the_seed():
     assert generate_splits(SMALL) == generate_splits(SMALL)
-    other = generate_splits(ArithmeticTaskConfig(seed=1, train_size=300, test_size=60, ood_size=40))
+    other = generate_splits(ArithmeticTaskConfig(seed=1, train_size=300, validation_size=50, test_size=60, ood_size=40))
     assert other["train"] != generate_splits(SMALL)["train"]
     # a split does not depend on the size of the splits drawn after it
-    bigger_ood = generate_splits(ArithmeticTaskConfig(train_size=300, test_size=60, ood_size=80))
+    bigger_ood = generate_splits(ArithmeticTaskConfig(train_size=300, validation_size=50, test_size=60, ood_size=80))
     assert bigger_ood["train"] == generate_splits(SMALL)["train"]
     assert bigger_ood["ood"][:40] == generate_splits(SMALL)["ood"]
+    # nor does test on the size of validation
+    fewer_validation = generate_splits(ArithmeticTaskConfig(train_size=300, validation_size=5, test_size=60, ood_size=40))
+    assert fewer_validation["test"] == generate_splits(SMALL)["test"]
 
 
-def test_test_split_is_disjoint_and_ood_is_longer():
+def test_train_validation_test_are_disjoint_and_ood_is_longer():
     splits = generate_splits(SMALL)
-    assert [len(splits[s]) for s in ("train", "test", "ood")] == [300, 60, 40]
-    train = {row["expression"] for row in splits["train"]}
-    assert not train & {row["expression"] for row in splits["test"]}
-    assert len(train) == 300  # no duplicates
-    max_train_ops = max(row["num_ops"] for row in splits["train"] + splits["test"])
+    assert [len(splits[s]) for s in ("train", "validation", "test", "ood")] == [300, 50, 60, 40]
+    expressions = {name: {row["expression"] for row in rows} for name, rows in splits.items()}
+    assert not expressions["train"] & expressions["test"]
+    assert not expressions["validation"] & (expressions["train"] | expressions["test"])
+    assert len(expressions["train"]) == 300  # no duplicates
+    max_train_ops = max(row["num_ops"] for name in ("train", "validation", "test") for row in splits[name])
     assert max_train_ops <= SMALL.max_ops
     assert min(row["num_ops"] for row in splits["ood"]) > max_train_ops
     mean = lambda rows: sum(len(r["gold_completion"]) for r in rows) / len(rows)  # noqa: E731
     assert mean(splits["ood"]) > mean(splits["train"])
 
 
-def test_gold_solutions_verify_with_math_verify():
-    spec = FormatSpec()
-    rows = [row for split in generate_splits(SMALL).values() for row in split]
+@pytest.mark.parametrize("answer", ["running", "final"])
+def test_gold_solutions_are_correct_and_well_formed(answer):
+    task = ArithmeticTaskConfig(train_size=300, validation_size=50, test_size=60, ood_size=40, answer=answer)
+    spec = FormatSpec(answer_match="exact" if answer == "running" else "math")
+    rows = [row for split in generate_splits(task).values() for row in split]
     golds = [row["gold_completion"] for row in rows]
     solutions = [row["solution"] for row in rows]
     assert AnswerAccuracyReward(spec)(golds, solution=solutions) == [1.0] * len(rows)
     assert StepFormatReward(spec)(golds) == [1.0] * len(rows)
     for row in rows:
-        # the expression really evaluates to the answer, one step per operation, the prompt asks for the format
-        assert answers_match(row["solution"], [str(eval(row["expression"]))])  # noqa: S307 - digits and + - * ( )
-        assert analyze_text(row["gold_completion"], spec).num_steps == row["num_ops"]
+        # one step per operation; each step's result is the running value of the expression
+        results = [int(v) for v in re.findall(r"=(\d+)\n", row["gold_completion"])]
+        assert len(results) == row["num_ops"] == analyze_text(row["gold_completion"], spec).num_steps
+        assert results[-1] == eval(row["expression"])  # noqa: S307 - digits and + - * ( )
+        expected = " ".join(map(str, results)) if answer == "running" else str(results[-1])
+        assert row["solution"] == expected
+        assert all(0 <= value <= task.max_value for value in results)
         assert re.findall(r"### Step (\d+)", row["gold_completion"]) == [str(i + 1) for i in range(row["num_ops"])]
         assert row["expression"] in row["prompt"] and "<think>" in row["prompt"] and "<answer>" in row["prompt"]
         # the scaffold is the text between the last step and the answer: MIG scores in the taught layout
         assert row["gold_completion"].endswith(f"\n{SCAFFOLD}{row['solution']}</answer>")
-    wrong = [str(int(s) + 1) for s in solutions[:20]]
+    # one wrong value anywhere in a running answer is a wrong answer
+    wrong = [s.rsplit(" ", 1)[0] + " " + str(int(s.split()[-1]) + 1) if " " in s else str(int(s) + 1) for s in solutions[:20]]
     assert AnswerAccuracyReward(spec)(golds[:20], solution=wrong) == [0.0] * 20
 
 
-def test_sft_rows_exclude_test_problems_and_are_deterministic():
+def test_running_answers_need_exact_matching():
+    """math-verify reads '3 7 9' as the number 9: a running answer is compared as text."""
+    assert answers_match("1 2 9", ["3 7 9"], "math")  # the reason `answer_match: exact` exists
+    assert not answers_match("1 2 9", ["3 7 9"], "exact")
+    assert answers_match(" 3  7 9", ["3 7 9"], "exact")
+
+
+def test_sft_rows_exclude_held_out_problems_and_are_deterministic():
     rows = sft_rows(SMALL, 500, seed=0)
     assert rows == sft_rows(SMALL, 500, seed=0) and rows != sft_rows(SMALL, 500, seed=1)
-    test = {row["prompt"] for row in generate_splits(SMALL, ("test",))["test"]}
-    assert not test & {row["prompt"] for row in rows}
+    held_out = {row["prompt"] for name in ("validation", "test", "ood") for row in generate_splits(SMALL, (name,))[name]}
+    assert not held_out & {row["prompt"] for row in rows}
     assert all(set(row) == {"prompt", "completion"} for row in rows)
+    short = sft_rows(SMALL, 200, seed=0, min_ops=1, max_ops=2)
+    assert {row["completion"].count("### Step") for row in short} == {1, 2}
+    with pytest.raises(ValueError, match="min_ops <= max_ops"):
+        sft_rows(SMALL, 10, seed=0, min_ops=3, max_ops=2)
 
 
 def test_dataset_dict_and_task_validation():
-    data = load_builtin_dataset("builtin:arithmetic", BuiltinArguments(task_train_size=10, task_test_size=5,
-                                                                       task_ood_size=3))
-    assert {name: len(split) for name, split in data.items()} == {"train": 10, "test": 5, "ood": 3}
+    data = load_builtin_dataset("builtin:arithmetic", BuiltinArguments(task_train_size=10, task_validation_size=4,
+                                                                       task_test_size=5, task_ood_size=3))
+    assert {name: len(split) for name, split in data.items()} == {"train": 10, "validation": 4, "test": 5, "ood": 3}
     assert set(data["train"].column_names) == {"prompt", "solution", "gold_completion", "expression", "num_ops"}
-    with pytest.raises(ValueError, match="ood_min_ops=3 must exceed max_ops=3"):
+    with pytest.raises(ValueError, match="ood_min_ops=3 must exceed max_ops=6"):
         ArithmeticTaskConfig(ood_min_ops=3)
     with pytest.raises(ValueError, match="min_ops"):
         ArithmeticTaskConfig(min_ops=0)
+    with pytest.raises(ValueError, match="answer='last'"):
+        ArithmeticTaskConfig(answer="last")
 
 
 def test_unknown_builtin_names_are_clear_errors():

@@ -15,7 +15,7 @@ from trl_mig.cli import main, make_train_parser, parse_recipe_args
 from trl_mig.data import extract_boxed, extract_gsm8k
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "study" not in p.parts)  # studies: test_study.py
 DEMO = str(ROOT / "recipes" / "demo" / "mig.yaml")
 # Shrinks the demo recipe to a smoke test: tiny model, 3 warm-start steps, 2 MIG steps, a few eval examples.
 TINY_BUILTIN = [
@@ -245,7 +245,11 @@ def test_eval_is_100_percent_on_gold_solutions(tmp_path, capsys):
     for split, n in (("test", 30), ("ood", 20)):
         assert results[split]["num_examples"] == n
         assert results[split]["pass@1"] == 1.0 and results[split]["format_rate"] == 1.0
-    assert set(results["ood"]["pass@1_by_group"]) <= {"4", "5"}
+    from trl_mig.builtin import ArithmeticTaskConfig
+
+    task = ArithmeticTaskConfig()
+    assert set(results["ood"]["pass@1_by_group"]) <= {str(n) for n in range(task.ood_min_ops, task.ood_max_ops + 1)}
+    assert json.loads(report.read_text())["results"]["test"]["pass@1"] == 1.0
     assert "100.0%" in stdout
 
 
@@ -256,11 +260,13 @@ def test_eval_is_0_percent_on_wrong_answers(tmp_path, capsys):
     wrong = tmp_path / "wrong.jsonl"
     with wrong.open("w") as handle:
         for row in rows:
-            bad = row["gold_completion"].replace(f"<answer>{row['solution']}<", f"<answer>{int(row['solution']) + 1}<")
+            *head, last = row["solution"].split()
+            wrong_answer = " ".join([*head, str(int(last) + 1)])  # one wrong value in the running answer
+            bad = row["gold_completion"].replace(f"<answer>{row['solution']}<", f"<answer>{wrong_answer}<")
             handle.write(json.dumps({"prompt": row["prompt"], "solution": row["solution"], "completion": bad}) + "\n")
     report = tmp_path / "wrong.json"
     code, _, stderr = run_main(
-        ["eval", "--dataset", str(wrong), "--splits", "train", "--completions_column", "completion",
+        ["eval", "--dataset", str(wrong), "--splits", "train", "--completions_column", "completion", "--answer_match", "exact",
          "--output_file", str(report), "--save_completions", "true"],
         capsys,
     )
@@ -300,8 +306,8 @@ def test_answer_extraction():
         (["train", "--config", DEMO, "--model_name_or_path", "builtin:tiny-gpt2"], "Unknown built-in model 'builtin:tiny-gpt2'"),
         (["train", "--config", DEMO, "--dataset_name", "builtin:gsm8k"], "Unknown built-in dataset 'builtin:gsm8k'"),
         (["eval", "--model", "builtin:nope", "--dataset", "builtin:arithmetic"], "builtin:tiny-qwen2"),
-        (["eval", "--dataset", "builtin:arithmetic", "--splits", "validation", "--completions_column", "gold_completion"],
-         "no split 'validation'"),
+        (["eval", "--dataset", "builtin:arithmetic", "--splits", "dev", "--completions_column", "gold_completion"],
+         "no split 'dev'"),
         (["eval", "--dataset", "builtin:arithmetic", "--completions_column", "answer_text"], "'answer_text'"),
         (["eval", "--dataset", "builtin:arithmetic"], "No model"),
     ],

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .builtin import BUILTIN_DATASETS, BUILTIN_MODELS, BUILTIN_PREFIX, BuiltinArguments, is_builtin
+from .builtin import BUILTIN_DATASETS, BUILTIN_MODELS, BUILTIN_PREFIX, BuiltinArguments, check_answer_match, is_builtin
 from .config import MIGConfig
 from .data import DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
@@ -74,6 +74,20 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
     accuracy_eval_max_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many examples of each accuracy split."}
     )
+    accuracy_eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also measure `accuracy_eval_splits` every this many steps while training (HeldOutAccuracyCallback): "
+            "logged as heldout/<split>/pass@1 (and format_rate, sampled_accuracy) in trainer_state.json and report_to."
+        },
+    )
+    accuracy_eval_num_samples: int = field(
+        default=0,
+        metadata={"help": "With accuracy_eval_steps: also the mean accuracy of this many sampled completions per prompt."},
+    )
+    accuracy_eval_temperature: float | None = field(
+        default=None, metadata={"help": "Sampling temperature of that sampled accuracy. Default: `temperature`."}
+    )
     accuracy_eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (per rank)."})
     accuracy_eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Generation length of the accuracy eval. Default: max_completion_length."}
@@ -118,6 +132,14 @@ class EvalArguments(DataArguments):
     step_pattern: str = field(default=r"#+[ \t]*Step[ \t]*\d+", metadata={"help": "Regex of a step header."})
     answer_pattern: str = field(
         default=r"<answer>(.*?)</answer>", metadata={"help": "Regex whose first group is the final answer."}
+    )
+    answer_match: str | None = field(
+        default=None,
+        metadata={
+            "help": "How answers are compared with the ground truth: 'math' (math-verify) or 'exact' (text up to "
+            "whitespace). Default: exact for builtin:arithmetic's running answers, else math.",
+            "choices": ["math", "exact"],
+        },
     )
     group_by: str | None = field(
         default=None, metadata={"help": "Also report pass@1 per value of this column (e.g. num_ops)."}
@@ -247,8 +269,11 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
             think_close_tag=args.think_close_tag,
             step_pattern=args.step_pattern,
             answer_pattern=args.answer_pattern,
+            answer_match=check_answer_match(args.dataset, builtin_args, args.answer_match, "--answer_match"),
         )
         spec.answer_regex, spec.step_regex  # noqa: B018 - compile now: a bad regex is an input error
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     except Exception as err:
         raise CLIError(f"Invalid format pattern: {err}") from None
 
@@ -359,8 +384,33 @@ def accelerate_config_command(argv: list[str]) -> int:
     return 0
 
 
+def study_command(argv: list[str]) -> int:
+    import argparse
+
+    from .study import StudyConfig, run_study
+
+    parser = argparse.ArgumentParser(
+        prog="trl-mig study",
+        description="Run a study (arms x sweep settings x seeds of `trl-mig train`), skipping finished runs, and write "
+        "study.json, study.md and the plots.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", required=True, help="Study YAML (see recipes/study/).")
+    parser.add_argument("--output_dir", help="Override the study's output folder.")
+    parser.add_argument("--jobs", type=int, help="Runs at a time (override the study's `jobs`).")
+    parser.add_argument("--threads_per_job", type=int, help="Torch threads per run (default: cores / jobs).")
+    parser.add_argument("--dry_run", action="store_true", help="List the runs still to do, run nothing.")
+    args = parser.parse_args(argv)
+    config = StudyConfig.from_yaml(
+        args.config, output_dir=args.output_dir, jobs=args.jobs, threads_per_job=args.threads_per_job
+    )
+    run_study(config, dry_run=args.dry_run)
+    return 0
+
+
 COMMANDS = {
     "train": (train_command, "train with MIG (or plain GRPO) from a YAML recipe; flags override the recipe"),
+    "study": (study_command, "arms x sweep x seeds of training runs, resumable; study.json, study.md and plots"),
     "eval": (eval_command, "pass@1 and format rate of a model (or of a completions column) on dataset splits"),
     "builtins": (builtins_command, "list the builtin: datasets and models"),
     "accelerate-config": (accelerate_config_command, "print the path of an accelerate config packaged by TRL"),

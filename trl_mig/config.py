@@ -15,6 +15,7 @@ MIG_SCALINGS = ("group", "batch", "none")
 LIKELIHOOD_MODELS = ("policy", "reference")
 STEP_FALLBACKS = ("paragraph", "line", "none")
 SCORING_METHODS = ("auto", "block", "prefix")
+ANSWER_MATCHES = ("math", "exact")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class MIGConfig(GRPOConfig):
             `"paragraph"` at blank lines, `"line"` at line breaks, `"none"` keeps it as one step.
         answer_pattern (`str`, defaults to `r"<answer>(.*?)</answer>"`): regex whose first group is the final answer,
             searched after the chain of thought. Used by the structural gate of gated SFT and by the built-in rewards.
+        answer_match (`str`, defaults to `"math"`): how the built-in rewards, the gated SFT's default correctness
+            check and the accuracy evaluation compare an answer with the ground truth: `"math"` (math-verify, falling
+            back to exact text when either side does not parse) or `"exact"` (text equal up to whitespace; for answers
+            math-verify would read as one number, e.g. a list of values).
         mig_scaffold (`str`, defaults to `"\n</think>\n<answer>"`): text teacher-forced between a step prefix and the
             answer: it closes the thought and opens the answer.
         mig_max_steps (`int`, defaults to `16`): cap on steps per completion; extra steps are merged into evenly sized
@@ -90,6 +95,14 @@ class MIGConfig(GRPOConfig):
     answer_pattern: str = field(
         default=r"<answer>(.*?)</answer>",
         metadata={"help": "Regular expression whose first group is the final answer, searched after the thought."},
+    )
+    answer_match: str = field(
+        default="math",
+        metadata={
+            "help": "How answers are compared with the ground truth by the built-in rewards and the accuracy eval: "
+            "'math' (math-verify) or 'exact' (text equal up to whitespace).",
+            "choices": list(ANSWER_MATCHES),
+        },
     )
     mig_scaffold: str = field(
         default="\n</think>\n<answer>",
@@ -213,6 +226,7 @@ def validate_mig_fields(config) -> None:
     _choice(config, "mig_likelihood_model", LIKELIHOOD_MODELS)
     _choice(config, "step_fallback", STEP_FALLBACKS)
     _choice(config, "mig_scoring_method", SCORING_METHODS)
+    _choice(config, "answer_match", ANSWER_MATCHES)
     _compile(config, "step_pattern")
     if _compile(config, "answer_pattern").groups < 1:
         raise ValueError(

@@ -43,8 +43,15 @@ def answer_variants(value, column: str = "solution") -> list[str]:
     return [text] if text else []
 
 
-def answers_match(answer: str, gold: list[str]) -> bool:
-    """True when `answer` equals one of the `gold` variants: math-verify when both parse, else exact text."""
+def answers_match(answer: str, gold: list[str], match: str = "math") -> bool:
+    """
+    True when `answer` equals one of the `gold` variants. `match="math"`: math-verify when both parse, else exact text;
+    `match="exact"`: text equal up to whitespace.
+    """
+    if match == "exact":
+        return any(answer.split() == variant.split() for variant in gold)
+    if match != "math":
+        raise ValueError(f"Unknown answer match {match!r}; expected 'math' or 'exact'.")
     from math_verify import parse, verify
 
     # math-verify's timeouts use signal.alarm, which only works in the main thread
@@ -65,14 +72,16 @@ def answers_match(answer: str, gold: list[str]) -> bool:
 class AnswerAccuracyReward:
     """
     1.0 when the answer found by `spec.answer_pattern` after the thought matches the ground truth in `column`
-    (a string or a list of variants), 0.0 when it does not or when there is no answer, and None for rows without a
-    ground truth (TRL then leaves them out of the statistics). A picklable callable, named like a function.
+    (a string or a list of variants) as `spec.answer_match` compares them, 0.0 when it does not or when there is no
+    answer, and None for rows without a ground truth (TRL then leaves them out of the statistics). A picklable
+    callable, named like a function.
     """
 
     def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
         self.spec = spec or FormatSpec()
         self.column = column
         self.__name__ = "answer_accuracy_reward"
+        answers_match("1", ["1"], self.spec.answer_match)  # an unknown match mode fails here, not mid-training
 
     def __call__(self, completions, **kwargs) -> list[float | None]:
         if self.column not in kwargs:
@@ -84,7 +93,7 @@ class AnswerAccuracyReward:
                 rewards.append(None)
                 continue
             answer = analyze_text(completion_text(completion), self.spec).answer
-            rewards.append(float(answer is not None and answers_match(answer.strip(), variants)))
+            rewards.append(float(answer is not None and answers_match(answer.strip(), variants, self.spec.answer_match)))
         return rewards
 
 

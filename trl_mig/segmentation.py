@@ -34,6 +34,7 @@ class FormatSpec:
     answer_pattern: str = r"<answer>(.*?)</answer>"
     step_fallback: str = "paragraph"
     max_steps: int = 16
+    answer_match: str = "math"  # how an answer is compared with the ground truth: "math" (math-verify) or "exact"
 
     @classmethod
     def from_config(cls, args) -> FormatSpec:
@@ -44,6 +45,7 @@ class FormatSpec:
             answer_pattern=args.answer_pattern,
             step_fallback=args.step_fallback,
             max_steps=args.mig_max_steps,
+            answer_match=getattr(args, "answer_match", "math"),
         )
 
     @cached_property

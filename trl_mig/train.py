@@ -61,6 +61,8 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     spec = FormatSpec.from_config(training_args)
     trainer = build_trainer(script_args, training_args, model_args, data, spec)
     eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, spec)
+    if script_args.accuracy_eval_steps:
+        add_heldout_callback(script_args, trainer, data.accuracy, eval_kwargs)
     accuracy, completions = {}, {}
     if data.accuracy and script_args.accuracy_eval_before:
         accuracy["before"], _ = measure_accuracy(trainer.model, data.accuracy, "before", eval_kwargs, timings)
@@ -107,6 +109,13 @@ def load_training_data(script_args, builtin_args, training_args, mixture_args) -
     the other ranks read its cache.
     """
     solution_column = training_args.solution_column
+    if not mixture_args.datasets:
+        from .builtin import check_answer_match
+
+        try:
+            check_answer_match(script_args.dataset_name, builtin_args, training_args.answer_match, "answer_match")
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     with training_args.main_process_first(desc="load and map the dataset"):
         data, name = load_training_source(script_args, builtin_args, mixture_args)
 
@@ -272,6 +281,24 @@ def accuracy_eval_kwargs(script_args, training_args, trainer, splits: dict, spec
         group_by="num_ops" if splits and all("num_ops" in d.column_names for d in splits.values()) else None,
         accelerator=trainer.accelerator,
     )
+
+
+def add_heldout_callback(script_args, trainer, splits: dict, eval_kwargs: dict) -> None:
+    """Learning curves: `HeldOutAccuracyCallback` on the accuracy splits every `accuracy_eval_steps` steps."""
+    from .callbacks import HeldOutAccuracyCallback
+
+    if not splits:
+        raise CLIError("accuracy_eval_steps needs accuracy_eval_splits: the splits to measure while training.")
+    try:
+        callback = HeldOutAccuracyCallback(
+            trainer, splits, script_args.accuracy_eval_steps, spec=eval_kwargs["spec"],
+            solution_column=eval_kwargs["solution_column"], batch_size=eval_kwargs["batch_size"],
+            max_new_tokens=eval_kwargs["max_new_tokens"], num_samples=script_args.accuracy_eval_num_samples,
+            temperature=script_args.accuracy_eval_temperature,
+        )
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    trainer.add_callback(callback)
 
 
 def measure_accuracy(model, splits: dict, phase: str, eval_kwargs: dict, timings: dict) -> tuple[dict, dict]:

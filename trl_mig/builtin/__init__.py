@@ -1,9 +1,9 @@
 """Built-in task and tiny model, reachable from recipes and the CLI by `builtin:` names; they need no network.
 
 Datasets (`dataset_name` / `--dataset`):
-    builtin:arithmetic          multi-step integer arithmetic, splits `train`, `test` (same lengths, disjoint
-                                problems) and `ood` (longer chains); columns prompt, solution, gold_completion,
-                                expression, num_ops.
+    builtin:arithmetic          multi-step integer arithmetic, splits `train`, `validation`, `test` (same
+                                lengths, disjoint problems) and `ood` (longer chains); columns prompt, solution,
+                                gold_completion, expression, num_ops.
 
 Models (`model_name_or_path` / `--model`):
     builtin:tiny-qwen2          Qwen2-style tiny LM + char tokenizer, warm-started by SFT on the task (cached).
@@ -22,7 +22,8 @@ from .model import ARCHITECTURES, TinyModelSpec, WarmStartConfig, default_cache_
 from .task import SCAFFOLD, ArithmeticTaskConfig, generate_splits, load_arithmetic_dataset
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = {"arithmetic": "multi-step integer arithmetic (splits: train, test, ood)"}
+_TASK, _WARM = ArithmeticTaskConfig(), WarmStartConfig()  # the defaults, in one place
+BUILTIN_DATASETS = {"arithmetic": "multi-step integer arithmetic (splits: train, validation, test, ood)"}
 BUILTIN_MODELS = {
     **{f"tiny-{arch}": f"tiny {arch} model with a char tokenizer, warm-started by SFT on builtin:arithmetic (cached)"
        for arch in ARCHITECTURES},
@@ -51,37 +52,65 @@ class BuiltinArguments:
         metadata={"help": "Folder of the cached built-in models. Default: $TRL_MIG_CACHE, else ~/.cache/trl-mig."},
     )
     task_seed: int = field(default=0, metadata={"help": "Seed of the built-in arithmetic task (all splits)."})
-    task_train_size: int = field(default=4000, metadata={"help": "Problems in the built-in task's train split."})
-    task_test_size: int = field(default=200, metadata={"help": "Problems in the built-in task's test split."})
-    task_ood_size: int = field(default=200, metadata={"help": "Problems in the built-in task's ood split."})
-    task_min_ops: int = field(default=1, metadata={"help": "Fewest operations per train/test problem."})
-    task_max_ops: int = field(default=3, metadata={"help": "Most operations per train/test problem."})
-    task_ood_min_ops: int = field(default=4, metadata={"help": "Fewest operations per ood problem (> task_max_ops)."})
-    task_ood_max_ops: int = field(default=5, metadata={"help": "Most operations per ood problem."})
+    task_train_size: int = field(default=_TASK.train_size, metadata={"help": "Problems in the train split."})
+    task_validation_size: int = field(
+        default=_TASK.validation_size, metadata={"help": "Problems in the validation split (for choosing settings)."}
+    )
+    task_test_size: int = field(default=_TASK.test_size, metadata={"help": "Problems in the test split."})
+    task_ood_size: int = field(default=_TASK.ood_size, metadata={"help": "Problems in the ood split."})
+    task_min_ops: int = field(default=_TASK.min_ops, metadata={"help": "Fewest operations per train/validation/test problem."})
+    task_max_ops: int = field(default=_TASK.max_ops, metadata={"help": "Most operations per train/validation/test problem."})
+    task_ood_min_ops: int = field(
+        default=_TASK.ood_min_ops, metadata={"help": "Fewest operations per ood problem (> task_max_ops)."}
+    )
+    task_ood_max_ops: int = field(default=_TASK.ood_max_ops, metadata={"help": "Most operations per ood problem."})
+    task_max_start: int = field(default=_TASK.max_start, metadata={"help": "Start values are drawn from 1..this."})
+    task_max_operand: int = field(default=_TASK.max_operand, metadata={"help": "Operands of + and - are 1..this."})
+    task_max_factor: int = field(default=_TASK.max_factor, metadata={"help": "Operands of * are 2..this."})
+    task_max_value: int = field(default=_TASK.max_value, metadata={"help": "Every intermediate result is 0..this."})
+    task_answer: str = field(
+        default=_TASK.answer,
+        metadata={
+            "help": "The answer: 'running' (every step's result, in order) or 'final' (the last result). With "
+            "'running', compare answers with answer_match: exact (math-verify reads a list as one number).",
+            "choices": ["running", "final"],
+        },
+    )
     tiny_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the built-in tiny model."})
     tiny_num_layers: int = field(default=4, metadata={"help": "Layers of the built-in tiny model."})
     tiny_num_heads: int = field(default=4, metadata={"help": "Attention heads of the built-in tiny model."})
     tiny_num_kv_heads: int = field(default=2, metadata={"help": "Key/value heads of the built-in tiny model."})
     tiny_seed: int = field(default=0, metadata={"help": "Initialisation seed of the built-in tiny model."})
-    warmstart_max_steps: int = field(default=800, metadata={"help": "SFT steps of the warm start (0: none)."})
-    warmstart_batch_size: int = field(default=32, metadata={"help": "Global batch size of the warm-start SFT."})
-    warmstart_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the warm-start SFT."})
-    warmstart_max_seconds: float | None = field(
-        default=None,
-        metadata={"help": "Stop the warm-start SFT after this many seconds (a time cap; default: no cap)."},
+    warmstart_max_steps: int = field(default=_WARM.max_steps, metadata={"help": "SFT steps of the warm start (0: none)."})
+    warmstart_batch_size: int = field(default=_WARM.batch_size, metadata={"help": "Global batch size of the warm-start SFT."})
+    warmstart_learning_rate: float = field(
+        default=_WARM.learning_rate, metadata={"help": "Peak learning rate of the warm-start SFT (linear decay)."}
     )
-    warmstart_seed: int = field(default=0, metadata={"help": "Seed of the warm-start SFT data and shuffling."})
+    warmstart_seed: int = field(default=_WARM.seed, metadata={"help": "Seed of the warm-start SFT data and shuffling."})
+    warmstart_min_ops: int | None = field(
+        default=_WARM.min_ops, metadata={"help": "Shortest chains in the warm-start SFT data (None: task_min_ops)."}
+    )
+    warmstart_max_ops: int | None = field(
+        default=_WARM.max_ops,
+        metadata={"help": "Longest chains in the warm-start SFT data (None: task_max_ops); RL may train on longer."},
+    )
 
     def task_config(self) -> ArithmeticTaskConfig:
         return ArithmeticTaskConfig(
             seed=self.task_seed,
             train_size=self.task_train_size,
+            validation_size=self.task_validation_size,
             test_size=self.task_test_size,
             ood_size=self.task_ood_size,
             min_ops=self.task_min_ops,
             max_ops=self.task_max_ops,
             ood_min_ops=self.task_ood_min_ops,
             ood_max_ops=self.task_ood_max_ops,
+            max_start=self.task_max_start,
+            max_operand=self.task_max_operand,
+            max_factor=self.task_max_factor,
+            max_value=self.task_max_value,
+            answer=self.task_answer,
         )
 
     def model_spec(self, architecture: str) -> TinyModelSpec:
@@ -99,9 +128,27 @@ class BuiltinArguments:
             max_steps=self.warmstart_max_steps,
             batch_size=self.warmstart_batch_size,
             learning_rate=self.warmstart_learning_rate,
-            max_seconds=self.warmstart_max_seconds,
             seed=self.warmstart_seed,
+            min_ops=self.warmstart_min_ops,
+            max_ops=self.warmstart_max_ops,
         )
+
+
+def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match: str | None, field_name: str) -> str:
+    """
+    The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the built-in task's
+    running answers (a list of values) and "math" otherwise. Asking math-verify to compare running answers is an
+    error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
+    """
+    running = is_builtin(dataset_name) and (args or BuiltinArguments()).task_answer == "running"
+    if answer_match is None:
+        return "exact" if running else "math"
+    if running and answer_match != "exact":
+        raise ValueError(
+            f"{field_name}={answer_match!r} cannot compare the running answers of {dataset_name} (task_answer: "
+            "running, e.g. '3 7 9'): math-verify reads them as their last number. Use exact, or task_answer: final."
+        )
+    return answer_match
 
 
 def load_builtin_dataset(name: str, args: BuiltinArguments | None = None, field_name: str = "dataset_name"):
@@ -143,6 +190,7 @@ __all__ = [
     "SCAFFOLD",
     "ArithmeticTaskConfig",
     "BuiltinArguments",
+    "check_answer_match",
     "TinyModelSpec",
     "WarmStartConfig",
     "default_cache_dir",

@@ -22,7 +22,7 @@ from .task import ArithmeticTaskConfig, sft_rows
 
 logger = logging.getLogger(__name__)
 
-WARMSTART_VERSION = 1  # bump when the warm-start recipe changes, so cached models are rebuilt
+WARMSTART_VERSION = 2  # bump when the warm-start recipe changes, so cached models are rebuilt
 METADATA_FILE = "trl_mig_builtin.json"
 ARCHITECTURES = ("qwen2", "llama")
 
@@ -52,13 +52,19 @@ class TinyModelSpec:
 
 @dataclass(frozen=True)
 class WarmStartConfig:
-    """The warm-start SFT: `max_steps` optimiser steps of `batch_size` worked solutions (global batch)."""
+    """
+    The warm-start SFT: `max_steps` optimiser steps of `batch_size` worked solutions (global batch) of chains of
+    `min_ops`-`max_ops` operations (default: the task's lengths). Step count and seeds decide the result: there is
+    no time cap, so the same settings give the same model on every machine (up to floating-point differences).
+    """
 
     max_steps: int = 800
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    max_seconds: float | None = None  # stop early when the SFT has run this long (a time cap, not part of the key)
+    learning_rate: float = 3e-3
     seed: int = 0
+    min_ops: int | None = 1
+    max_ops: int | None = 4
+    shortcut_rate: float = 0.0  # probability that a demonstrated step skips writing its calculation
 
     def __post_init__(self):
         if self.max_steps < 0:
@@ -67,8 +73,11 @@ class WarmStartConfig:
             raise ValueError(f"warmstart_batch_size must be >= 1, got {self.batch_size}.")
         if not self.learning_rate > 0:
             raise ValueError(f"warmstart_learning_rate must be > 0, got {self.learning_rate}.")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"warmstart_max_seconds must be > 0 or unset, got {self.max_seconds}.")
+        low, high = self.min_ops, self.max_ops
+        if (low is not None and low < 1) or (high is not None and high < 1) or (low and high and low > high):
+            raise ValueError(
+                f"warmstart_min_ops={low} and warmstart_max_ops={high} must be >= 1 with min <= max (or unset)."
+            )
 
 
 def default_cache_dir() -> Path:
@@ -82,12 +91,8 @@ def default_cache_dir() -> Path:
 def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
     payload = {"spec": asdict(spec), "version": WARMSTART_VERSION}
     if warm is not None:
-        warm_fields = asdict(warm)
-        warm_fields.pop("max_seconds")
-        payload["warm"] = warm_fields
+        payload["warm"] = asdict(warm)
         payload["task"] = task.to_dict()
-        if warm.max_seconds is not None:
-            payload["capped"] = warm.max_seconds
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -137,7 +142,6 @@ def prepare_tiny_model(
         ready = _all_processes(state, ready)
     if ready:
         logger.info("Using the cached built-in model %s at %s", name, path)
-        _warn_if_cut_short(path, state)
         return str(path)
 
     started = time.perf_counter()
@@ -152,18 +156,6 @@ def prepare_tiny_model(
         _save_atomically(model, tokenizer, info, path)
     state.wait_for_everyone()
     return str(path)
-
-
-def _warn_if_cut_short(path: Path, state) -> None:
-    try:
-        warm = json.loads((path / METADATA_FILE).read_text()).get("warmstart") or {}
-    except (OSError, ValueError):
-        return
-    if warm.get("steps", 0) < warm.get("max_steps", 0):
-        state.print(
-            f"[trl-mig] note: the cached warm start at {path} stopped at {warm['steps']}/{warm['max_steps']} SFT steps "
-            f"(warmstart_max_seconds={warm.get('max_seconds')}); delete that folder to warm-start again."
-        )
 
 
 def _all_processes(state, flag: bool) -> bool:
@@ -193,25 +185,15 @@ def _save_atomically(model, tokenizer, info: dict, path: Path) -> None:
 def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskConfig, *, use_cpu, bf16, fp16):
     from accelerate import PartialState
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     if warm.max_steps == 0:
         return model, {"steps": 0, "seconds": 0.0}
     num_processes = PartialState().num_processes
     per_device = max(1, -(-warm.batch_size // num_processes))
-    rows = sft_rows(task, warm.max_steps * per_device * num_processes, warm.seed)
-
-    class TimeCap(TrainerCallback):
-        def __init__(self):
-            self.start = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if warm.max_seconds is not None and time.perf_counter() - self.start > warm.max_seconds:
-                control.should_training_stop = True
+    rows = sft_rows(
+        task, warm.max_steps * per_device * num_processes, warm.seed, warm.min_ops, warm.max_ops, warm.shortcut_rate
+    )
 
     with tempfile.TemporaryDirectory(prefix="trl-mig-warmstart-") as output_dir:
         args = SFTConfig(
@@ -237,7 +219,6 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-            callbacks=[TimeCap()],
         )
         started = time.perf_counter()
         result = trainer.train()
@@ -250,9 +231,8 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
         "train_loss": round(float(result.training_loss), 5),
         "num_processes": num_processes,
     }
-    cut = f" (cut by warmstart_max_seconds={warm.max_seconds})" if info["steps"] < warm.max_steps else ""
     PartialState().print(
-        f"[trl-mig] warm start done: {info['steps']} SFT steps{cut} in {seconds:.0f}s, mean loss "
+        f"[trl-mig] warm start done: {info['steps']} SFT steps in {seconds:.0f}s, mean loss "
         f"{info['train_loss']:.4f}"
     )
     return model.float().cpu(), info

@@ -1,8 +1,7 @@
 """The built-in task: multi-step integer arithmetic with one operation per reasoning step.
 
 A problem is a chain of operations applied to a start value, written as a fully parenthesised expression, e.g.
-`((12+7)*3)-5`. Its worked solution has one `### Step i` per operation inside the think block and the result in the
-answer tags::
+`((12+7)*3)-5`. Its worked solution has one `### Step i` per operation inside the think block, and the answer::
 
     <think>### Step 1
     12+7=19
@@ -11,10 +10,16 @@ answer tags::
     ### Step 3
     57-5=52
     </think>
-    <answer>52</answer>
+    <answer>19 57 52</answer>
 
-Splits: `train` and `test` draw 1-3 operations (by default) and never share a problem; `ood` draws longer chains
-(4-5 operations by default), to measure length generalisation. Every split is a pure function of the seed.
+With `answer="running"` the answer lists the result of every step in order (above); with `answer="final"` it is the
+last result only (`<answer>52</answer>`). The running answer is the benchmark's default for two measured reasons
+(docs/benchmark.md): a tiny model gets a third of its final answers right by luck, which outcome-only RL learns to
+exploit by guessing, and a running answer cannot be guessed; and the likelihood of a running answer rises with every
+correct step, so MIG's step gains can see steps, where a final answer's likelihood only moves at the last step.
+
+Splits: `train`, `validation` and `test` draw `min_ops`-`max_ops` operations and never share a problem; `ood` draws
+longer chains, to measure length generalisation. Every split is a pure function of the configuration.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-TASK_VERSION = 1  # bump when the generated problems change, so cached warm starts are rebuilt
+TASK_VERSION = 2  # bump when the generated problems change, so cached warm starts are rebuilt
 OPERATORS = ("+", "-", "*")
 PROMPT_TEMPLATE = "Compute {expression}. Format: <think>### Step 1 ...</think><answer>...</answer>\n"
 # The text between the end of the last step and the answer in a worked solution: use it as `mig_scaffold`, so the
 # MIG likelihoods l_k are scored in exactly the layout the model is taught.
 SCAFFOLD = "</think>\n<answer>"
-SPLITS = ("train", "test", "ood")
+SPLITS = ("train", "validation", "test", "ood")
+ANSWER_FORMATS = ("running", "final")
 
 
 @dataclass(frozen=True)
@@ -37,19 +43,21 @@ class ArithmeticTaskConfig:
 
     seed: int = 0
     train_size: int = 4000
+    validation_size: int = 200
     test_size: int = 200
     ood_size: int = 200
-    min_ops: int = 1
-    max_ops: int = 3
-    ood_min_ops: int = 4
-    ood_max_ops: int = 5
-    max_start: int = 15  # start value in [1, max_start]
+    min_ops: int = 2
+    max_ops: int = 6
+    ood_min_ops: int = 7
+    ood_max_ops: int = 8
+    max_start: int = 9  # start value in [1, max_start]
     max_operand: int = 9  # operand of + and - in [1, max_operand]
-    max_factor: int = 4  # operand of * in [2, max_factor]
-    max_value: int = 50  # every intermediate result stays in [0, max_value]
+    max_factor: int = 3  # operand of * in [2, max_factor]
+    max_value: int = 20  # every intermediate result stays in [0, max_value]
+    answer: str = "running"  # "running": every step's result in order; "final": the last result
 
     def __post_init__(self):
-        for name in ("train_size", "test_size", "ood_size"):
+        for name in ("train_size", "validation_size", "test_size", "ood_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"task {name} must be >= 0, got {getattr(self, name)}.")
         for low, high in (("min_ops", "max_ops"), ("ood_min_ops", "ood_max_ops")):
@@ -66,6 +74,8 @@ class ArithmeticTaskConfig:
             raise ValueError("task max_start and max_operand must be >= 1 and max_factor >= 2.")
         if self.max_value < max(self.max_start, 2 * self.max_operand):
             raise ValueError(f"task max_value={self.max_value} is too small for the start values and operands.")
+        if self.answer not in ANSWER_FORMATS:
+            raise ValueError(f"task answer={self.answer!r} is not one of {list(ANSWER_FORMATS)}.")
 
     def to_dict(self) -> dict:
         return {"version": TASK_VERSION, **asdict(self)}
@@ -94,22 +104,30 @@ class Problem:
             value = result
         return out
 
-    @property
-    def answer(self) -> int:
-        return self.steps()[-1][3]
+    def answer(self, answer_format: str = "running") -> str:
+        """The ground truth: every step's result in order (`"running"`), or the last one (`"final"`)."""
+        results = [str(c) for *_, c in self.steps()]
+        return " ".join(results) if answer_format == "running" else results[-1]
 
     def prompt(self) -> str:
         return PROMPT_TEMPLATE.format(expression=self.expression)
 
-    def worked_solution(self) -> str:
-        lines = [f"### Step {i}\n{a}{op}{b}={c}\n" for i, (a, op, b, c) in enumerate(self.steps(), start=1)]
-        return "<think>" + "".join(lines) + f"{SCAFFOLD}{self.answer}</answer>"
+    def worked_solution(self, answer_format: str = "running", shortcuts: tuple[bool, ...] = ()) -> str:
+        """
+        The solution text. A step marked in `shortcuts` is written without its calculation (`=57` instead of
+        `19*3=57`): a demonstrator that skips writing the work down (see `WarmStartConfig.shortcut_rate`).
+        """
+        lines = [
+            f"### Step {i}\n" + (f"={c}\n" if i <= len(shortcuts) and shortcuts[i - 1] else f"{a}{op}{b}={c}\n")
+            for i, (a, op, b, c) in enumerate(self.steps(), start=1)
+        ]
+        return "<think>" + "".join(lines) + f"{SCAFFOLD}{self.answer(answer_format)}</answer>"
 
-    def row(self) -> dict:
+    def row(self, answer_format: str = "running") -> dict:
         return {
             "prompt": self.prompt(),
-            "solution": str(self.answer),
-            "gold_completion": self.worked_solution(),
+            "solution": self.answer(answer_format),
+            "gold_completion": self.worked_solution(answer_format),
             "expression": self.expression,
             "num_ops": len(self.ops),
         }
@@ -167,54 +185,66 @@ def _problems(rng: random.Random, count: int, min_ops: int, max_ops: int, config
 
 def generate_splits(config: ArithmeticTaskConfig | None = None, splits=SPLITS) -> dict[str, list[dict]]:
     """
-    Rows of each requested split. `test` never shares a problem with `train`; `ood` has longer chains. Each split
-    has its own random stream derived from the seed and the split name, so a split does not change with the sizes of
-    the others (except that `test` excludes the problems of `train`).
+    Rows of each requested split. `train`, `validation` and `test` never share a problem (`validation` excludes the
+    problems of `train` and `test`, `test` those of `train`); `ood` has longer chains. Each split has its own random
+    stream derived from the seed and the split name, so a split does not change with the sizes of the others (except
+    through those exclusions).
     """
     config = config or ArithmeticTaskConfig()
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"Unknown split(s) {unknown} of the built-in arithmetic task; expected some of {list(SPLITS)}.")
-    out: dict[str, list[dict]] = {}
-    train = _problems(
-        random.Random(f"trl-mig/{config.seed}/train"), config.train_size, config.min_ops, config.max_ops, config, set()
-    )
-    if "train" in splits:
-        out["train"] = [p.row() for p in train]
-    if "test" in splits:
-        test = _problems(
-            random.Random(f"trl-mig/{config.seed}/test"),
-            config.test_size,
-            config.min_ops,
-            config.max_ops,
-            config,
-            {p.expression for p in train},
+
+    def draw(name: str, size: int, low: int, high: int, exclude: set[str]) -> list[Problem]:
+        return _problems(random.Random(f"trl-mig/{config.seed}/{name}"), size, low, high, config, exclude)
+
+    train = draw("train", config.train_size, config.min_ops, config.max_ops, set())
+    seen = {p.expression for p in train}
+    test = draw("test", config.test_size, config.min_ops, config.max_ops, seen) if {"test", "validation"} & set(splits) else []
+    drawn = {"train": train, "test": test}
+    if "validation" in splits:
+        drawn["validation"] = draw(
+            "validation", config.validation_size, config.min_ops, config.max_ops, seen | {p.expression for p in test}
         )
-        out["test"] = [p.row() for p in test]
     if "ood" in splits:
-        ood = _problems(
-            random.Random(f"trl-mig/{config.seed}/ood"), config.ood_size, config.ood_min_ops, config.ood_max_ops, config, set()
-        )
-        out["ood"] = [p.row() for p in ood]
-    return out
+        drawn["ood"] = draw("ood", config.ood_size, config.ood_min_ops, config.ood_max_ops, set())
+    return {name: [p.row(config.answer) for p in drawn[name]] for name in splits}
 
 
-def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int) -> list[dict]:
-    """`count` prompt/completion rows for the warm-start SFT, drawn from the train distribution with their own stream
-    (problems may repeat: SFT wants volume, not uniqueness). Test problems are excluded."""
-    test = {row["expression"] for row in generate_splits(config, ("test",))["test"]}
+def held_out_expressions(config: ArithmeticTaskConfig) -> set[str]:
+    """The problems of the validation, test and ood splits: a warm start must never train on them."""
+    rows = generate_splits(config, ("validation", "test", "ood"))
+    return {row["expression"] for split in rows.values() for row in split}
+
+
+def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int | None = None,
+             max_ops: int | None = None, shortcut_rate: float = 0.0) -> list[dict]:
+    """
+    `count` prompt/completion rows for the warm-start SFT, drawn with their own stream from chains of `min_ops` to
+    `max_ops` operations (default: the task's). Each step is written without its calculation with probability
+    `shortcut_rate`. Problems may repeat (SFT wants volume, not uniqueness); held-out problems (validation, test,
+    ood) never appear.
+    """
+    low, high = min_ops or config.min_ops, max_ops or config.max_ops
+    if not 1 <= low <= high:
+        raise ValueError(f"warm-start chain lengths must satisfy 1 <= min_ops <= max_ops, got {low} and {high}.")
+    if not 0.0 <= shortcut_rate <= 1.0:
+        raise ValueError(f"warmstart_shortcut_rate must be in [0, 1], got {shortcut_rate}.")
+    held_out = held_out_expressions(config)
     rng = random.Random(f"trl-mig/{config.seed}/sft/{seed}")
     rows = []
     while len(rows) < count:
-        problem = sample_problem(rng, rng.randint(config.min_ops, config.max_ops), config)
-        if problem.expression in test:
+        problem = sample_problem(rng, rng.randint(low, high), config)
+        if problem.expression in held_out:
             continue
-        rows.append({"prompt": problem.prompt(), "completion": problem.worked_solution()})
+        shortcuts = tuple(rng.random() < shortcut_rate for _ in problem.ops) if shortcut_rate > 0 else ()
+        rows.append({"prompt": problem.prompt(), "completion": problem.worked_solution(config.answer, shortcuts)})
     return rows
 
 
 def load_arithmetic_dataset(config: ArithmeticTaskConfig | None = None, splits=SPLITS):
-    """The task as a `datasets.DatasetDict` with columns prompt, solution, gold_completion, expression, num_ops."""
+    """The task as a `datasets.DatasetDict` (splits train, validation, test, ood) with columns prompt, solution,
+    gold_completion, expression, num_ops."""
     from datasets import Dataset, DatasetDict
 
     return DatasetDict({name: Dataset.from_list(rows) for name, rows in generate_splits(config, splits).items()})

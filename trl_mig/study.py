@@ -1,0 +1,560 @@
+"""`trl-mig study`: arms x sweep settings x seeds of `trl-mig train` runs, resumable, summarised and plotted.
+
+A study YAML names a base recipe, the arms (each a set of recipe overrides), the seeds and a sweep grid that every arm
+runs in full. Each arm is reported at its own best sweep setting, chosen on a validation split (never on the splits
+reported), so that no arm is tuned on the test split and every arm gets the same tuning budget.
+
+    trl-mig study --config recipes/study/full.yaml [--jobs 2] [--output_dir DIR]
+
+Every run is an ordinary `trl-mig train` in a subprocess, with its merged recipe saved as `RUN_DIR/recipe.yaml`; a run
+is finished when `RUN_DIR/run_summary.json` exists, so re-running the command skips finished runs and continues an
+interrupted study. Outputs, in the study's output folder: `study.json` (every run's curves and numbers, the selection
+and the summary), `study.md` (tables) and PNG plots (`pass_at_1_<split>.png`, `train_reward.png`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CLIError
+from .evaluation import write_json
+
+STUDY_KEYS = {
+    "recipe", "output_dir", "overrides", "arms", "seeds", "sweep", "sweep_seeds", "select_split", "select_by",
+    "report_splits", "eval_steps", "eval_max_samples", "reference_arm", "jobs", "threads_per_job", "description",
+}
+SELECT_BY = ("final", "best")
+# recipe fields a study sets itself for every run
+MANAGED_FIELDS = ("output_dir", "seed", "accuracy_eval_splits", "accuracy_eval_steps", "save_strategy")
+
+
+@dataclass
+class StudyConfig:
+    """A study: `arms` x `sweep` grid x `seeds` runs of the base `recipe`."""
+
+    recipe: str
+    output_dir: str
+    arms: dict[str, dict]
+    seeds: list[int]
+    sweep: dict[str, list] = field(default_factory=dict)
+    sweep_seeds: list[int] | None = None  # seeds that choose each arm's setting; default: all seeds
+    overrides: dict = field(default_factory=dict)
+    select_split: str = "validation"
+    select_by: str = "final"
+    report_splits: list[str] = field(default_factory=lambda: ["test"])
+    eval_steps: int = 25
+    eval_max_samples: int | None = None
+    reference_arm: str | None = None
+    jobs: int = 1
+    threads_per_job: int | None = None
+    description: str = ""
+    source: str = ""  # the YAML file it was read from
+
+    @classmethod
+    def from_yaml(cls, path: str, **cli_overrides) -> StudyConfig:
+        from .cli import read_recipe
+
+        data = read_recipe(path)
+        unknown = sorted(set(data) - STUDY_KEYS)
+        if unknown:
+            raise CLIError(f"Unknown key(s) {unknown} in study {path!r}; the keys of a study are {sorted(STUDY_KEYS)}.")
+        data.update({key: value for key, value in cli_overrides.items() if value is not None})
+        for key in ("recipe", "output_dir", "arms", "seeds"):
+            if key not in data:
+                raise CLIError(f"Study {path!r} has no `{key}`.")
+        recipe = Path(data["recipe"])
+        if not recipe.is_absolute() and not recipe.exists():
+            beside = Path(path).parent / recipe
+            recipe = beside if beside.exists() else recipe
+        data["recipe"] = str(recipe)
+        config = cls(**data, source=str(path))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        from .cli import read_recipe
+
+        read_recipe(self.recipe)  # exists and is a YAML mapping
+        if not isinstance(self.arms, dict) or not self.arms:
+            raise CLIError("Study `arms` must be a mapping of arm name -> recipe overrides, with at least one arm.")
+        for name, overrides in self.arms.items():
+            if not isinstance(overrides, dict):
+                raise CLIError(f"Study arm {name!r} must be a mapping of recipe overrides, got {overrides!r}.")
+            if "/" in str(name) or not str(name):
+                raise CLIError(f"Study arm name {name!r} must be a non-empty name without '/'.")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise CLIError(f"Study `seeds` must be a non-empty list of integers, got {self.seeds!r}.")
+        if self.sweep_seeds is not None and (
+            not isinstance(self.sweep_seeds, list) or not self.sweep_seeds or not set(self.sweep_seeds) <= set(self.seeds)
+        ):
+            raise CLIError(f"Study `sweep_seeds` must be a non-empty list of the study's seeds, got {self.sweep_seeds!r}.")
+        if not isinstance(self.sweep, dict) or not all(isinstance(v, list) and v for v in self.sweep.values()):
+            raise CLIError(f"Study `sweep` must map recipe fields to non-empty lists of values, got {self.sweep!r}.")
+        for scope, mapping in [("overrides", self.overrides), ("sweep", self.sweep)] + [
+            (f"arm {name!r}", arm) for name, arm in self.arms.items()
+        ]:
+            managed = sorted(set(mapping) & set(MANAGED_FIELDS))
+            if managed:
+                raise CLIError(f"Study {scope} sets {managed}, which the study sets for every run; remove them.")
+        if self.select_by not in SELECT_BY:
+            raise CLIError(f"Study `select_by` must be one of {list(SELECT_BY)}, got {self.select_by!r}.")
+        if self.select_split in self.report_splits:
+            raise CLIError(
+                f"Study `select_split` ({self.select_split!r}) is also a reported split: settings must be chosen on a "
+                "split that is not reported (e.g. validation), never on the test split."
+            )
+        if self.reference_arm is not None and self.reference_arm not in self.arms:
+            raise CLIError(f"Study `reference_arm` {self.reference_arm!r} is not one of the arms {list(self.arms)}.")
+        if not isinstance(self.eval_steps, int) or self.eval_steps < 1:
+            raise CLIError(f"Study `eval_steps` must be an integer >= 1, got {self.eval_steps!r}.")
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise CLIError(f"Study `jobs` must be an integer >= 1, got {self.jobs!r}.")
+
+    def settings(self) -> list[dict]:
+        """The sweep grid: one dict of field -> value per setting (a single empty setting without a sweep)."""
+        keys = list(self.sweep)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.sweep[k] for k in keys))]
+
+    @property
+    def selection_seeds(self) -> list[int]:
+        return list(self.sweep_seeds or self.seeds)
+
+    @property
+    def other_seeds(self) -> list[int]:
+        """Seeds run only at each arm's selected setting."""
+        return [seed for seed in self.seeds if seed not in self.selection_seeds]
+
+
+@dataclass
+class Run:
+    arm: str
+    setting: dict
+    seed: int
+    directory: Path
+    recipe: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} {setting_name(self.setting) or '-'} seed {self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return (self.directory / "run_summary.json").is_file()
+
+
+def setting_name(setting: dict) -> str:
+    return ",".join(f"{key}={_compact(value)}" for key, value in setting.items())
+
+
+def _compact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def make_run(config: StudyConfig, base: dict, arm: str, setting: dict, seed: int) -> Run:
+    """One run: the base recipe, the study's overrides, the arm's, the sweep setting, then the study's own fields."""
+    splits = [config.select_split, *[s for s in config.report_splits if s != config.select_split]]
+    directory = Path(config.output_dir) / "runs" / arm / (setting_name(setting) or "default") / f"seed{seed}"
+    recipe = {**base, **config.overrides, **config.arms[arm], **setting}
+    recipe.update(
+        output_dir=str(directory),
+        seed=seed,
+        accuracy_eval_splits=splits,
+        accuracy_eval_steps=config.eval_steps,
+        save_strategy="no",
+    )
+    if config.eval_max_samples is not None:
+        recipe["accuracy_eval_max_samples"] = config.eval_max_samples
+    return Run(arm, setting, seed, directory, recipe)
+
+
+def plan_runs(config: StudyConfig, selection: dict | None = None) -> list[Run]:
+    """
+    The sweep runs (every arm x setting x selection seed), then, when `selection` (arm -> chosen setting) is given,
+    the runs of the other seeds at each arm's chosen setting. Seed-major, so early results cover every arm.
+    """
+    from .cli import read_recipe
+
+    base = read_recipe(config.recipe)
+    runs = [
+        make_run(config, base, arm, setting, seed)
+        for seed in config.selection_seeds
+        for setting in config.settings()
+        for arm in config.arms
+    ]
+    if selection is not None:
+        runs += [make_run(config, base, arm, selection[arm], seed) for seed in config.other_seeds for arm in config.arms]
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def run_study(config: StudyConfig, *, dry_run: bool = False) -> dict:
+    """
+    Run the unfinished runs of `config` (`jobs` at a time): the sweep on the selection seeds, then the other seeds at
+    each arm's chosen setting; then write study.json, study.md and the plots.
+    """
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    sweep_runs = plan_runs(config)
+    total = len(sweep_runs) + len(config.arms) * len(config.other_seeds)
+    print(
+        f"[trl-mig study] {total} runs: {len(config.arms)} arms x {len(config.settings())} settings x "
+        f"{len(config.selection_seeds)} seed(s) to choose each arm's setting on `{config.select_split}`"
+        + (f", then {len(config.other_seeds)} more seed(s) at the chosen settings" if config.other_seeds else "")
+        + f"; {config.jobs} at a time; output in {output}",
+        flush=True,
+    )
+    if dry_run:
+        for run in sweep_runs:
+            print(f"  {'finished' if run.finished else 'to run'}: {run.label}")
+        return {}
+    _run_all(sweep_runs, config)
+    selection = select_settings(config, [read_run(run) for run in sweep_runs])
+    runs = plan_runs(config, {arm: chosen["setting"] for arm, chosen in selection.items()})
+    if config.other_seeds:
+        _run_all(runs[len(sweep_runs):], config)
+    results = summarize_study(config, runs)
+    write_outputs(config, results)
+    return results
+
+
+def _run_all(runs: list[Run], config: StudyConfig) -> None:
+    todo = [run for run in runs if not run.finished]
+    print(f"[trl-mig study] {len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
+    if todo:
+        prepare_builtin_models(todo)
+        execute(todo, config)
+    failed = [run for run in runs if not run.finished]
+    if failed:
+        raise CLIError(
+            f"{len(failed)} run(s) did not finish, e.g. {failed[0].label}: see {failed[0].directory / 'train.log'}. "
+            "Run the same command again to retry them (finished runs are kept)."
+        )
+
+
+def prepare_builtin_models(runs: list[Run]) -> None:
+    """Build every `builtin:` warm start the runs need once, before they start, so parallel runs never race on it."""
+    from .builtin import is_builtin, resolve_builtin_model
+    from .cli import make_train_parser, parse_recipe_args
+
+    seen = set()
+    for run in runs:
+        if not is_builtin(run.recipe.get("model_name_or_path")):
+            continue
+        (_, builtin_args, training_args, model_args, _), _ = parse_recipe_args(
+            make_train_parser(), recipe_argv(run.recipe), "the study's recipe"
+        )
+        key = (model_args.model_name_or_path, json.dumps(vars(builtin_args), sort_keys=True, default=str))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            resolve_builtin_model(model_args.model_name_or_path, builtin_args, use_cpu=training_args.use_cpu)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+
+
+def recipe_argv(recipe: dict) -> list[str]:
+    """Command-line form of a recipe dict (lists as several values, booleans and None as TrlParser reads them)."""
+    argv = []
+    for key, value in recipe.items():
+        if isinstance(value, list):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def execute(runs: list[Run], config: StudyConfig) -> None:
+    import yaml
+
+    threads = config.threads_per_job or max(1, (os.cpu_count() or 1) // config.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    started, done, lock = time.perf_counter(), [0], threading.Lock()
+
+    def launch(run: Run) -> None:
+        run.directory.mkdir(parents=True, exist_ok=True)
+        recipe_file = run.directory / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(run.recipe, sort_keys=False))
+        t0 = time.perf_counter()
+        with open(run.directory / "train.log", "w") as log:
+            code = subprocess.run(
+                [sys.executable, "-m", "trl_mig", "train", "--config", str(recipe_file)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
+            ).returncode
+        with lock:
+            done[0] += 1
+            elapsed = time.perf_counter() - started
+            left = elapsed / done[0] * (len(runs) - done[0])
+            status = "done" if code == 0 and run.finished else f"FAILED (exit {code}, see {run.directory / 'train.log'})"
+            extra = ""
+            if run.finished:
+                final = read_run(run)["final"]
+                extra = "  " + " ".join(f"{s} {v:.3f}" for s, v in final.items() if v is not None)
+            print(
+                f"[trl-mig study] {done[0]}/{len(runs)} {run.label}: {status} in {time.perf_counter() - t0:.0f}s{extra}"
+                f"  (elapsed {elapsed / 60:.1f} min, ~{left / 60:.1f} min left)",
+                flush=True,
+            )
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
+        list(pool.map(launch, runs))
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def read_run(run: Run) -> dict:
+    """Curves and final numbers of a finished run, from its trainer_state.json log history."""
+    state = json.loads((run.directory / "trainer_state.json").read_text())
+    curves: dict[str, list[list[float]]] = {}
+    reward: list[list[float]] = []
+    for entry in state["log_history"]:
+        for key, value in entry.items():
+            if key.startswith("heldout/") and key.endswith("/pass@1") and value is not None:
+                curves.setdefault(key.split("/")[1], []).append([entry["step"], value])
+            elif key.startswith("rewards/") and "accuracy" in key and key.endswith("/mean") and value is not None:
+                reward.append([entry["step"], value])
+    summary = json.loads((run.directory / "run_summary.json").read_text())
+    return {
+        "arm": run.arm,
+        "setting": run.setting,
+        "seed": run.seed,
+        "curves": curves,
+        "train_reward": reward,
+        "final": {split: points[-1][1] if points else None for split, points in curves.items()},
+        "best": {split: max(v for _, v in points) if points else None for split, points in curves.items()},
+        "start": {split: points[0][1] if points else None for split, points in curves.items()},
+        "seconds": summary.get("timings", {}).get("total_seconds"),
+    }
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _std(values):
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+
+
+def mean_curve(records: list[dict], split: str) -> list[list[float]]:
+    """[step, mean, std, min, max] over the records at every step all of them measured."""
+    by_step: dict[int, list[float]] = {}
+    for record in records:
+        for step, value in record["curves"].get(split, []):
+            by_step.setdefault(int(step), []).append(value)
+    return [
+        [step, _mean(v), _std(v), min(v), max(v)] for step, v in sorted(by_step.items()) if len(v) == len(records)
+    ]
+
+
+def select_settings(config: StudyConfig, records: list[dict]) -> dict:
+    """Each arm's setting with the best mean `select_by` pass@1 on `select_split` over the selection seeds."""
+    selection = {}
+    for arm in config.arms:
+        best = None
+        for setting in config.settings():
+            cell = [
+                r for r in records
+                if r["arm"] == arm and r["setting"] == setting and r["seed"] in config.selection_seeds
+            ]
+            score = _mean([r[config.select_by].get(config.select_split) for r in cell])
+            if score is not None and (best is None or score > best[1]):
+                best = (setting, score)
+        selection[arm] = {"setting": best[0] if best else config.settings()[0], "score": best[1] if best else None}
+    return selection
+
+
+def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
+    """Selection of each arm's setting on the validation split, and the per-arm summary on the reported splits."""
+    records = [read_run(run) for run in runs]
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        by_cell.setdefault((record["arm"], setting_name(record["setting"])), []).append(record)
+    selection = select_settings(config, records)
+    sweep_table = []
+    for arm in config.arms:
+        for setting in config.settings():
+            cell = [r for r in by_cell.get((arm, setting_name(setting)), []) if r["seed"] in config.selection_seeds]
+            score = _mean([r[config.select_by].get(config.select_split) for r in cell])
+            sweep_table.append({"arm": arm, "setting": setting, "score": score})
+
+    summary = {}
+    for arm in config.arms:
+        cell = by_cell[(arm, setting_name(selection[arm]["setting"]))]
+        entry = {"setting": selection[arm]["setting"], "seeds": [r["seed"] for r in cell], "splits": {}}
+        for split in [config.select_split, *config.report_splits]:
+            finals = [r["final"].get(split) for r in cell]
+            bests = [r["best"].get(split) for r in cell]
+            starts = [r["start"].get(split) for r in cell]
+            entry["splits"][split] = {
+                "start_mean": _mean(starts),
+                "final_mean": _mean(finals), "final_std": _std(finals), "final_per_seed": finals,
+                "best_mean": _mean(bests), "best_std": _std(bests), "best_per_seed": bests,
+                "gain_per_seed": [None if f is None or s is None else f - s for f, s in zip(finals, starts)],
+                "curve": mean_curve(cell, split),
+            }
+        entry["train_reward"] = mean_reward_curve(cell)
+        summary[arm] = entry
+    reference = config.reference_arm
+    if reference is not None:
+        for split in config.report_splits:
+            target = max((p[1] for p in summary[reference]["splits"][split]["curve"]), default=None)
+            target_step = next(
+                (p[0] for p in summary[reference]["splits"][split]["curve"] if target is not None and p[1] >= target),
+                None,
+            )
+            for arm, entry in summary.items():
+                reached = next(
+                    (p[0] for p in entry["splits"][split]["curve"] if target is not None and p[1] >= target), None
+                )
+                entry["splits"][split]["reference_best"] = target
+                entry["splits"][split]["steps_to_reference_best"] = reached
+                entry["splits"][split]["steps_ratio"] = (
+                    reached / target_step if reached is not None and target_step else None
+                )
+    return {
+        "config": {k: v for k, v in vars(config).items()},
+        "runs": records,
+        "sweep": sweep_table,
+        "selection": selection,
+        "summary": summary,
+    }
+
+
+def mean_reward_curve(records: list[dict]) -> list[list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for record in records:
+        for step, value in record["train_reward"]:
+            by_step.setdefault(int(step), []).append(value)
+    return [[step, _mean(v), _std(v)] for step, v in sorted(by_step.items()) if len(v) == len(records)]
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+def write_outputs(config: StudyConfig, results: dict) -> None:
+    output = Path(config.output_dir)
+    write_json(output / "study.json", results)
+    (output / "study.md").write_text(study_markdown(config, results))
+    plot_study(config, results, output)
+    print(f"[trl-mig study] wrote {output / 'study.json'}, {output / 'study.md'} and the plots in {output}")
+
+
+def _pct(value, std=None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def study_markdown(config: StudyConfig, results: dict) -> str:
+    summary, selection = results["summary"], results["selection"]
+    lines = [f"# Study: {Path(config.output_dir).name}", ""]
+    if config.description:
+        lines += [config.description.strip(), ""]
+    lines += [
+        f"Reproduce: `trl-mig study --config {config.source}`. Base recipe `{config.recipe}`; "
+        f"{len(config.arms)} arms, each run at every one of {len(config.settings())} sweep settings with seed(s) "
+        f"{config.selection_seeds}, and reported at the setting with the best {config.select_by} "
+        f"`{config.select_split}` pass@1 (mean over those seeds)"
+        + (f", where seeds {config.other_seeds} were then run too" if config.other_seeds else "")
+        + f". Held-out greedy pass@1 every {config.eval_steps} steps. The reported splits "
+        f"({', '.join(config.report_splits)}) played no part in choosing settings.",
+        "",
+    ]
+    for split in config.report_splits:
+        ref = config.reference_arm
+        lines += [f"## {split}: greedy pass@1 (%), mean ± std over seeds", ""]
+        header = ["arm", "setting", "start", "final", "best", "final per seed"]
+        if ref:
+            header += [f"steps to {ref}'s best"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for arm, entry in summary.items():
+            stats = entry["splits"][split]
+            row = [
+                arm, setting_name(entry["setting"]) or "-", _pct(stats["start_mean"]),
+                _pct(stats["final_mean"], stats["final_std"]), _pct(stats["best_mean"], stats["best_std"]),
+                " / ".join(_pct(v) for v in stats["final_per_seed"]),
+            ]
+            if ref:
+                reached = stats.get("steps_to_reference_best")
+                ratio = stats.get("steps_ratio")
+                row.append("not reached" if reached is None else f"{reached} ({ratio:.2f}x)" if ratio else str(reached))
+            lines.append("| " + " | ".join(row) + " |")
+        if ref:
+            lines += ["", f"{ref}'s best mean {split} pass@1 over its curve: {_pct(summary[ref]['splits'][split].get('reference_best'))}."]
+        lines.append("")
+    lines += [f"## Sweep ({config.select_by} `{config.select_split}` pass@1, mean over seeds {config.selection_seeds})", ""]
+    settings = [setting_name(s) or "-" for s in config.settings()]
+    lines += ["| arm | " + " | ".join(settings) + " | selected |", "|" + "---|" * (len(settings) + 2)]
+    for arm in config.arms:
+        scores = [_pct(row["score"]) for row in results["sweep"] if row["arm"] == arm]
+        lines.append(f"| {arm} | " + " | ".join(scores) + f" | {setting_name(selection[arm]['setting']) or '-'} |")
+    lines += ["", "## Arms", ""]
+    for arm, overrides in config.arms.items():
+        lines.append(f"- `{arm}`: " + (", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the base recipe"))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_study(config: StudyConfig, results: dict, output: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, paths = results["summary"], []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for split in [config.select_split, *config.report_splits]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for index, (arm, entry) in enumerate(summary.items()):
+            curve = entry["splits"][split]["curve"]
+            if not curve:
+                continue
+            steps = [p[0] for p in curve]
+            mean = [100 * p[1] for p in curve]
+            low = [100 * (p[1] - p[2]) for p in curve]
+            high = [100 * (p[1] + p[2]) for p in curve]
+            color = colors[index % len(colors)]
+            label = f"{arm} ({setting_name(entry['setting']) or 'default'})"
+            ax.plot(steps, mean, label=label, color=color, linewidth=2)
+            ax.fill_between(steps, low, high, color=color, alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{split} greedy pass@1 (%)")
+        ax.set_title(f"Held-out {split} accuracy, mean ± std over {len(config.seeds)} seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = output / f"pass_at_1_{split}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for index, (arm, entry) in enumerate(summary.items()):
+        curve = entry["train_reward"]
+        if curve:
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=arm, color=colors[index % len(colors)])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training accuracy reward (sampled)")
+    ax.set_title("Training reward, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = output / "train_reward.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths
