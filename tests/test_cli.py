@@ -37,8 +37,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _private_default_cache(tmp_path, monkeypatch):
-    """No test may warm-start into (or read) the user's ~/.cache/trl-mig."""
+    """No test may warm-start into (or read) the user's ~/.cache/trl-mig, nor leave files in the working folder."""
     monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "default-cache"))
+    monkeypatch.chdir(tmp_path)
 
 
 def run_main(args, capsys):
@@ -99,6 +100,30 @@ def test_train_demo_recipe_end_to_end(tmp_path, cache_dir, capsys):
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert any("mig/gain_sum" in entry for entry in history)
+    # the recipe's accuracy_eval_steps: held-out learning curves at the start and after the last step
+    curve = [(e["step"], e["heldout/test/pass@1"]) for e in history if "heldout/test/pass@1" in e]
+    assert [step for step, _ in curve] == [0, 2]
+    assert curve[0][1] == summary["accuracy"]["before"]["test"]["pass@1"]
+    assert curve[-1][1] == summary["accuracy"]["after"]["test"]["pass@1"]
+
+
+def test_running_answers_are_never_compared_by_math_verify(tmp_path, cache_dir, capsys):
+    code, _, stderr = run_main(
+        ["train", "--config", DEMO, "--output_dir", str(tmp_path / "x"), "--builtin_cache_dir", cache_dir, *SMOKE,
+         "--answer_match", "math"], capsys
+    )
+    assert code == 2 and "answer_match='math' cannot compare the running answers" in stderr
+    code, _, stderr = run_main(
+        ["eval", "--dataset", "builtin:arithmetic", "--completions_column", "gold_completion", "--answer_match", "math"],
+        capsys,
+    )
+    assert code == 2 and "--answer_match='math'" in stderr
+    # the final-answer variant of the task may use math-verify
+    code, _, stderr = run_main(
+        ["eval", "--dataset", "builtin:arithmetic", "--completions_column", "gold_completion", "--answer_match", "math",
+         "--task_answer", "final", "--splits", "test", "--max_samples", "5"], capsys,
+    )
+    assert code == 0, stderr
 
 
 def test_train_grpo_twin_runs_plain_grpo(tmp_path, cache_dir, capsys):

@@ -129,6 +129,24 @@ def test_per_token_advantages_match_an_independent_computation(tmp_path, char_to
     assert (advantages[4:] == 0).all(), "a group of identical completions has zero advantage everywhere"
 
 
+def test_ablations_raw_differences_on_every_token_match_an_independent_computation(tmp_path, char_tokenizer):
+    """mig_gain='difference' pays l_K - l_0 (a drop and its recovery both count); mig_token_scope='all' puts the MIG
+    advantage on the answer and tag tokens too."""
+    model = build_tiny_model(char_tokenizer).float()
+    trainer = make_trainer(tmp_path, char_tokenizer, model=model, mig_weight=0.7, outcome_weight=1.3,
+                           mig_gain="difference", mig_token_scope="all")
+    output = trainer._generate_and_score_completions(scripted_batch())
+    advantages = output["advantages"]
+    prompt = PROMPTS[0]
+    logliks = [reference_logliks(trainer.model, char_tokenizer, prompt, c, SOLUTIONS[0]) for c in SCRIPT[prompt]]
+    expected_mig = group_normalise([values[-1] - values[0] for values, _ in logliks])
+    expected_outcome = group_normalise(OUTCOME[prompt])
+    for j in range(4):
+        length = int(output["completion_mask"][j].sum())
+        expected = 1.3 * expected_outcome[j] + 0.7 * expected_mig[j]
+        assert advantages[j, :length].tolist() == pytest.approx([expected] * length, abs=2e-3), j
+
+
 def test_gated_sft_gate_and_loss(tmp_path, char_tokenizer):
     trainer = make_trainer(tmp_path, char_tokenizer, sft_weight=0.5)
     inputs = trainer._generate_and_score_completions(scripted_batch())

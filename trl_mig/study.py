@@ -247,15 +247,12 @@ def _run_all(runs: list[Run], config: StudyConfig) -> None:
 def prepare_builtin_models(runs: list[Run]) -> None:
     """Build every `builtin:` warm start the runs need once, before they start, so parallel runs never race on it."""
     from .builtin import is_builtin, resolve_builtin_model
-    from .cli import make_train_parser, parse_recipe_args
 
     seen = set()
     for run in runs:
         if not is_builtin(run.recipe.get("model_name_or_path")):
             continue
-        (_, builtin_args, training_args, model_args, _), _ = parse_recipe_args(
-            make_train_parser(), recipe_argv(run.recipe), "the study's recipe"
-        )
+        _, builtin_args, training_args, model_args, _ = parse_run_recipe(run.recipe)
         key = (model_args.model_name_or_path, json.dumps(vars(builtin_args), sort_keys=True, default=str))
         if key in seen:
             continue
@@ -266,17 +263,23 @@ def prepare_builtin_models(runs: list[Run]) -> None:
             raise CLIError(str(err)) from None
 
 
-def recipe_argv(recipe: dict) -> list[str]:
-    """Command-line form of a recipe dict (lists as several values, booleans and None as TrlParser reads them)."""
-    argv = []
-    for key, value in recipe.items():
-        if isinstance(value, list):
-            argv += [f"--{key}", *[str(v) for v in value]]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+def parse_run_recipe(recipe: dict):
+    """A run's recipe parsed exactly as `trl-mig train --config` parses it: the five train dataclasses."""
+    import tempfile
+
+    import yaml
+
+    from .cli import make_train_parser, parse_recipe_args
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(recipe, handle, sort_keys=False)
+    try:
+        parsed, remaining = parse_recipe_args(make_train_parser(), ["--config", handle.name], "the run's recipe")
+    finally:
+        os.unlink(handle.name)
+    if remaining:
+        raise CLIError(f"The study's recipe has unknown argument(s) {remaining}.")
+    return parsed
 
 
 def execute(runs: list[Run], config: StudyConfig) -> None:

@@ -58,12 +58,12 @@ class WarmStartConfig:
     no time cap, so the same settings give the same model on every machine (up to floating-point differences).
     """
 
-    max_steps: int = 800
+    max_steps: int = 350
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0
-    min_ops: int | None = 1
-    max_ops: int | None = 4
+    min_ops: int | None = None
+    max_ops: int | None = None
     shortcut_rate: float = 0.0  # probability that a demonstrated step skips writing its calculation
 
     def __post_init__(self):

@@ -47,13 +47,13 @@ class ArithmeticTaskConfig:
     test_size: int = 200
     ood_size: int = 200
     min_ops: int = 2
-    max_ops: int = 6
-    ood_min_ops: int = 7
-    ood_max_ops: int = 8
+    max_ops: int = 4
+    ood_min_ops: int = 5
+    ood_max_ops: int = 6
     max_start: int = 9  # start value in [1, max_start]
-    max_operand: int = 9  # operand of + and - in [1, max_operand]
-    max_factor: int = 3  # operand of * in [2, max_factor]
-    max_value: int = 20  # every intermediate result stays in [0, max_value]
+    max_operand: int = 5  # operand of + and - in [1, max_operand]
+    max_factor: int = 2  # operand of * in [2, max_factor]
+    max_value: int = 10  # every intermediate result stays in [0, max_value]
     answer: str = "running"  # "running": every step's result in order; "final": the last result
 
     def __post_init__(self):
