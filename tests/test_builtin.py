@@ -109,7 +109,7 @@ def test_dataset_dict_and_task_validation():
                                                                        task_test_size=5, task_ood_size=3))
     assert {name: len(split) for name, split in data.items()} == {"train": 10, "validation": 4, "test": 5, "ood": 3}
     assert set(data["train"].column_names) == {"prompt", "solution", "gold_completion", "expression", "num_ops"}
-    with pytest.raises(ValueError, match="ood_min_ops=3 must exceed max_ops=6"):
+    with pytest.raises(ValueError, match="ood_min_ops=3 must exceed max_ops=4"):
         ArithmeticTaskConfig(ood_min_ops=3)
     with pytest.raises(ValueError, match="min_ops"):
         ArithmeticTaskConfig(min_ops=0)
