@@ -104,6 +104,18 @@ def test_sft_rows_exclude_held_out_problems_and_are_deterministic():
         sft_rows(SMALL, 10, seed=0, min_ops=3, max_ops=2)
 
 
+def test_warmstart_shortcut_rate_reaches_the_demonstrations():
+    warm = BuiltinArguments(warmstart_shortcut_rate=0.5).warmstart_config()
+    assert warm.shortcut_rate == 0.5
+    rows = sft_rows(SMALL, 200, seed=0, shortcut_rate=warm.shortcut_rate)
+    steps = [line for row in rows for line in row["completion"].splitlines() if "=" in line and "<" not in line]
+    skipped = sum(line.startswith("=") for line in steps)
+    assert 0.35 < skipped / len(steps) < 0.65
+    assert not any(line.startswith("=") for row in sft_rows(SMALL, 50, seed=0) for line in row["completion"].splitlines())
+    with pytest.raises(ValueError, match="warmstart_shortcut_rate"):
+        sft_rows(SMALL, 10, seed=0, shortcut_rate=1.5)
+
+
 def test_dataset_dict_and_task_validation():
     data = load_builtin_dataset("builtin:arithmetic", BuiltinArguments(task_train_size=10, task_validation_size=4,
                                                                        task_test_size=5, task_ood_size=3))

@@ -10,7 +10,7 @@ import yaml
 
 from trl_mig.cli import main
 from trl_mig.errors import CLIError
-from trl_mig.study import StudyConfig, plan_runs, summarize_study
+from trl_mig.study import StudyConfig, plan_runs, study_markdown, summarize_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "recipes" / "study").glob("*.yaml"))
@@ -108,6 +108,39 @@ def test_selection_uses_the_validation_split_only(tmp_path):
         assert results["selection"][arm]["setting"] == {"learning_rate": 1e-4}
         assert results["summary"][arm]["splits"]["test"]["final_mean"] == pytest.approx(0.1)
         assert results["summary"][arm]["splits"]["test"]["gain_per_seed"] == pytest.approx([0.0, 0.0])
+
+
+def _fake_finished_runs(runs, curves_of):
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        log = [{"step": s, f"heldout/{split}/pass@1": v} for split, pts in curves_of(run).items() for s, v in pts]
+        (run.directory / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        (run.directory / "run_summary.json").write_text("{}")
+
+
+def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, report_splits=["test"])))
+    runs = plan_runs(config)
+    # grpo rises to 0.5 at step 4 on test; mig gets there at step 2. On validation nobody beats the start.
+    test_curves = {"grpo": [[0, 0.3], [2, 0.4], [4, 0.5]], "mig": [[0, 0.3], [2, 0.5], [4, 0.6]]}
+    _fake_finished_runs(runs, lambda run: {"validation": [[0, 0.3], [2, 0.2], [4, 0.3]], "test": test_curves[run.arm]})
+    results = summarize_study(config, runs)
+    mig, grpo = results["summary"]["mig"]["splits"]["test"], results["summary"]["grpo"]["splits"]["test"]
+    assert grpo["reference_improved"] and grpo["reference_best"] == pytest.approx(0.5)
+    assert (grpo["steps_to_reference_best"], grpo["steps_ratio"]) == (4, 1.0)
+    assert (mig["steps_to_reference_best"], mig["steps_ratio"]) == (2, 0.5)
+    assert "| 2 (0.50x) |" in study_markdown(config, results)
+
+    (tmp_path / "flat").mkdir()
+    flat = StudyConfig.from_yaml(str(write_study(tmp_path / "flat", report_splits=["test"])))
+    flat_runs = plan_runs(flat)
+    # grpo never beats its start: every arm "reaching" it at step 0 would be a meaningless 0x
+    _fake_finished_runs(flat_runs, lambda run: {"validation": [[0, 0.3], [2, 0.3]], "test": [[0, 0.3], [2, 0.25]]})
+    results = summarize_study(flat, flat_runs)
+    assert not results["summary"]["mig"]["splits"]["test"]["reference_improved"]
+    assert results["summary"]["mig"]["splits"]["test"]["steps_to_reference_best"] is None
+    markdown = study_markdown(flat, results)
+    assert "never above its start (30.0)" in markdown and "| n/a |" in markdown
 
 
 @pytest.mark.parametrize(

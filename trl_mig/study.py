@@ -417,20 +417,20 @@ def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
     reference = config.reference_arm
     if reference is not None:
         for split in config.report_splits:
-            target = max((p[1] for p in summary[reference]["splits"][split]["curve"]), default=None)
-            target_step = next(
-                (p[0] for p in summary[reference]["splits"][split]["curve"] if target is not None and p[1] >= target),
-                None,
-            )
+            # The target is the reference's best *trained* accuracy: the start (step 0) is everyone's, not a result.
+            ref_stats = summary[reference]["splits"][split]
+            trained = [p for p in ref_stats["curve"] if p[0] > 0]
+            target = max((p[1] for p in trained), default=None)
+            target_step = next((p[0] for p in trained if p[1] >= target), None) if target is not None else None
+            improved = target is not None and ref_stats["start_mean"] is not None and target > ref_stats["start_mean"]
             for arm, entry in summary.items():
-                reached = next(
-                    (p[0] for p in entry["splits"][split]["curve"] if target is not None and p[1] >= target), None
-                )
+                reached = None
+                if improved:
+                    reached = next((p[0] for p in entry["splits"][split]["curve"] if p[0] > 0 and p[1] >= target), None)
                 entry["splits"][split]["reference_best"] = target
+                entry["splits"][split]["reference_improved"] = improved
                 entry["splits"][split]["steps_to_reference_best"] = reached
-                entry["splits"][split]["steps_ratio"] = (
-                    reached / target_step if reached is not None and target_step else None
-                )
+                entry["splits"][split]["steps_ratio"] = reached / target_step if reached is not None else None
     return {
         "config": {k: v for k, v in vars(config).items()},
         "runs": records,
@@ -494,11 +494,16 @@ def study_markdown(config: StudyConfig, results: dict) -> str:
             ]
             if ref:
                 reached = stats.get("steps_to_reference_best")
-                ratio = stats.get("steps_ratio")
-                row.append("not reached" if reached is None else f"{reached} ({ratio:.2f}x)" if ratio else str(reached))
+                if not stats.get("reference_improved"):
+                    row.append("n/a")
+                else:
+                    row.append("not reached" if reached is None else f"{reached} ({stats['steps_ratio']:.2f}x)")
             lines.append("| " + " | ".join(row) + " |")
         if ref:
-            lines += ["", f"{ref}'s best mean {split} pass@1 over its curve: {_pct(summary[ref]['splits'][split].get('reference_best'))}."]
+            ref_stats = summary[ref]["splits"][split]
+            lines += ["", f"{ref}'s best mean {split} pass@1 after training started: {_pct(ref_stats.get('reference_best'))}"
+                      + ("." if ref_stats.get("reference_improved") else
+                         f", never above its start ({_pct(ref_stats['start_mean'])}): 'steps to' is not defined (n/a).")]
         lines.append("")
     lines += [f"## Sweep ({config.select_by} `{config.select_split}` pass@1, mean over seeds {config.selection_seeds})", ""]
     settings = [setting_name(s) or "-" for s in config.settings()]

@@ -94,6 +94,13 @@ class BuiltinArguments:
         default=_WARM.max_ops,
         metadata={"help": "Longest chains in the warm-start SFT data (None: task_max_ops); RL may train on longer."},
     )
+    warmstart_shortcut_rate: float = field(
+        default=_WARM.shortcut_rate,
+        metadata={
+            "help": "Probability that a step of a warm-start demonstration skips writing its calculation ('=8' "
+            "instead of '4*2=8'): a demonstrator with a habit that RL can unlearn."
+        },
+    )
 
     def task_config(self) -> ArithmeticTaskConfig:
         return ArithmeticTaskConfig(
@@ -131,6 +138,7 @@ class BuiltinArguments:
             seed=self.warmstart_seed,
             min_ops=self.warmstart_min_ops,
             max_ops=self.warmstart_max_ops,
+            shortcut_rate=self.warmstart_shortcut_rate,
         )
 
 
