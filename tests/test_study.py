@@ -132,7 +132,7 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
     assert "| 2 (0.50x) |" in study_markdown(config, results)
 
     (tmp_path / "flat").mkdir()
-    flat = StudyConfig.from_yaml(str(write_study(tmp_path / "flat", report_splits=["test"])))
+    flat = StudyConfig.from_yaml(str(write_study(tmp_path / "flat", report_splits=["test"], seeds=[0])))
     flat_runs = plan_runs(flat)
     # grpo never beats its start: every arm "reaching" it at step 0 would be a meaningless 0x
     _fake_finished_runs(flat_runs, lambda run: {"validation": [[0, 0.3], [2, 0.3]], "test": [[0, 0.3], [2, 0.25]]})
@@ -141,6 +141,7 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
     assert results["summary"]["mig"]["splits"]["test"]["steps_to_reference_best"] is None
     markdown = study_markdown(flat, results)
     assert "never above its start (30.0)" in markdown and "| n/a |" in markdown
+    assert "| 25.0 |" in markdown and "25.0 ±" not in markdown  # one seed: no spread to show
 
 
 @pytest.mark.parametrize(

@@ -407,8 +407,10 @@ def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
             starts = [r["start"].get(split) for r in cell]
             entry["splits"][split] = {
                 "start_mean": _mean(starts),
-                "final_mean": _mean(finals), "final_std": _std(finals), "final_per_seed": finals,
-                "best_mean": _mean(bests), "best_std": _std(bests), "best_per_seed": bests,
+                # one seed has no spread: None, so the table shows the value without a misleading "± 0.0"
+                "final_mean": _mean(finals), "final_std": _std(finals) if len(cell) > 1 else None,
+                "final_per_seed": finals,
+                "best_mean": _mean(bests), "best_std": _std(bests) if len(cell) > 1 else None, "best_per_seed": bests,
                 "gain_per_seed": [None if f is None or s is None else f - s for f, s in zip(finals, starts)],
                 "curve": mean_curve(cell, split),
             }
@@ -542,7 +544,8 @@ def plot_study(config: StudyConfig, results: dict, output: Path) -> list[Path]:
             ax.fill_between(steps, low, high, color=color, alpha=0.15)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{split} greedy pass@1 (%)")
-        ax.set_title(f"Held-out {split} accuracy, mean ± std over {len(config.seeds)} seeds")
+        seeds = len(config.seeds)
+        ax.set_title(f"Held-out {split} accuracy, " + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
