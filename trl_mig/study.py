@@ -471,7 +471,7 @@ def study_markdown(config: StudyConfig, results: dict) -> str:
     if config.description:
         lines += [config.description.strip(), ""]
     lines += [
-        f"Reproduce: `trl-mig study --config {config.source}`. Base recipe `{config.recipe}`; "
+        f"Reproduce: `trl-mig study --config {config.source}`. Base recipe `{os.path.normpath(config.recipe)}`; "
         f"{len(config.arms)} arms, each run at every one of {len(config.settings())} sweep settings with seed(s) "
         f"{config.selection_seeds}, and reported at the setting with the best {config.select_by} "
         f"`{config.select_split}` pass@1 (mean over those seeds)"
