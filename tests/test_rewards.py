@@ -69,3 +69,11 @@ def test_completion_text_rejects_other_types():
     assert completion_text([{"role": "assistant", "content": "x"}]) == "x"
     with pytest.raises(TypeError, match="int"):
         completion_text(3)
+
+
+def test_answer_match_modes():
+    exact = AnswerAccuracyReward(FormatSpec(answer_match="exact"))
+    completions = ["<think>x</think><answer>3  7 9</answer>", "<think>x</think><answer>1 7 9</answer>"]
+    assert exact(completions, solution=["3 7 9", "3 7 9"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="answer_match='fuzzy' is not one of"):
+        FormatSpec(answer_match="fuzzy")

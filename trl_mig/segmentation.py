@@ -18,6 +18,7 @@ from functools import cached_property
 
 import torch
 
+from .config import ANSWER_MATCHES
 from .credit import NOT_COT
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n\s*")
@@ -47,6 +48,10 @@ class FormatSpec:
             max_steps=args.mig_max_steps,
             answer_match=getattr(args, "answer_match", "math"),
         )
+
+    def __post_init__(self):
+        if self.answer_match not in ANSWER_MATCHES:
+            raise ValueError(f"answer_match={self.answer_match!r} is not one of {list(ANSWER_MATCHES)}.")
 
     @cached_property
     def step_regex(self) -> re.Pattern:

@@ -221,7 +221,7 @@ def run_study(config: StudyConfig, *, dry_run: bool = False) -> dict:
             print(f"  {'finished' if run.finished else 'to run'}: {run.label}")
         return {}
     _run_all(sweep_runs, config)
-    selection = select_settings(config, [read_run(run) for run in sweep_runs])
+    selection = select_settings(sweep_scores(config, [read_run(run) for run in sweep_runs]))
     runs = plan_runs(config, {arm: chosen["setting"] for arm, chosen in selection.items()})
     if config.other_seeds:
         _run_all(runs[len(sweep_runs):], config)
@@ -366,20 +366,28 @@ def mean_curve(records: list[dict], split: str) -> list[list[float]]:
     ]
 
 
-def select_settings(config: StudyConfig, records: list[dict]) -> dict:
-    """Each arm's setting with the best mean `select_by` pass@1 on `select_split` over the selection seeds."""
-    selection = {}
+def sweep_scores(config: StudyConfig, records: list[dict]) -> list[dict]:
+    """Each arm x sweep setting's mean `select_by` pass@1 on `select_split` over the selection seeds."""
+    table = []
     for arm in config.arms:
-        best = None
         for setting in config.settings():
             cell = [
                 r for r in records
                 if r["arm"] == arm and r["setting"] == setting and r["seed"] in config.selection_seeds
             ]
-            score = _mean([r[config.select_by].get(config.select_split) for r in cell])
-            if score is not None and (best is None or score > best[1]):
-                best = (setting, score)
-        selection[arm] = {"setting": best[0] if best else config.settings()[0], "score": best[1] if best else None}
+            table.append({"arm": arm, "setting": setting,
+                          "score": _mean([r[config.select_by].get(config.select_split) for r in cell])})
+    return table
+
+
+def select_settings(sweep_table: list[dict]) -> dict:
+    """Each arm's setting with the best score in `sweep_table` (the first setting on ties or without scores)."""
+    selection = {}
+    for row in sweep_table:
+        chosen = selection.get(row["arm"])
+        better = row["score"] is not None and (chosen is None or chosen["score"] is None or row["score"] > chosen["score"])
+        if chosen is None or better:
+            selection[row["arm"]] = {"setting": row["setting"], "score": row["score"]}
     return selection
 
 
@@ -389,13 +397,8 @@ def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         by_cell.setdefault((record["arm"], setting_name(record["setting"])), []).append(record)
-    selection = select_settings(config, records)
-    sweep_table = []
-    for arm in config.arms:
-        for setting in config.settings():
-            cell = [r for r in by_cell.get((arm, setting_name(setting)), []) if r["seed"] in config.selection_seeds]
-            score = _mean([r[config.select_by].get(config.select_split) for r in cell])
-            sweep_table.append({"arm": arm, "setting": setting, "score": score})
+    sweep_table = sweep_scores(config, records)
+    selection = select_settings(sweep_table)
 
     summary = {}
     for arm in config.arms:
@@ -434,7 +437,7 @@ def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
                 entry["splits"][split]["steps_to_reference_best"] = reached
                 entry["splits"][split]["steps_ratio"] = reached / target_step if reached is not None else None
     return {
-        "config": {k: v for k, v in vars(config).items()},
+        "config": dict(vars(config)),
         "runs": records,
         "sweep": sweep_table,
         "selection": selection,
