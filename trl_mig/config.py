@@ -263,3 +263,23 @@ def validate_mig_fields(config) -> None:
             "MIGConfig.remove_unused_columns=True would drop the ground-truth column "
             f"{config.solution_column!r} that MIG scores; set it to False."
         )
+
+
+def mig_config_class(base_config: type[GRPOConfig]) -> type[MIGConfig]:
+    """
+    The MIG twin of a GRPOConfig subclass (e.g. a TRL experimental variant's config): a dataclass with the base's
+    fields and defaults plus MIG's fields, validated like [`MIGConfig`]. [`MIGConfig`] itself for `GRPOConfig`.
+    """
+    if not (isinstance(base_config, type) and issubclass(base_config, GRPOConfig)):
+        raise TypeError(f"mig_config_class needs a subclass of trl.GRPOConfig, got {base_config!r}.")
+    if issubclass(base_config, MIGConfig):
+        return base_config
+    if base_config is GRPOConfig:
+        return MIGConfig
+    # the base comes first so that its defaults win over the GRPOConfig defaults MIGConfig carries
+    twin = type(
+        f"MIG{base_config.__name__}",
+        (base_config, MIGConfig),
+        {"__module__": __name__, "__doc__": f"[`{base_config.__name__}`] plus the MIGConfig fields."},
+    )
+    return dataclass(twin)
