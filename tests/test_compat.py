@@ -239,3 +239,71 @@ def test_environment_owned_data_is_a_construction_error(tmp_path, char_tokenizer
     with pytest.raises(ValueError, match="environment-owned data .* has none"):
         MIGGRPOTrainer(tiny_dirs["policy"], reward_funcs=length_reward, args=compat_config(tmp_path),
                        processing_class=char_tokenizer, environment_factory=GuessEnvironment)
+
+
+def multiply_tool(a: int, b: int) -> int:
+    """
+    Multiplies two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product of the two integers.
+    """
+    return a * b
+
+
+@pytest.fixture(scope="session")
+def tool_tokenizer():
+    """The char-level tokenizer with Qwen3's chat template (which renders tool calls and which TRL knows how to
+    parse) and its special tokens."""
+    from trl.chat_template_utils import qwen3_chat_template
+
+    from trl_mig.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = qwen3_chat_template
+    return tokenizer
+
+
+def test_tools(tmp_path, tool_tokenizer):
+    """Tool calling: two of each group's completions call the tool (one with a wrong argument), the tool's result
+    is appended and generation continues; MIG scores the whole completion, tool output included."""
+    from unittest.mock import patch
+
+    tokenizer = tool_tokenizer
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first_turn = [
+        '<tool_call>\n{"name": "multiply_tool", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>',
+        '<tool_call>\n{"name": "multiply_tool", "arguments": {"a": 3, "c": 4}}\n</tool_call><|im_end|>',
+        "<think>### Step 1\n3*4=12\n</think>\n<answer>12</answer><|im_end|>",
+    ]
+    calls = []
+
+    def fake_generate(input_ids, **kwargs):
+        calls.append(input_ids.shape[0])
+        texts = first_turn if len(calls) == 1 else ["<answer>12</answer><|im_end|>"] * input_ids.shape[0]
+        rows = [encode(texts[i % len(texts)]) for i in range(input_ids.shape[0])]
+        width = max(map(len, rows))
+        padded = [row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows]
+        return torch.cat([input_ids, torch.tensor(padded, device=input_ids.device)], dim=-1)
+
+    rows = [{"prompt": [{"role": "user", "content": "What is 3*4?"}], "solution": "12"}] * 6
+    trainer = MIGGRPOTrainer(
+        build_tiny_model(tokenizer).float(),
+        reward_funcs=length_reward,
+        args=compat_config(tmp_path, per_device_train_batch_size=3, num_generations=3, max_completion_length=128),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        tools=[multiply_tool],
+    )
+    with patch.object(trainer.model, "generate", side_effect=fake_generate):
+        train_and_check(trainer)
+    assert calls[0] == 3 and len(calls) > 1, "tool results are fed back for another generation"
+    assert first(trainer, "tools/call_frequency") == pytest.approx(2 / 3)
+    assert first(trainer, "tools/failure_frequency") == pytest.approx(1 / 2)
