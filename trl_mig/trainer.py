@@ -12,6 +12,7 @@ It overrides three hooks of `GRPOTrainer` and calls `super()` in each:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import is_dataclass
@@ -377,6 +378,7 @@ def _takes_sequence_advantages(trainer_class: type) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" in _SEQUENCE_LEVEL_TRAINERS for c in trainer_class.__mro__)
 
 
+@functools.lru_cache(maxsize=None)
 def mig_trainer_class(
     base_trainer: type[GRPOTrainer],
     config_class: type[GRPOConfig] | None = None,
@@ -397,7 +399,8 @@ def mig_trainer_class(
             for TRL's GMPOTrainer (geometric-mean loss), else True.
 
     Returns:
-        The new trainer class; its `mig_config_class` attribute is the config class it takes.
+        The new trainer class (the same class for the same arguments); its `mig_config_class` attribute is the
+        config class it takes.
     """
     if not (isinstance(base_trainer, type) and issubclass(base_trainer, GRPOTrainer)):
         raise TypeError(f"mig_trainer_class needs a subclass of trl.GRPOTrainer, got {base_trainer!r}.")
