@@ -154,17 +154,12 @@ def test_reward_model_tokenizer_loaded_from_its_path(tmp_path, char_tokenizer, t
 
 def test_reference_model_eval_dataset_and_log_completions(tmp_path, char_tokenizer, tiny_dirs):
     """beta > 0 loads a reference model (also the MIG scorer here), with reference-model syncing; an eval dataset
-    is evaluated with the MIG metrics; log_completions prints the table."""
-    trainer = MIGGRPOTrainer(
-        tiny_dirs["policy"],
-        reward_funcs=length_reward,
-        args=compat_config(tmp_path, beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, max_steps=2,
-                           mig_likelihood_model="reference", eval_strategy="steps", eval_steps=2,
-                           per_device_eval_batch_size=4, log_completions=True),
-        train_dataset=problems(),
-        eval_dataset=problems(4),
-        processing_class=char_tokenizer,
-    )
+    is evaluated with the MIG metrics; log_completions prints the table; positional arguments as GRPOTrainer's."""
+    args = compat_config(tmp_path, beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, max_steps=2,
+                         mig_likelihood_model="reference", eval_strategy="steps", eval_steps=2,
+                         per_device_eval_batch_size=4, log_completions=True)
+    # every argument by position, in GRPOTrainer's order
+    trainer = MIGGRPOTrainer(tiny_dirs["policy"], length_reward, args, problems(), problems(4), char_tokenizer)
     assert trainer.ref_model is not None
     logged = train_and_check(trainer)
     assert "kl" in logged

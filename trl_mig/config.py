@@ -59,7 +59,8 @@ class MIGConfig(GRPOConfig):
             `"group"`, `"batch"` or `"none"` (centred only).
         sft_correctness_reward (`str` or `None`, defaults to `None`): name of the reward function that says a
             completion is correct (the factual gate). `None` picks the first reward function whose name contains
-            `"accuracy"`.
+            `"accuracy"`; when there is none, gated SFT is off (one warning, `sft/enabled` logged as 0). A name that
+            is not among the reward functions is an error.
         sft_correctness_threshold (`float`, defaults to `1.0`): a completion is correct when that reward is at least
             this value.
 
@@ -157,7 +158,7 @@ class MIGConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Name of the reward function that marks a completion correct for gated SFT. Default: the first "
-            "reward function whose name contains 'accuracy'."
+            "reward function whose name contains 'accuracy'; without one, gated SFT is off (with a warning)."
         },
     )
     sft_correctness_threshold: float = field(

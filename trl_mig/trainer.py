@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from dataclasses import is_dataclass
@@ -57,7 +58,8 @@ class MIGMixin:
     # False when the base trainer's loss takes one advantage per completion, `(B,)` (e.g. GMPO's geometric mean)
     mig_token_level_advantages: bool = True
 
-    def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, *more, **kwargs):
+        kwargs = _keyword_arguments(more, kwargs)
         config_class = self.mig_config_class
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
@@ -342,6 +344,19 @@ class MIGMixin:
         stacked = gather(torch.stack(list(columns.values()), dim=1).float())
         for name, value in zip(columns, torch.nanmean(stacked, dim=0).tolist()):
             self._metrics[mode][name].append(value)
+
+
+def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
+    """GRPOTrainer's constructor arguments after `train_dataset`, given by position, as keywords."""
+    if not positional:
+        return keywords
+    names = list(inspect.signature(GRPOTrainer.__init__).parameters)[5:]  # after self, model, ..., train_dataset
+    if len(positional) > len(names):
+        raise TypeError(f"Too many positional arguments: GRPOTrainer takes {len(names) + 4} at most.")
+    named = dict(zip(names, positional))
+    for name in named.keys() & keywords.keys():
+        raise TypeError(f"Got multiple values for argument {name!r}.")
+    return {**named, **keywords}
 
 
 def _check_solution_column(dataset, column: str, name: str) -> None:
