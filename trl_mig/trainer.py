@@ -1,6 +1,7 @@
 """`MIGGRPOTrainer`: GRPO with step-wise Marginal Information Gain credit, decoupled masking and gated SFT.
 
-It overrides three hooks of `GRPOTrainer` and calls `super()` in each:
+`MIGMixin` holds the MIG behaviour; `MIGGRPOTrainer` is the mixin on `GRPOTrainer`, and `mig_trainer_class` puts it on
+any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTrainer` and calls `super()` in each:
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
