@@ -226,14 +226,6 @@ def test_minimal_constructor_without_args(tmp_path, char_tokenizer, tiny_dirs, m
     assert len(warnings) == 1 and "sft_correctness_reward=" in warnings[0]
 
 
-def test_environment_owned_data_is_a_construction_error(tmp_path, char_tokenizer, tiny_dirs):
-    class GuessEnvironment:
-        def reset(self, **kwargs):
-            return "Guess the number."
-
-    with pytest.raises(ValueError, match="environment-owned data .* has none"):
-        MIGGRPOTrainer(tiny_dirs["policy"], reward_funcs=length_reward, args=compat_config(tmp_path),
-                       processing_class=char_tokenizer, environment_factory=GuessEnvironment)
 
 
 def multiply_tool(a: int, b: int) -> int:
@@ -302,3 +294,37 @@ def test_tools(tmp_path, tool_tokenizer):
     assert calls[0] == 3 and len(calls) > 1, "tool results are fed back for another generation"
     assert first(trainer, "tools/call_frequency") == pytest.approx(2 / 3)
     assert first(trainer, "tools/failure_frequency") == pytest.approx(1 / 2)
+
+
+class GuessEnvironment:
+    def reset(self, **kwargs):
+        return "Guess the number."
+
+    def guess(self, number: int) -> str:
+        """
+        Guess the number.
+
+        Args:
+            number: The guess.
+
+        Returns:
+            Whether it is right.
+        """
+        return "right" if number == 4 else "wrong"
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+def test_environments(tmp_path, tool_tokenizer, tiny_dirs):
+    """Environment-owned data (no train_dataset) has no ground truth: a construction error. With a dataset that has
+    one, an environment that owns the reward is, as in GRPOTrainer, the only reward when reward_funcs is None."""
+    with pytest.raises(ValueError, match="environment-owned data .* has none"):
+        MIGGRPOTrainer(tiny_dirs["policy"], reward_funcs=length_reward, args=compat_config(tmp_path),
+                       processing_class=tool_tokenizer, environment_factory=GuessEnvironment)
+    rows = [{"prompt": [{"role": "user", "content": "Guess."}], "solution": "4"}] * 4
+    trainer = MIGGRPOTrainer(build_tiny_model(tool_tokenizer), args=compat_config(tmp_path),
+                             train_dataset=Dataset.from_list(rows), processing_class=tool_tokenizer,
+                             environment_factory=GuessEnvironment)
+    assert trainer.reward_func_names == ["GuessEnvironment"]
+    assert trainer._sft_reward_index is None
