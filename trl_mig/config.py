@@ -271,7 +271,8 @@ def validate_mig_fields(config) -> None:
 def mig_config_class(base_config: type[GRPOConfig]) -> type[MIGConfig]:
     """
     The MIG twin of a GRPOConfig subclass (e.g. a TRL experimental variant's config): a dataclass with the base's
-    fields and defaults plus MIG's fields, validated like [`MIGConfig`]. [`MIGConfig`] itself for `GRPOConfig`; the same class for the same base.
+    fields and defaults plus MIG's fields, validated like [`MIGConfig`]. [`MIGConfig`] itself for `GRPOConfig`; the
+    same class every time for the same base.
     """
     if not (isinstance(base_config, type) and issubclass(base_config, GRPOConfig)):
         raise TypeError(f"mig_config_class needs a subclass of trl.GRPOConfig, got {base_config!r}.")
