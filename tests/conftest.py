@@ -87,8 +87,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def cpu_config(output_dir, **overrides):
-    """A MIGConfig sized for a CPU test: tiny batches, short completions, no saving, no reporting."""
+def cpu_config(output_dir, config_class=None, **overrides):
+    """A MIGConfig (or `config_class`) sized for a CPU test: tiny batches, short completions, no saving, no
+    reporting."""
     from trl_mig import MIGConfig
 
     defaults = dict(
@@ -106,7 +107,7 @@ def cpu_config(output_dir, **overrides):
         seed=0,
     )
     defaults.update(overrides)
-    return MIGConfig(**defaults)
+    return (config_class or MIGConfig)(**defaults)
 
 
 def scripted_rollout(script: dict, end_with_eos=lambda text: text.rstrip().endswith("</answer>")):

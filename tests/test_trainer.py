@@ -187,15 +187,34 @@ def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
     assert loss.item() == GRPOTrainer._compute_loss(without, without.model, out_without).item()
 
 
-def test_sft_needs_a_correctness_reward(tmp_path, char_tokenizer):
+def test_sft_without_a_correctness_reward_is_off_with_one_warning(tmp_path, char_tokenizer, caplog):
     model = build_tiny_model(char_tokenizer)
     dataset = Dataset.from_list(scripted_batch())
-    with pytest.raises(ValueError, match="sft_correctness_reward"):
-        MIGGRPOTrainer(model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-                       args=cpu_config(tmp_path), train_dataset=dataset, processing_class=char_tokenizer)
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    with caplog.at_level("WARNING", logger="trl_mig.trainer"):
+        trainer = MIGGRPOTrainer(model, reward_funcs=[length_reward], args=cpu_config(tmp_path, sft_weight=0.5),
+                                 train_dataset=dataset, processing_class=char_tokenizer,
+                                 rollout_func=scripted_rollout(SCRIPT))
+    warnings = [r.getMessage() for r in caplog.records if "Gated SFT is off" in r.getMessage()]
+    assert len(warnings) == 1 and "sft_correctness_reward=" in warnings[0] and "length_reward" in warnings[0]
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(scripted_batch())
+    assert "sft_gate" not in output
+    assert trainer._metrics["train"]["sft/enabled"] == [0.0]
+    # MIG credit is still there: thought tokens carry a MIG advantage that the answer tokens of the row do not
+    length = int(output["completion_mask"][0].sum())
+    assert output["advantages"][0, :length].unique().numel() > 1
+
     with pytest.raises(ValueError, match="'exact_match' is not one of the reward functions"):
         MIGGRPOTrainer(model, args=cpu_config(tmp_path, sft_correctness_reward="exact_match"),
                        train_dataset=dataset, processing_class=char_tokenizer)
+    named = MIGGRPOTrainer(model, reward_funcs=[length_reward],
+                           args=cpu_config(tmp_path, sft_correctness_reward="length_reward"),
+                           train_dataset=dataset, processing_class=char_tokenizer)
+    assert named._sft_reward_index == 0
 
 
 def test_missing_solution_column_fails_at_construction(tmp_path, char_tokenizer):

@@ -1,7 +1,7 @@
 """trl-mig: Step-wise Marginal Information Gain (MIG) process credit for TRL's GRPOTrainer."""
 
 from .callbacks import HeldOutAccuracyCallback
-from .config import MIGConfig
+from .config import MIGConfig, mig_config_class
 from .credit import (
     gated_sft_loss,
     hwm_gains,
@@ -14,7 +14,7 @@ from .credit import (
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion
-from .trainer import MIGGRPOTrainer
+from .trainer import MIGGRPOTrainer, MIGMixin, mig_trainer_class
 
 __version__ = "0.1.0"
 
@@ -24,12 +24,15 @@ __all__ = [
     "HeldOutAccuracyCallback",
     "MIGConfig",
     "MIGGRPOTrainer",
+    "MIGMixin",
     "StepFormatReward",
     "StepLikelihoodScorer",
     "answer_accuracy_reward",
     "gated_sft_loss",
     "hwm_gains",
     "likelihood_differences",
+    "mig_config_class",
+    "mig_trainer_class",
     "normalize_rewards",
     "per_token_advantages",
     "segment_completion",

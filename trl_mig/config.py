@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -58,7 +59,8 @@ class MIGConfig(GRPOConfig):
             `"group"`, `"batch"` or `"none"` (centred only).
         sft_correctness_reward (`str` or `None`, defaults to `None`): name of the reward function that says a
             completion is correct (the factual gate). `None` picks the first reward function whose name contains
-            `"accuracy"`.
+            `"accuracy"`; when there is none, gated SFT is off (one warning, `sft/enabled` logged as 0). A name that
+            is not among the reward functions is an error.
         sft_correctness_threshold (`float`, defaults to `1.0`): a completion is correct when that reward is at least
             this value.
 
@@ -156,7 +158,7 @@ class MIGConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Name of the reward function that marks a completion correct for gated SFT. Default: the first "
-            "reward function whose name contains 'accuracy'."
+            "reward function whose name contains 'accuracy'; without one, gated SFT is off (with a warning)."
         },
     )
     sft_correctness_threshold: float = field(
@@ -263,3 +265,25 @@ def validate_mig_fields(config) -> None:
             "MIGConfig.remove_unused_columns=True would drop the ground-truth column "
             f"{config.solution_column!r} that MIG scores; set it to False."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def mig_config_class(base_config: type[GRPOConfig]) -> type[MIGConfig]:
+    """
+    The MIG twin of a GRPOConfig subclass (e.g. a TRL experimental variant's config): a dataclass with the base's
+    fields and defaults plus MIG's fields, validated like [`MIGConfig`]. [`MIGConfig`] itself for `GRPOConfig`; the
+    same class every time for the same base.
+    """
+    if not (isinstance(base_config, type) and issubclass(base_config, GRPOConfig)):
+        raise TypeError(f"mig_config_class needs a subclass of trl.GRPOConfig, got {base_config!r}.")
+    if issubclass(base_config, MIGConfig):
+        return base_config
+    if base_config is GRPOConfig:
+        return MIGConfig
+    # the base comes first so that its defaults win over the GRPOConfig defaults MIGConfig carries
+    twin = type(
+        f"MIG{base_config.__name__}",
+        (base_config, MIGConfig),
+        {"__module__": __name__, "__doc__": f"[`{base_config.__name__}`] plus the MIGConfig fields."},
+    )
+    return dataclass(twin)

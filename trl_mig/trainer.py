@@ -1,6 +1,7 @@
 """`MIGGRPOTrainer`: GRPO with step-wise Marginal Information Gain credit, decoupled masking and gated SFT.
 
-It overrides three hooks of `GRPOTrainer` and calls `super()` in each:
+`MIGMixin` holds the MIG behaviour; `MIGGRPOTrainer` is the mixin on `GRPOTrainer`, and `mig_trainer_class` puts it on
+any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTrainer` and calls `super()` in each:
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
@@ -12,16 +13,19 @@ It overrides three hooks of `GRPOTrainer` and calls `super()` in each:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
+from dataclasses import is_dataclass
 
 import torch
 from accelerate.utils import gather, is_peft_model
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .config import MIGConfig, mig_field_names
+from .config import MIGConfig, mig_config_class, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
@@ -32,35 +36,59 @@ logger = logging.getLogger(__name__)
 _ANSWER_CACHE_SIZE = 65536
 
 
-class MIGGRPOTrainer(GRPOTrainer):
+class MIGMixin:
     """
-    Drop-in replacement for [`~trl.GRPOTrainer`] (same constructor) that adds MIG process credit.
+    MIG process credit for any [`~trl.GRPOTrainer`] subclass: put it before the trainer class in the bases
+    (`class MyMIGTrainer(MIGMixin, MyGRPOTrainer)`), or let [`mig_trainer_class`] build that class.
 
     The per-token advantage is `A[i,t] = outcome_weight * A_out_i + mig_weight * A_mig_i * M_cot[i,t]`, where A_out is
     GRPO's group-normalised outcome advantage and A_mig the group-normalised sum of watermark gains of the answer
-    likelihood over the completion's steps. With `sft_weight > 0`, completions that are well formed, correct and
-    raise the answer likelihood (sum of gains > 0) also get an NLL term.
+    likelihood over the completion's steps. With `sft_weight > 0` and a correctness reward (see
+    `MIGConfig.sft_correctness_reward`), completions that are well formed, correct and raise the answer likelihood
+    (sum of gains > 0) also get an NLL term; without an identifiable correctness reward the SFT term is off (one
+    warning, `sft/enabled` = 0).
 
-    If `reward_funcs` is None, the rewards are [`AnswerAccuracyReward`] and [`StepFormatReward`] built from `args`.
-    `args` must be a [`MIGConfig`].
+    If `reward_funcs` is None, the rewards are [`AnswerAccuracyReward`] and [`StepFormatReward`] built from `args`
+    (with an `environment_factory`, as in GRPOTrainer, the environment's reward alone). `args` must be a
+    [`MIGConfig`] (or the `mig_config_class` of the trainer class); without one, a default `mig_config_class()` is
+    used.
     """
 
-    _tag_names = ["trl", "grpo", "trl-mig"]
-    _name = "MIG-GRPO"
+    # the config class built when `args` is None; `mig_trainer_class` sets it to a MIG twin of the base's config
+    mig_config_class: type[MIGConfig] = MIGConfig
+    # False when the base trainer's loss takes one advantage per completion, `(B,)` (e.g. GMPO's geometric mean)
+    mig_token_level_advantages: bool = True
 
-    def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, *more, **kwargs):
+        kwargs = _keyword_arguments(more, kwargs)
+        config_class = self.mig_config_class
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = MIGConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-MIG-GRPO")
-        elif not isinstance(args, MIGConfig):
+            args = config_class(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-{self._name}")
+        elif not isinstance(args, config_class):
+            base_config = next(c for c in config_class.__mro__[1:] if c is not MIGConfig and is_dataclass(c))
             raise TypeError(
-                f"MIGGRPOTrainer needs `args` to be a MIGConfig, got {type(args).__name__}. MIGConfig accepts every "
-                "GRPOConfig option, so build it with the same arguments."
+                f"{type(self).__name__} needs `args` to be a {config_class.__name__}, got {type(args).__name__}. "
+                f"{config_class.__name__} accepts every {base_config.__name__} option, so build it with the same "
+                "arguments."
+            )
+        environment_factory = kwargs.get("environment_factory")
+        if train_dataset is None and environment_factory is not None:
+            raise ValueError(
+                f"{type(self).__name__} needs a ground-truth answer per prompt (column {args.solution_column!r}, "
+                "MIGConfig.solution_column), but environment-owned data (an `environment_factory` and no "
+                "`train_dataset`) has none. Pass a train_dataset with that column, or train with GRPOTrainer."
+            )
+        if not self.mig_token_level_advantages and (args.mig_credit != "trajectory" or args.mig_token_scope != "all"):
+            raise ValueError(
+                f"{type(self).__name__}'s loss takes one advantage per completion, so MIG credit cannot be limited to "
+                f"the chain of thought or to steps: set MIGConfig.mig_token_scope='all' and mig_credit='trajectory' "
+                f"(got {args.mig_token_scope!r} and {args.mig_credit!r})."
             )
         _check_solution_column(train_dataset, args.solution_column, "train_dataset")
         _check_solution_column(kwargs.get("eval_dataset"), args.solution_column, "eval_dataset")
         spec = FormatSpec.from_config(args)
-        if reward_funcs is None:
+        if reward_funcs is None and environment_factory is None:
             reward_funcs = default_reward_funcs(spec, args.solution_column)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
 
@@ -85,7 +113,8 @@ class MIGGRPOTrainer(GRPOTrainer):
         self.resumed_mig_changes: dict[str, tuple] = {}  # MIG settings changed since the checkpoint resumed from
 
     # ----------------------------------------------------------------------------------------------------- set-up
-    def _resolve_correctness_reward(self) -> int:
+    def _resolve_correctness_reward(self) -> int | None:
+        """Index of the reward that gates SFT; None (SFT off, one warning) when none is named and none is found."""
         names = self.reward_func_names
         wanted = self.args.sft_correctness_reward
         if wanted is not None:
@@ -97,10 +126,14 @@ class MIGGRPOTrainer(GRPOTrainer):
         for index, name in enumerate(names):
             if "accuracy" in name:
                 return index
-        raise ValueError(
-            f"Gated SFT (sft_weight={self.args.sft_weight}) needs a correctness reward, but no reward function name "
-            f"contains 'accuracy' among {names}. Set MIGConfig.sft_correctness_reward, or sft_weight=0."
+        logger.warning(
+            "Gated SFT is off: it needs a reward that says a completion is correct, and no reward function name "
+            "contains 'accuracy' among %s. Training uses MIG and outcome credit only (logged as sft/enabled = 0). "
+            "To enable it, set MIGConfig.sft_correctness_reward=<one of those names> (a completion is correct when "
+            "that reward is >= sft_correctness_threshold); sft_weight=0 silences this warning.",
+            names,
         )
+        return None
 
     def _max_over_processes(self, count: int) -> int:
         local = torch.tensor([count], device=self.accelerator.device)
@@ -155,10 +188,14 @@ class MIGGRPOTrainer(GRPOTrainer):
             mig_adv = all_step_adv[process_slice]
 
         step_ids = step_ids_tensor(segments, output["completion_ids"].shape[1], device=device)
-        output["advantages"] = per_token_advantages(
-            output["advantages"], mig_adv, step_ids, self.args.mig_weight, self.args.outcome_weight,
-            scope=self.args.mig_token_scope,
-        )
+        if self.mig_token_level_advantages:
+            output["advantages"] = per_token_advantages(
+                output["advantages"], mig_adv, step_ids, self.args.mig_weight, self.args.outcome_weight,
+                scope=self.args.mig_token_scope,
+            )
+        else:
+            # a `(B,)` advantage for a sequence-level loss: what mig_token_scope='all' gives every token
+            output["advantages"] = self.args.outcome_weight * output["advantages"] + self.args.mig_weight * mig_adv
 
         breakthrough = torch.nan_to_num(lift) > 0
         if self._sft_reward_index is not None:
@@ -168,6 +205,7 @@ class MIGGRPOTrainer(GRPOTrainer):
             output["sft_gate"] = (correct & well_formed & breakthrough).float()
 
         self._log_mig_metrics(mode, loglik, gain_sum, lift, num_steps, segments, has_answer, output.get("sft_gate"))
+        self._metrics[mode]["sft/enabled"].append(float(self._sft_reward_index is not None))
         return output
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -309,6 +347,19 @@ class MIGGRPOTrainer(GRPOTrainer):
             self._metrics[mode][name].append(value)
 
 
+def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
+    """GRPOTrainer's constructor arguments after `train_dataset`, given by position, as keywords."""
+    if not positional:
+        return keywords
+    names = list(inspect.signature(GRPOTrainer.__init__).parameters)[5:]  # after self, model, ..., train_dataset
+    if len(positional) > len(names):
+        raise TypeError(f"Too many positional arguments: GRPOTrainer takes {len(names) + 4} at most.")
+    named = dict(zip(names, positional))
+    for name in named.keys() & keywords.keys():
+        raise TypeError(f"Got multiple values for argument {name!r}.")
+    return {**named, **keywords}
+
+
 def _check_solution_column(dataset, column: str, name: str) -> None:
     """Fail at construction when a dataset lacks the ground-truth column (streaming datasets are checked per row)."""
     if dataset is None:
@@ -323,3 +374,66 @@ def _check_solution_column(dataset, column: str, name: str) -> None:
             f"{name} has no ground-truth column {column!r} (MIGConfig.solution_column); its columns are "
             f"{list(columns)}. Rename the column or set solution_column."
         )
+
+
+class MIGGRPOTrainer(MIGMixin, GRPOTrainer):
+    """
+    Drop-in replacement for [`~trl.GRPOTrainer`] (same constructor) that adds MIG process credit: [`MIGMixin`] on
+    `GRPOTrainer`. `args` must be a [`MIGConfig`]; see [`MIGMixin`] for what differs from GRPOTrainer.
+    """
+
+    _tag_names = ["trl", "grpo", "trl-mig"]
+    _name = "MIG-GRPO"
+
+
+# trainers whose loss takes one advantage per completion, `(B,)`, not a `(B, T)` tensor
+_SEQUENCE_LEVEL_TRAINERS = ("trl.experimental.gmpo.gmpo_trainer.GMPOTrainer",)
+
+
+def _takes_sequence_advantages(trainer_class: type) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in _SEQUENCE_LEVEL_TRAINERS for c in trainer_class.__mro__)
+
+
+@functools.lru_cache(maxsize=None)
+def mig_trainer_class(
+    base_trainer: type[GRPOTrainer],
+    config_class: type[GRPOConfig] | None = None,
+    token_level_advantages: bool | None = None,
+) -> type[GRPOTrainer]:
+    """
+    A trainer class that adds MIG credit to `base_trainer`, a subclass of [`~trl.GRPOTrainer`] (one of TRL's
+    experimental variants or your own): `class MIG<Base>(MIGMixin, base_trainer)`.
+
+    Args:
+        base_trainer (`type`): the GRPOTrainer subclass. Its hooks run inside MIG's, which call `super()`.
+        config_class (`type`, *optional*): the base's config class (a GRPOConfig subclass). The new class then
+            takes [`mig_config_class`]`(config_class)`, which has the base's fields and defaults plus MIG's;
+            default: [`MIGConfig`].
+        token_level_advantages (`bool`, *optional*): whether the base's loss takes `(B, T)` advantages, as
+            GRPOTrainer's does. With False it gets one advantage per completion, `outcome_weight * A_out +
+            mig_weight * A_mig`, which needs `mig_token_scope="all"` and `mig_credit="trajectory"`. Default: False
+            for TRL's GMPOTrainer (geometric-mean loss), else True.
+
+    Returns:
+        The new trainer class (the same class for the same arguments); its `mig_config_class` attribute is the
+        config class it takes.
+    """
+    if not (isinstance(base_trainer, type) and issubclass(base_trainer, GRPOTrainer)):
+        raise TypeError(f"mig_trainer_class needs a subclass of trl.GRPOTrainer, got {base_trainer!r}.")
+    if issubclass(base_trainer, MIGMixin):
+        raise TypeError(f"{base_trainer.__name__} already has MIG credit (it subclasses MIGMixin).")
+    if token_level_advantages is None:
+        token_level_advantages = not _takes_sequence_advantages(base_trainer)
+    base_name = getattr(base_trainer, "_name", base_trainer.__name__)
+    return type(
+        f"MIG{base_trainer.__name__}",
+        (MIGMixin, base_trainer),
+        {
+            "__module__": __name__,
+            "__doc__": f"[`{base_trainer.__name__}`] with MIG process credit (see [`MIGMixin`]).",
+            "mig_config_class": mig_config_class(config_class) if config_class is not None else MIGConfig,
+            "mig_token_level_advantages": token_level_advantages,
+            "_tag_names": [*getattr(base_trainer, "_tag_names", []), "trl-mig"],
+            "_name": f"MIG-{base_name}",
+        },
+    )
