@@ -103,6 +103,9 @@ def test_no_steps_truncated_and_no_ground_truth_give_clear_messages(char_tokeniz
 
     headerless = inspect_completion(tiny_model, char_tokenizer, PROMPT, "<think>2+3=5\n\n5*4=20</think>", "20")
     assert headerless.num_steps == 2 and any("fallback" in m for m in headerless.messages)
+    outside_vocabulary = inspect_completion(tiny_model, char_tokenizer, PROMPT, "<think>### Step 1\ncafé</think>", "20")
+    assert "<unk>" in outside_vocabulary.completion
+    assert any("does not reproduce the given text" in m for m in outside_vocabulary.messages)
     with pytest.raises(TypeError, match="prompt must be text or a list of chat messages"):
         inspect_completion(tiny_model, char_tokenizer, 42, GOOD, "20")
 

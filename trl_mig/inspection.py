@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import TrainerCallback
 
+from .config import MIGConfig
 from .credit import hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
@@ -130,23 +131,13 @@ def _num(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- settings
-_MIG_DEFAULTS = {
-    "solution_column": "solution",
-    "mig_scaffold": "\n</think>\n<answer>",
-    "mig_gain": "watermark",
-    "mig_credit": "trajectory",
-    "mig_token_scope": "cot",
-    "mig_scale_rewards": "group",
-    "mig_weight": 1.0,
-    "outcome_weight": 1.0,
-    "mig_max_steps": 16,
-    "mig_scoring_method": "auto",
-    "mig_scoring_batch_size": 8,
-    "scale_rewards": "group",
-    "reward_weights": None,
-    "sft_weight": 0.1,
-    "sft_correctness_threshold": 1.0,
-}
+# the MIGConfig / GRPOConfig settings the credit depends on besides the format, with MIGConfig's defaults
+_SETTING_NAMES = (
+    "solution_column", "mig_scaffold", "mig_gain", "mig_credit", "mig_token_scope", "mig_scale_rewards", "mig_weight",
+    "outcome_weight", "mig_max_steps", "mig_scoring_method", "mig_scoring_batch_size", "scale_rewards",
+    "reward_weights", "sft_weight", "sft_correctness_threshold",
+)
+_MIG_DEFAULTS = {f.name: f.default for f in fields(MIGConfig) if f.name in _SETTING_NAMES}
 
 
 @dataclass(frozen=True)
@@ -232,14 +223,13 @@ def inspect_completion(
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     stop = _stop_ids(model, tokenizer)
-    contents, notes = [], []
+    contents = []
     for item in completions:
         ids = list(item) if not isinstance(item, str) else tokenizer(item, add_special_tokens=False)["input_ids"]
         end = len(ids)
         while end > 0 and ids[end - 1] in stop:  # like the trainer: the EOS that ends generation is not content
             end -= 1
         contents.append(ids[:end])
-        notes.append([])
     segments = [segment_completion(tokenizer, ids, spec) for ids in contents]
 
     variants = answer_variants(solution, settings.solution_column)
@@ -271,6 +261,12 @@ def inspect_completion(
     for row, (ids, seg) in enumerate(zip(contents, segments)):
         results.append(_completion_credit(tokenizer, prompt_text, ids, seg, variants, loglik[row], gains[row],
                                           watermark[row], lifts[row], bool(scorable[row]), settings))
+    for given, credit in zip(completions, results):
+        if isinstance(given, str) and not given.startswith(credit.completion):
+            credit.messages.append(
+                "The tokenizer does not reproduce the given text (characters outside its vocabulary?): the text shown "
+                "and scored is the decoding of its tokens."
+            )
     _set_correct(settings, results, [solution] * len(results))
     if not single:
         _group_advantages(settings, reward_funcs, prompt, solution, results, segments, loglik, gains, scorable)
