@@ -224,6 +224,9 @@ def test_training_logs_per_step_columns_and_writes_credit_pages(tmp_path, char_t
         checker.feed(page)
         assert not checker.errors and checker.stack == []
         assert "Prompt 2" in page and "https://" not in page and "advantage of its tokens" in page
+    credits = list(trainer._mig_credit_log)
+    assert sorted(c.correct for c in credits) == [0.0, 0.0] + [1.0] * 6  # both groups of the last batch
+    assert credits[0].outside_advantage is not None and credits[0].steps[0].advantage is not None
 
 
 def test_mig_inspect_html_is_off_by_default(tmp_path, char_tokenizer):
@@ -280,6 +283,8 @@ def test_inspect_command_samples_from_a_dataset_row(tmp_path, capsys):
     assert code == 2 and "--dataset" in capsys.readouterr().err
     code = main([*common, "--temperature", "0", "--num_samples", "2"])
     assert code == 2 and "--temperature > 0" in capsys.readouterr().err
+    code = main([*common, "--mig_weight", "-1"])
+    assert code == 2 and "mig_weight must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_inspect_command_reads_a_training_recipe(tmp_path, capsys):

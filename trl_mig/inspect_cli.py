@@ -11,6 +11,7 @@ temperature, the reward weights, the dataset and the model, so the view matches 
 from __future__ import annotations
 
 import typing
+from types import SimpleNamespace
 from dataclasses import dataclass, field, fields, make_dataclass
 
 from transformers import HfArgumentParser
@@ -96,8 +97,11 @@ def parse_inspect_args(argv: list[str]):
     """`(InspectArguments, MIGSettings, BuiltinArguments)` from the command line and an optional `--config` recipe."""
     from .cli import TRAIN_DATACLASSES, read_recipe
 
-    parser = HfArgumentParser((InspectArguments, MIGSettings, BuiltinArguments), prog="trl-mig inspect",
-                              allow_abbrev=False)
+    parser = HfArgumentParser(
+        (InspectArguments, MIGSettings, BuiltinArguments), prog="trl-mig inspect", allow_abbrev=False,
+        description="Per-step MIG credit of one prompt's completions. --config RECIPE.yaml reads the MIG settings, "
+        "model, dataset and sampling temperature of a training recipe; flags override it.",
+    )
     argv = list(argv)
     if "--config" in argv:
         index = argv.index("--config")
@@ -132,12 +136,15 @@ def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments
     from .evaluation import write_json
     from .inspection import CreditSettings, inspect_completion
     from .render import render_png, write_html
+    from .config import validate_mig_fields
     from .segmentation import FormatSpec
 
     builtin_args = builtin_args or BuiltinArguments()
     prompt, solution = _prompt_and_solution(args, settings, builtin_args)
     try:
         settings.answer_match = check_answer_match(args.dataset, builtin_args, settings.answer_match, "--answer_match")
+        # the checks MIGConfig runs on the same fields (weights, choices, patterns, scaffold, sizes)
+        validate_mig_fields(SimpleNamespace(**vars(settings), mig_likelihood_model="policy", remove_unused_columns=False))
         credit_settings = CreditSettings.from_config(settings)
         FormatSpec.from_config(settings).step_regex  # noqa: B018 - compile now: a bad regex is an input error
         credit_settings.spec.answer_regex  # noqa: B018

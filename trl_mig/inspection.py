@@ -459,6 +459,8 @@ def record_completion_credit(trainer, inputs, prompt_rows, contents, segments, l
         for step in credit.steps:
             lo, hi = step.token_span
             step.advantage = float(token_advantages[row, lo]) if hi > lo else None
+        outside = [t for t in (seg.boundaries[-1], seg.boundaries[0] - 1) if 0 <= t < len(ids)]  # after, or before
+        credit.outside_advantage = float(token_advantages[row, outside[0]]) if outside else None
         credits.append(credit)
     _set_correct(settings, credits, solutions)
     trainer._mig_credit_log.extend(gather_object(credits))
