@@ -59,7 +59,8 @@ def test_inspect_completion_equals_the_trainers_internal_values(tmp_path, char_t
             for step in item.steps:
                 lo, hi = step.token_span
                 assert advantages[lo:hi].tolist() == pytest.approx([step.advantage] * (hi - lo), abs=1e-4), (row, step)
-            outside = torch.cat([advantages[: item.steps[0].token_span[0]], advantages[item.steps[-1].token_span[1] :]])
+            first, last = item.steps[0].token_span[0], item.steps[-1].token_span[1]
+            outside = torch.cat([advantages[:first], advantages[last:]])
             assert outside.tolist() == pytest.approx([item.outside_advantage] * outside.numel(), abs=1e-4)
             assert item.breakthroughs == [k + 1 for k in range(steps) if gains[row, k] > 0]
     assert [c.correct for c in inspect_completion(trainer.model, char_tokenizer, PROMPTS[0], SCRIPT[PROMPTS[0]],
@@ -103,7 +104,8 @@ def test_no_steps_truncated_and_no_ground_truth_give_clear_messages(char_tokeniz
 
     headerless = inspect_completion(tiny_model, char_tokenizer, PROMPT, "<think>2+3=5\n\n5*4=20</think>", "20")
     assert headerless.num_steps == 2 and any("fallback" in m for m in headerless.messages)
-    outside_vocabulary = inspect_completion(tiny_model, char_tokenizer, PROMPT, "<think>### Step 1\ncafé</think>", "20")
+    accented = "<think>### Step 1\ncafé</think>"
+    outside_vocabulary = inspect_completion(tiny_model, char_tokenizer, PROMPT, accented, "20")
     assert "<unk>" in outside_vocabulary.completion
     assert any("does not reproduce the given text" in m for m in outside_vocabulary.messages)
     with pytest.raises(TypeError, match="prompt must be text or a list of chat messages"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 from transformers import HfArgumentParser
 
-from .builtin import BuiltinArguments, check_answer_match, is_builtin
+from .builtin import BuiltinArguments, check_answer_match
 from .config import MIGConfig
 from .data import DataArguments, get_split, load_dataset_dict, prepare_dataset
 from .errors import CLIError
@@ -144,7 +144,8 @@ def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments
     try:
         settings.answer_match = check_answer_match(args.dataset, builtin_args, settings.answer_match, "--answer_match")
         # the checks MIGConfig runs on the same fields (weights, choices, patterns, scaffold, sizes)
-        validate_mig_fields(SimpleNamespace(**vars(settings), mig_likelihood_model="policy", remove_unused_columns=False))
+        checked = SimpleNamespace(**vars(settings), mig_likelihood_model="policy", remove_unused_columns=False)
+        validate_mig_fields(checked)
         credit_settings = CreditSettings.from_config(settings)
         FormatSpec.from_config(settings).step_regex  # noqa: B018 - compile now: a bad regex is an input error
         credit_settings.spec.answer_regex  # noqa: B018

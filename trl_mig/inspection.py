@@ -292,13 +292,18 @@ def _stop_ids(model, tokenizer) -> set:
     return stop - {None}
 
 
-def _completion_credit(tokenizer, prompt_text, ids, seg, variants, loglik, gains, watermark, lifts, scorable, settings):
+def _completion_credit(
+    tokenizer, prompt_text, ids, seg, variants, loglik, gains, watermark, lifts, scorable, settings
+) -> CompletionCredit:
+    """One completion's [`CompletionCredit`] from its tokens, segments and `(K_max + 1,)` / `(K_max,)` rows of l_k,
+    g_k, h_k and watermark gains (group fields left unset)."""
     text, ends = token_end_offsets(tokenizer, ids)
     char_at = lambda token: ends[token - 1] if token > 0 else 0  # noqa: E731
     layout = seg.layout
     values = lambda tensor, n: [float(v) for v in tensor[:n]] if scorable else None  # noqa: E731
     num_steps = seg.num_steps
-    l_values, h_values, g_values = values(loglik, num_steps + 1), values(watermark, num_steps + 1), values(gains, num_steps)
+    l_values, h_values = values(loglik, num_steps + 1), values(watermark, num_steps + 1)
+    g_values = values(gains, num_steps)
     steps = []
     for k in range(num_steps):
         lo, hi = seg.boundaries[k], seg.boundaries[k + 1]
@@ -321,8 +326,8 @@ def _completion_credit(tokenizer, prompt_text, ids, seg, variants, loglik, gains
         )
     if num_steps == 0:
         messages.append(
-            "No steps: the thought is empty (or missing), so there is only l_0 and no gain; the completion's tokens get "
-            "the outcome advantage only."
+            "No steps: the thought is empty (or missing), so there is only l_0 and no gain; the completion's tokens "
+            "get the outcome advantage only."
         )
     elif not layout.has_step_headers:
         messages.append(
@@ -416,7 +421,8 @@ def _group_advantages(settings, reward_funcs, prompt, solution, results, segment
             step.advantage = float(tokens[row, lo]) if hi > lo else None
         if settings.sft_weight > 0 and credit.correct is not None:
             breakthrough = bool(scorable[row]) and float(lifted[row]) > 0
-            credit.sft_gate = credit.well_formed and credit.correct >= settings.sft_correctness_threshold and breakthrough
+            correct = credit.correct >= settings.sft_correctness_threshold
+            credit.sft_gate = credit.well_formed and correct and breakthrough
 
 
 # ----------------------------------------------------------------------------------------------------- training

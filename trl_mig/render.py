@@ -65,9 +65,9 @@ def render_html(groups: Sequence[Sequence[CompletionCredit]], title: str = "MIG 
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
-        '<p class="help">Each completion\'s chain of thought is cut into steps. l<sub>k</sub> is the mean log-probability '
-        "of the ground-truth answer after steps 1..k (l<sub>0</sub>: before any step), h<sub>k</sub> the watermark "
-        "(best l so far) and g<sub>k</sub> the step's gain, what it lifted the watermark by. A step's shade is its "
+        '<p class="help">Each completion\'s chain of thought is cut into steps. l<sub>k</sub> is the mean '
+        "log-probability of the ground-truth answer after steps 1..k (l<sub>0</sub>: before any step), h<sub>k</sub> "
+        "the watermark (best l so far) and g<sub>k</sub> the step's gain, what it lifted the watermark by. A step's shade is its "
         f'gain (<span class="scale"></span> 0 to {scale:.3g} nats); a dark bar marks a breakthrough (a step that '
         "lifted the watermark). Hover a step for its numbers. Grey text lies outside the thought and gets only the "
         "outcome advantage.</p>",
@@ -134,17 +134,18 @@ def _shaded_text(credit: CompletionCredit, scale: float) -> str:
     text = credit.completion
     pieces, position = [], 0
     l0 = credit.loglik[0] if credit.loglik else None
+    outside_tip = _e(_outside_tip(credit))
     for step in credit.steps:
         start, end = step.char_span
         if start > position:
-            pieces.append(f'<span class="outside" title="{_e(_outside_tip(credit))}">{_e(text[position:start])}</span>')
+            pieces.append(f'<span class="outside" title="{outside_tip}">{_e(text[position:start])}</span>')
         classes = "step breakthrough" if step.breakthrough else "step"
         style = _shade(step.gain, scale)
         tip = _step_tip(step, l0)
         pieces.append(f'<span class="{classes}" style="{style}" title="{_e(tip)}">{_e(text[start:end])}</span>')
         position = max(position, end)
     if position < len(text):
-        pieces.append(f'<span class="outside" title="{_e(_outside_tip(credit))}">{_e(text[position:])}</span>')
+        pieces.append(f'<span class="outside" title="{outside_tip}">{_e(text[position:])}</span>')
     return "".join(pieces) or '<span class="outside">(empty completion)</span>'
 
 
