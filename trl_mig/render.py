@@ -66,11 +66,11 @@ def render_html(groups: Sequence[Sequence[CompletionCredit]], title: str = "MIG 
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         '<p class="help">Each completion\'s chain of thought is cut into steps. l<sub>k</sub> is the mean '
-        "log-probability of the ground-truth answer after steps 1..k (l<sub>0</sub>: before any step), h<sub>k</sub> "
-        "the watermark (best l so far) and g<sub>k</sub> the step's gain, what it lifted the watermark by. A step's shade is its "
-        f'gain (<span class="scale"></span> 0 to {scale:.3g} nats); a dark bar marks a breakthrough (a step that '
-        "lifted the watermark). Hover a step for its numbers. Grey text lies outside the thought and gets only the "
-        "outcome advantage.</p>",
+        "log-probability of the ground-truth answer after steps 1..k (l<sub>0</sub>: before any step), "
+        "h<sub>k</sub> the watermark (best l so far) and g<sub>k</sub> the step's gain, what it lifted the watermark "
+        f'by. A step\'s shade is its gain (<span class="scale"></span> 0 to {scale:.3g} nats); a dark bar marks a '
+        "breakthrough (a step that lifted the watermark). Hover a step for its numbers. Grey text lies outside the "
+        "thought and gets only the outcome advantage.</p>",
     ]
     for number, group in enumerate(groups, 1):
         first = group[0]
