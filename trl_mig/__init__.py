@@ -11,6 +11,7 @@ from .credit import (
     step_advantages,
     step_gains,
 )
+from .inspection import CompletionCredit, StepCredit, inspect_completion
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion
@@ -20,16 +21,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnswerAccuracyReward",
+    "CompletionCredit",
     "FormatSpec",
     "HeldOutAccuracyCallback",
     "MIGConfig",
     "MIGGRPOTrainer",
     "MIGMixin",
+    "StepCredit",
     "StepFormatReward",
     "StepLikelihoodScorer",
     "answer_accuracy_reward",
     "gated_sft_loss",
     "hwm_gains",
+    "inspect_completion",
     "likelihood_differences",
     "mig_config_class",
     "mig_trainer_class",

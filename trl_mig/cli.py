@@ -2,6 +2,7 @@
 
     trl-mig train --config RECIPE.yaml [--field value ...]     MIG (or plain GRPO) training from a YAML recipe
     trl-mig eval --model PATH --dataset NAME [--splits test]   pass@1 and format rate, table + JSON
+    trl-mig inspect --model PATH --dataset NAME --index 3      per-step MIG credit of a prompt's completions
     trl-mig builtins                                           the `builtin:` datasets and models
     trl-mig accelerate-config NAME                             path of a TRL-packaged accelerate config
 
@@ -384,6 +385,12 @@ def accelerate_config_command(argv: list[str]) -> int:
     return 0
 
 
+def inspect_command(argv: list[str]) -> int:
+    from .inspect_cli import inspect_command as run
+
+    return run(argv)
+
+
 def study_command(argv: list[str]) -> int:
     import argparse
 
@@ -412,6 +419,7 @@ COMMANDS = {
     "train": (train_command, "train with MIG (or plain GRPO) from a YAML recipe; flags override the recipe"),
     "study": (study_command, "arms x sweep x seeds of training runs, resumable; study.json, study.md and plots"),
     "eval": (eval_command, "pass@1 and format rate of a model (or of a completions column) on dataset splits"),
+    "inspect": (inspect_command, "per-step MIG credit (l_k, watermark, gains) of a prompt's completions: table, HTML, PNG"),
     "builtins": (builtins_command, "list the builtin: datasets and models"),
     "accelerate-config": (accelerate_config_command, "print the path of an accelerate config packaged by TRL"),
 }
@@ -428,6 +436,7 @@ def usage() -> str:
         "--num_processes 8",
         "  accelerate launch --config_file $(trl-mig accelerate-config zero3) -m trl_mig train --config RECIPE.yaml",
         "  trl-mig eval --model OUTPUT_DIR --dataset builtin:arithmetic --splits test ood",
+        "  trl-mig inspect --config recipes/demo/mig.yaml --model OUTPUT_DIR --split test --index 3",
     ]
     return "\n".join(lines)
 

@@ -71,6 +71,12 @@ class MIGConfig(GRPOConfig):
             forward with a block attention mask; `"prefix"` scores each prefix as its own batched row; `"auto"` uses
             `"block"` when the attention implementation takes custom 4-D masks (sdpa, eager), else `"prefix"`.
         mig_scoring_batch_size (`int`, defaults to `8`): rows per scoring forward; bounds the scoring pass's memory.
+
+    Inspection:
+        mig_inspect_html (`bool`, defaults to `False`): whenever the trainer logs (every `logging_steps`), write
+            `OUTPUT_DIR/mig_inspect/step_<global step>.html`: the completions of the latest generation batch with
+            their steps shaded by gain (see [`inspect_completion`]). With `log_completions=True` the completions
+            table carries the per-step `mig_loglik` (l_0..l_K) and `mig_gains` (g_1..g_K) columns either way.
     """
 
     solution_column: str = field(
@@ -181,6 +187,14 @@ class MIGConfig(GRPOConfig):
     )
     mig_scoring_batch_size: int = field(
         default=8, metadata={"help": "Rows per scoring forward pass; bounds the memory of the scoring pass."}
+    )
+    mig_inspect_html: bool = field(
+        default=False,
+        metadata={
+            "help": "Write OUTPUT_DIR/mig_inspect/step_<N>.html whenever the trainer logs: the latest generation "
+            "batch's completions, each prompt's group side by side, steps shaded by their MIG gain, with l_k, h_k and "
+            "g_k on hover (the page `trl-mig inspect` writes)."
+        },
     )
 
     def __post_init__(self):

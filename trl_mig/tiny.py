@@ -18,15 +18,23 @@ def build_char_tokenizer(model_max_length: int = 4096):
     """
     A character-level tokenizer (printable ASCII, newline and tab, one token each) with the think/answer tags and the
     chat-role markers as single added tokens, `<pad>` for padding and `<eos>` as end of sequence, and a chat template.
+
+    It is written in the byte-level form that `Qwen2Tokenizer` (and GPT-2-style tokenizers) use: a BPE model without
+    merges whose vocabulary names each character by its byte-level symbol (space is `Ġ`, newline `Ċ`), with byte-level
+    pre-tokenizer and decoder. So a saved folder reloads with the same ids and text through
+    `AutoTokenizer.from_pretrained`, whichever class transformers picks for the model type (it rebuilds qwen2
+    tokenizers as `Qwen2Tokenizer` from the vocabulary, whatever `tokenizer_config.json` declares). Characters outside
+    the alphabet encode as `<unk>` here (one per UTF-8 byte); a reloaded `Qwen2Tokenizer` drops them.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    symbols = _byte_level_symbols()
     chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *(symbols[ord(c)] for c in chars)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -37,6 +45,14 @@ def build_char_tokenizer(model_max_length: int = 4096):
     tokenizer.add_tokens(list(TAG_TOKENS))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _byte_level_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable symbol map, the alphabet of byte-level BPE: printable bytes stand for themselves,
+    the others (space, control bytes, ...) are shifted to U+0100 onwards in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
 
 
 def build_tiny_model(

@@ -27,6 +27,7 @@ from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
+from .inspection import attach_credit_page, record_completion_credit
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, step_ids_tensor
@@ -111,6 +112,7 @@ class MIGMixin:
         self._answer_blocks: dict[str, AnswerBlock] = {}
         self._warned_unscorable = False
         self.resumed_mig_changes: dict[str, tuple] = {}  # MIG settings changed since the checkpoint resumed from
+        attach_credit_page(self)  # mig_inspect_html: an HTML page of the latest completions' credit at every log
 
     # ----------------------------------------------------------------------------------------------------- set-up
     def _resolve_correctness_reward(self) -> int | None:
@@ -196,6 +198,8 @@ class MIGMixin:
         else:
             # a `(B,)` advantage for a sequence-level loss: what mig_token_scope='all' gives every token
             output["advantages"] = self.args.outcome_weight * output["advantages"] + self.args.mig_weight * mig_adv
+        # per-step columns of the completions table (and the pages of `mig_inspect_html`)
+        record_completion_credit(self, inputs, prompt_rows, contents, segments, loglik, gains, output["advantages"])
 
         breakthrough = torch.nan_to_num(lift) > 0
         if self._sft_reward_index is not None:

@@ -22,7 +22,8 @@ from .task import ArithmeticTaskConfig, sft_rows
 
 logger = logging.getLogger(__name__)
 
-WARMSTART_VERSION = 2  # bump when the warm-start recipe changes, so cached models are rebuilt
+WARMSTART_VERSION = 3  # bump when the warm-start recipe or the saved files change, so cached models are rebuilt
+# 3: byte-level tokenizer files that `AutoTokenizer` reloads unchanged (same ids and weights as version 2)
 METADATA_FILE = "trl_mig_builtin.json"
 ARCHITECTURES = ("qwen2", "llama")
 
