@@ -214,3 +214,85 @@ def test_bidirectional_image_attention_falls_back_to_prefix(tiny_vlms, reference
     assert any("token_type_ids" in record.getMessage() for record in caplog.records)
     with pytest.raises(ValueError, match="token_type_ids"):
         StepLikelihoodScorer("block").resolve_method(model, marked)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def visual_dataset(n=8):
+    """Chat prompts with one image each (two prompts with two images), a count as the ground truth."""
+    from datasets import Dataset
+
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20)]
+    rows = []
+    for i in range(n):
+        images = [scene(colours[i % 4], (56, 56), dot=colours[(i + 1) % 4])]
+        if i % 4 == 3:
+            images.append(scene(colours[(i + 2) % 4], (28, 28)))
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"How many shapes? ({i})"}],
+                "images": images,
+                "solution": str(i % 3 + 1),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def vlm_trainer(tmp_path, architecture, **overrides):
+    from peft import LoraConfig
+
+    from conftest import cpu_config
+    from trl_mig import MIGGRPOTrainer
+
+    model, processor = build_tiny_vlm(architecture)
+    model.train()
+    settings = dict(max_completion_length=16, learning_rate=5e-2, sft_weight=0.5, mig_scaffold=SCAFFOLD)
+    trainer = MIGGRPOTrainer(
+        model,
+        args=cpu_config(tmp_path, **(settings | overrides)),
+        train_dataset=visual_dataset(),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    return trainer, processor
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "llava"])
+def test_lora_training_with_image_prompts(tmp_path, architecture, caplog, recwarn):
+    """A few GRPO steps on image prompts with LoRA: MIG metrics logged, adapters changed, no image warning, and every
+    completion scored with its own prompt's images."""
+    trainer, processor = vlm_trainer(tmp_path, architecture)
+    scored = []
+    score = trainer.mig_scorer.score
+    trainer.mig_scorer.score = lambda model, items: scored.append(list(items)) or score(model, items)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_propagation()  # transformers' own warnings reach caplog too
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.train()
+    finally:
+        transformers_logging.disable_propagation()
+    changed = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert changed and all("lora" in name for name in changed)
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    for metric in ("mig/loglik_prompt_only", "mig/gain_sum", "mig/steps", "mig/nonfinite_frac", "sft/gated_frac"):
+        assert metric in logged, metric
+    messages = [record.getMessage() for record in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [m for m in messages if any(word in m.lower() for word in ("image", "pixel", "vision", "rope"))]
+
+    # every completion's scoring item carries exactly its own prompt's images, as the processor gives them alone
+    assert scored and all(item.multimodal is not None for batch in scored for item in batch)
+    rows = visual_dataset()
+    for item in scored[0]:
+        prompt_text = processor.tokenizer.decode(item.prompt_ids)
+        row = rows[int(prompt_text.split("(")[1].split(")")[0])]
+        parts = [{"type": "image"}] * len(row["images"]) + [{"type": "text", "text": row["prompt"][0]["content"]}]
+        alone = processed_batch(processor, [parts], [row["images"]])
+        assert alone["input_ids"][0].tolist() == list(item.prompt_ids)
+        assert torch.equal(alone["pixel_values"], item.multimodal["pixel_values"])
+    # and its l_k are per-prefix teacher forcing with those images (the policy after training)
+    trainer.model.eval()
+    items = scored[-1][:3]
+    got = trainer.mig_scorer.score(trainer.model, items)
+    assert_scores_close(got, [reference_scores(trainer.model, item) for item in items])
