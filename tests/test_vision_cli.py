@@ -141,3 +141,29 @@ def test_a_local_vlm_folder_loads_its_processor_with_the_saved_tokenizer(tmp_pat
     assert loaded.tokenizer.padding_side == "left"
     text = "<|user|><image>How many?\n<|assistant|><think>### Step 1\n"
     assert loaded.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*-VL-*/**/*.yaml")),
+                         ids=lambda p: p.name)
+def test_vlm_recipe_column_mapping_on_local_rows(recipe):
+    """The recipe's mapping (image column, question, '<answer> N </answer>') on local rows with its dataset's
+    columns: no download."""
+    import torch
+    from datasets import Dataset
+
+    from trl_mig.cli import make_train_parser, parse_recipe_args
+
+    extra = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    (script_args, _, training_args, _, _), _ = parse_recipe_args(
+        make_train_parser(), ["--config", str(recipe), *extra], "the train dataclasses"
+    )
+    rows = Dataset.from_list(
+        [{"image": Image.new("RGB", (48, 32), COLOURS[i]), "problem": f"How many spheres are there? ({i})",
+          "solution": f"<answer> {i + 2} </answer>"} for i in range(3)]
+    )
+    dataset = prepare_dataset(rows, script_args, training_args.solution_column, "local rows")
+    assert dataset["solution"] == ["2", "3", "4"]
+    row = dataset[1]
+    assert row["image"].getpixel((0, 0)) == COLOURS[1]
+    assert row["prompt"][0]["role"] == "system" and "### Step 1" in row["prompt"][0]["content"]
+    assert row["prompt"][1] == {"role": "user", "content": "How many spheres are there? (1)"}
