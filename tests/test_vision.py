@@ -9,11 +9,18 @@ import torch
 from PIL import Image
 
 from trl_mig.multimodal import split_multimodal_inputs
-from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, encode_answer, multimodal_block_unsupported_reason
+from trl_mig.scoring import (
+    TOKEN_ALIGNED_FIELDS,
+    ScoringItem,
+    StepLikelihoodScorer,
+    encode_answer,
+    multimodal_block_unsupported_reason,
+)
 from trl_mig.tiny import build_tiny_vlm
 
 SCAFFOLD = "</think>\n<answer>"
-ARCHITECTURES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+ARCHITECTURES = ["qwen2_vl", "qwen2_5_vl", "llava", "gemma3"]
+BLOCK_ARCHITECTURES = ["qwen2_vl", "qwen2_5_vl", "llava"]  # gemma3's image tokens attend both ways: prefix only
 
 
 @pytest.fixture(scope="session")
@@ -91,11 +98,12 @@ def reference_scores(model, item: ScoringItem) -> torch.Tensor:
         best = -float("inf")
         for block in item.answers:
             ids = list(item.prompt_ids) + list(item.completion_ids[:boundary]) + list(block.ids)
-            inputs = {name: value for name, value in fields.items() if name not in ("mm_token_type_ids",)}
-            if "mm_token_type_ids" in fields:
-                token_types = torch.zeros(len(ids), dtype=torch.long)
-                token_types[: len(item.prompt_ids)] = fields["mm_token_type_ids"]
-                inputs["mm_token_type_ids"] = token_types.unsqueeze(0)
+            inputs = {name: value for name, value in fields.items() if name not in TOKEN_ALIGNED_FIELDS}
+            for name in TOKEN_ALIGNED_FIELDS:  # the prompt's token types, then text (0) for the rest
+                if name in fields:
+                    token_types = torch.zeros(len(ids), dtype=torch.long)
+                    token_types[: len(item.prompt_ids)] = fields[name]
+                    inputs[name] = token_types.unsqueeze(0)
             input_ids = torch.tensor([ids])
             with torch.no_grad():
                 logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **inputs).logits[0]
@@ -124,7 +132,7 @@ def references(tiny_vlms):
     return out
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", BLOCK_ARCHITECTURES)
 @pytest.mark.parametrize("method", ["block", "prefix"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_scores_with_images_equal_teacher_forcing(tiny_vlms, references, architecture, method, batch_size):
@@ -193,27 +201,27 @@ def test_split_multimodal_inputs_errors():
     assert split_multimodal_inputs({"prompt_ids": torch.zeros(2, 3)}, mask) == [None, None]
 
 
-def test_bidirectional_image_attention_falls_back_to_prefix(tiny_vlms, references, caplog):
-    """token_type_ids marking image tokens (Gemma 3 style: images attend both ways) rule the block mask out."""
-    model, _ = tiny_vlms["llava"]
-    items, _ = references["llava"]
-    marked = [
-        ScoringItem(
-            item.prompt_ids,
-            item.completion_ids,
-            item.boundaries,
-            item.answers,
-            {**(item.multimodal or {}), "token_type_ids": torch.ones(len(item.prompt_ids), dtype=torch.long)},
-        )
-        for item in items[:1]
-    ]
-    assert "token_type_ids" in multimodal_block_unsupported_reason(marked)
-    assert multimodal_block_unsupported_reason(items) is None
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_bidirectional_image_attention_falls_back_to_prefix(tiny_vlms, references, batch_size, caplog, monkeypatch):
+    """Gemma 3: token_type_ids make image tokens attend to each other both ways. `auto` scores one row per prefix,
+    exactly, with one warning that says why; `block` is refused; and a block mask would indeed be wrong."""
+    model, _ = tiny_vlms["gemma3"]
+    items, expected = references["gemma3"]
+    assert all("token_type_ids" in item.multimodal for item in items[:3])
+    assert "token_type_ids" in multimodal_block_unsupported_reason(items)
+    assert multimodal_block_unsupported_reason(references["llava"][0]) is None
     with caplog.at_level(logging.WARNING, logger="trl_mig.scoring"):
-        assert StepLikelihoodScorer("auto").resolve_method(model, marked) == "prefix"
-    assert any("token_type_ids" in record.getMessage() for record in caplog.records)
+        got = StepLikelihoodScorer("auto", batch_size=batch_size).score(model, items)
+    assert_scores_close(got, expected)
+    assert [r.getMessage() for r in caplog.records if "token_type_ids" in r.getMessage()][0].startswith(
+        "MIG scoring falls back to one row per step prefix"
+    )
     with pytest.raises(ValueError, match="token_type_ids"):
-        StepLikelihoodScorer("block").resolve_method(model, marked)
+        StepLikelihoodScorer("block").score(model, items)
+    monkeypatch.setattr("trl_mig.scoring.multimodal_block_unsupported_reason", lambda items: None)
+    wrong = StepLikelihoodScorer("block", batch_size=batch_size).score(model, items)
+    # causal image attention: ~2e-5 off in this random tiny model, 40x the exact pass's fp32 noise
+    assert max((a - b).abs().max().item() for a, b in zip(wrong, expected)) > 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -256,10 +264,10 @@ def vlm_trainer(tmp_path, architecture, **overrides):
     return trainer, processor
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "llava", "gemma3"])
 def test_lora_training_with_image_prompts(tmp_path, architecture, caplog, recwarn):
-    """A few GRPO steps on image prompts with LoRA: MIG metrics logged, adapters changed, no image warning, and every
-    completion scored with its own prompt's images."""
+    """A few GRPO steps on image prompts with LoRA: MIG metrics logged, adapters changed, no image warning (but
+    Gemma 3's announced fallback to prefix scoring), and every completion scored with its own prompt's images."""
     trainer, processor = vlm_trainer(tmp_path, architecture)
     scored = []
     score = trainer.mig_scorer.score
@@ -279,7 +287,10 @@ def test_lora_training_with_image_prompts(tmp_path, architecture, caplog, recwar
     for metric in ("mig/loglik_prompt_only", "mig/gain_sum", "mig/steps", "mig/nonfinite_frac", "sft/gated_frac"):
         assert metric in logged, metric
     messages = [record.getMessage() for record in caplog.records] + [str(w.message) for w in recwarn]
-    assert not [m for m in messages if any(word in m.lower() for word in ("image", "pixel", "vision", "rope"))]
+    fallback = [m for m in messages if m.startswith("MIG scoring falls back to one row per step prefix")]
+    assert len(fallback) == (1 if architecture == "gemma3" else 0)
+    image_warnings = [m for m in messages if any(word in m.lower() for word in ("image", "pixel", "vision", "rope"))]
+    assert image_warnings == fallback
 
     # every completion's scoring item carries exactly its own prompt's images, as the processor gives them alone
     assert scored and all(item.multimodal is not None for batch in scored for item in batch)

@@ -77,17 +77,19 @@ def build_tiny_model(
 
 
 # ------------------------------------------------------------------------------------------ vision-language models
-VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "llava")
+VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3")
 # how the chat template marks one image in a prompt (the processor expands the image token to the image's features)
 _IMAGE_MARKUP = {
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava": "<image>",
+    "gemma3": "<start_of_image>",
 }
 _IMAGE_TOKENS = {
     "qwen2_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "qwen2_5_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "llava": ("<image>",),
+    "gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
 }
 
 
@@ -121,6 +123,9 @@ def build_tiny_vlm(
       images are resized to at most `max_image_pixels` pixels. 3-D multimodal rotary positions.
     - `"llava"`: a CLIP vision tower on 28x28 images (every image is resized to that), 4 tokens per image, projected
       into the language model (Llama) in place of the `<image>` tokens. 1-D positions.
+    - `"gemma3"`: a SigLIP vision tower on 28x28 images, 4 tokens per image; `token_type_ids` mark the image tokens,
+      which attend to each other both ways. Full-attention layers only (no sliding window), so that the image
+      attention is what rules out the block mask.
 
     Returns:
         `(model, processor)`, the model in float32 and eval mode.
@@ -146,6 +151,8 @@ def build_tiny_vlm(
     token = tokenizer.convert_tokens_to_ids
     if architecture == "llava":
         config, processor = _tiny_llava(tokenizer, text, vision_size)
+    elif architecture == "gemma3":
+        config, processor = _tiny_gemma3(tokenizer, text, hidden_size, vision_size)
     else:
         config, processor = _tiny_qwen_vl(architecture, tokenizer, text, hidden_size, vision_size, max_image_pixels)
     config.tie_word_embeddings = True
@@ -221,6 +228,42 @@ def _tiny_llava(tokenizer, text, vision_size):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=tokenizer.chat_template,
+    )
+    return config, processor
+
+
+def _tiny_gemma3(tokenizer, text, hidden_size, vision_size):
+    from transformers import Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    side, tokens = 28, 4
+    for role, token in (("boi", "<start_of_image>"), ("image", "<image_soft_token>"), ("eoi", "<end_of_image>")):
+        setattr(tokenizer, f"{role}_token", token)  # the attributes Gemma3Processor reads
+        setattr(tokenizer, f"{role}_token_id", tokenizer.convert_tokens_to_ids(token))
+    config = Gemma3Config(
+        text_config={
+            **text,
+            "head_dim": hidden_size // text["num_attention_heads"],
+            "layer_types": ["full_attention"] * text["num_hidden_layers"],
+        },
+        vision_config=dict(
+            hidden_size=vision_size,
+            intermediate_size=vision_size * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=side,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=tokens,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    processor = _image_only(Gemma3Processor)(
+        image_processor=Gemma3ImageProcessorPil(size={"height": side, "width": side}),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=tokens,
     )
     return config, processor
 
