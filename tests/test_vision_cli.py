@@ -167,3 +167,16 @@ def test_vlm_recipe_column_mapping_on_local_rows(recipe):
     assert row["image"].getpixel((0, 0)) == COLOURS[1]
     assert row["prompt"][0]["role"] == "system" and "### Step 1" in row["prompt"][0]["content"]
     assert row["prompt"][1] == {"role": "user", "content": "How many spheres are there? (1)"}
+
+
+def test_eval_scores_visual_gold_solutions_and_refuses_text_only_generation(tmp_path, capsys):
+    sizes = ["--task_train_size", "12", "--task_validation_size", "0", "--task_test_size", "12", "--task_ood_size", "6"]
+    report = tmp_path / "visual.json"
+    code = main(["eval", "--dataset", "builtin:visual", "--completions_column", "gold_completion", "--splits", "test",
+                 "ood", *sizes, "--output_file", str(report)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads(report.read_text())["results"]
+    assert results["test"]["pass@1"] == 1.0 and results["ood"]["pass@1"] == 1.0
+    assert results["test"]["format_rate"] == 1.0
+    code = main(["eval", "--dataset", "builtin:visual", "--model", "builtin:tiny-qwen2-scratch", *sizes])
+    assert code == 2 and "has images" in capsys.readouterr().err
