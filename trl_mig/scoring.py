@@ -384,10 +384,9 @@ class _Row:
     `ids` (L,) long: the shared part (its first `shared_len` tokens) then the answer copies; `positions` (D, L) long
     their position ids (D = 1, or 3 for multimodal rotary positions). For block rows, `copy_start` and
     `copy_visible` (L - shared_len,) give, per copy token, the offset of its copy within the copy region and the
-    number of shared tokens the copy sees. `predict` (N,) is the
-    column (in the shared part for the first answer token, else relative to the copy region's start) that predicts
-    each scored token, `from_shared` (N,) bool tells which, `targets` (N,) the scored ids, `slots` (N,) the item's
-    (variant, k) slot index.
+    number of shared tokens the copy sees. `predict` (N,) is the column (in the shared part for the first answer
+    token, else relative to the copy region's start) that predicts each scored token, `from_shared` (N,) bool tells
+    which, `targets` (N,) the scored ids, `slots` (N,) the item's (variant, k) slot index.
     """
 
     ids: torch.Tensor
