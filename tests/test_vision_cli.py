@@ -180,3 +180,28 @@ def test_eval_scores_visual_gold_solutions_and_refuses_text_only_generation(tmp_
     assert results["test"]["format_rate"] == 1.0
     code = main(["eval", "--dataset", "builtin:visual", "--model", "builtin:tiny-qwen2-scratch", *sizes])
     assert code == 2 and "has images" in capsys.readouterr().err
+
+
+def test_visual_demo_recipe_end_to_end(tmp_path, monkeypatch, capsys):
+    """recipes/demo/visual.yaml, shrunk: the built-in tiny VLM (built into the cache, then reused) on builtin:visual."""
+    from transformers import ProcessorMixin
+
+    from trl_mig.builtin import BuiltinArguments, resolve_builtin_model
+    from trl_mig.tokenizer_utils import load_processing_class
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the recipe's env: restored after the test
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "demo" / "visual.yaml")
+    out = tmp_path / "visual"
+    code = main(["train", "--config", recipe, "--output_dir", str(out), "--max_steps", "2", "--task_train_size", "16",
+                 "--per_device_train_batch_size", "8", "--max_completion_length", "16", "--visual_image_size", "56",
+                 "--builtin_cache_dir", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["model"] == "builtin:tiny-llava-scratch" and summary["global_steps"] == 2
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["mig/unscorable_frac"] for entry in history if "mig/unscorable_frac" in entry] == [0.0, 0.0]
+    # the cached model folder holds the processor: the CLI trained with images, not with a bare tokenizer
+    path = resolve_builtin_model("builtin:tiny-llava-scratch", BuiltinArguments(
+        builtin_cache_dir=str(tmp_path / "cache"), tiny_hidden_size=64, tiny_num_layers=2))
+    assert isinstance(load_processing_class(path), ProcessorMixin)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # built once, reused

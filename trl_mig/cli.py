@@ -226,7 +226,17 @@ def train_command(argv: list[str]) -> int:
         if inside_launcher():
             raise CLIError(f"Unknown argument(s) {cli_remaining}: not fields of {names}.")
         return relaunch_with_accelerate(cli_remaining, remove_subsequence(argv, cli_remaining))
+    _apply_thread_count()
     return run_training(script_args, builtin_args, training_args, model_args, mixture_args)
+
+
+def _apply_thread_count() -> None:
+    """A recipe's `env: {OMP_NUM_THREADS: n}` is set after torch has sized its thread pool: resize it to match."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 # ----------------------------------------------------------------------------------------------------------- eval

@@ -14,6 +14,8 @@ Models (`model_name_or_path` / `--model`):
     builtin:tiny-llama          the same with a Llama-style config.
     builtin:tiny-qwen2-scratch  randomly initialised, no warm start (for smoke tests).
     builtin:tiny-llama-scratch  idem, Llama-style.
+    builtin:tiny-llava-scratch  LLaVA-style tiny vision-language model (CLIP + Llama) with the char tokenizer and
+                                its processor, randomly initialised: smoke tests of builtin:visual.
 
 Their sizes are set by the `task_*`, `tiny_*` and `warmstart_*` arguments of [`BuiltinArguments`].
 """
@@ -22,7 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .model import ARCHITECTURES, TinyModelSpec, WarmStartConfig, default_cache_dir, prepare_tiny_model
+from .model import (
+    ARCHITECTURES,
+    VLM_ARCHITECTURES,
+    TinyModelSpec,
+    WarmStartConfig,
+    default_cache_dir,
+    prepare_tiny_model,
+    prepare_tiny_vlm,
+)
 from .task import SCAFFOLD, ArithmeticTaskConfig, generate_splits, load_arithmetic_dataset
 from .visual import VisualTaskConfig, load_visual_dataset
 
@@ -37,6 +47,8 @@ BUILTIN_MODELS = {
     **{f"tiny-{arch}": f"tiny {arch} model with a char tokenizer, warm-started by SFT on builtin:arithmetic (cached)"
        for arch in ARCHITECTURES},
     **{f"tiny-{arch}-scratch": f"tiny {arch} model with a char tokenizer, random initialisation" for arch in ARCHITECTURES},
+    **{f"tiny-{arch}-scratch": f"tiny {arch}-style vision-language model and processor, random initialisation (for "
+       "builtin:visual smoke tests)" for arch in VLM_ARCHITECTURES},
 }
 
 
@@ -214,6 +226,11 @@ def resolve_builtin_model(
     args = args or BuiltinArguments()
     scratch = suffix.endswith("-scratch")
     architecture = suffix[len("tiny-") :].removesuffix("-scratch")
+    if architecture in VLM_ARCHITECTURES:
+        return prepare_tiny_vlm(
+            suffix, architecture, args.tiny_hidden_size, args.tiny_num_layers, args.tiny_seed, args.builtin_cache_dir,
+            use_cpu=use_cpu,
+        )
     return prepare_tiny_model(
         suffix,
         args.model_spec(architecture),
