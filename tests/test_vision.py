@@ -307,3 +307,29 @@ def test_lora_training_with_image_prompts(tmp_path, architecture, caplog, recwar
     items = scored[-1][:3]
     got = trainer.mig_scorer.score(trainer.model, items)
     assert_scores_close(got, [reference_scores(trainer.model, item) for item in items])
+
+
+@pytest.mark.parametrize("method", ["block", "prefix"])
+def test_answer_right_after_an_image(tiny_vlms, method):
+    """A raw prompt that ends with image tokens (no chat template, no vision-end token): the answer of l_0 follows
+    the image directly, and its position is what Qwen2-VL gives text after an image."""
+    model, processor = tiny_vlms["qwen2_vl"]
+    batch = processor(images=[[scene((10, 200, 90), dot=(200, 0, 0))]], text=["Count:<|image_pad|>"],
+                      return_tensors="pt")
+    fields = split_multimodal_inputs({**batch, "num_images": [1]}, batch["attention_mask"])[0]
+    prompt = batch["input_ids"][0].tolist()
+    assert prompt[-1] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    completion = processor.tokenizer("<think>### Step 1\nthree\n", add_special_tokens=False)["input_ids"]
+    blocks = [encode_answer(processor.tokenizer, SCAFFOLD, "3")]
+    item = ScoringItem(prompt, completion, (0, 7, len(completion)), blocks, fields)
+    got = StepLikelihoodScorer(method).score(model, [item])
+    assert_scores_close(got, [reference_scores(model, item)])
+
+
+def test_rotary_inputs_without_token_types_are_an_error(tiny_vlms, references):
+    model, _ = tiny_vlms["qwen2_vl"]
+    item = references["qwen2_vl"][0][0]
+    fields = {name: value for name, value in item.multimodal.items() if name != "mm_token_type_ids"}
+    broken = ScoringItem(item.prompt_ids, item.completion_ids, item.boundaries, item.answers, fields)
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        StepLikelihoodScorer("block").score(model, [broken])
