@@ -281,7 +281,9 @@ def test_lora_training_with_image_prompts(tmp_path, architecture, caplog, recwar
             trainer.train()
     finally:
         transformers_logging.disable_propagation()
-    changed = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    changed = [
+        name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])
+    ]
     assert changed and all("lora" in name for name in changed)
     logged = {key for entry in trainer.state.log_history for key in entry}
     for metric in ("mig/loglik_prompt_only", "mig/gain_sum", "mig/steps", "mig/nonfinite_frac", "sft/gated_frac"):

@@ -281,7 +281,8 @@ def _decoded_image_column(dataset, column: str):
     dataset = dataset.cast_column(column, List(Image()) if many else Image())
     target = IMAGE_COLUMNS[1] if many else IMAGE_COLUMNS[0]
     # GRPOTrainer looks at 'images' before 'image': leave only the mapped column under either name
-    dataset = dataset.remove_columns([name for name in IMAGE_COLUMNS if name in dataset.column_names and name != column])
+    stale = [name for name in IMAGE_COLUMNS if name in dataset.column_names and name != column]
+    dataset = dataset.remove_columns(stale)
     return dataset.rename_column(column, target) if column != target else dataset
 
 

@@ -101,7 +101,8 @@ class BuiltinArguments:
         default=_VISUAL.image_size, metadata={"help": "Side in pixels of the scenes of builtin:visual."}
     )
     visual_min_objects: int = field(
-        default=_VISUAL.min_objects, metadata={"help": "Fewest objects per builtin:visual scene (train/validation/test)."}
+        default=_VISUAL.min_objects,
+        metadata={"help": "Fewest objects per builtin:visual scene (train/validation/test)."},
     )
     visual_max_objects: int = field(
         default=_VISUAL.max_objects,
