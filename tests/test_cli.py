@@ -55,6 +55,8 @@ def test_recipe_folder_has_the_promised_recipes():
     for model in ("Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct"):
         for data in ("gsm8k", "math"):
             assert {f"{model}/mig/config_{data}.yaml", f"{model}/mig/config_{data}_lora.yaml"} <= names
+    vlm = "Qwen2.5-VL-3B-Instruct/mig/config_clevr"
+    assert {f"{vlm}.yaml", f"{vlm}_lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
@@ -71,7 +73,9 @@ def test_every_recipe_parses_with_no_unknown_keys(recipe):
         assert model_args.use_peft and model_args.lora_target_modules
     if "Qwen" in str(recipe):
         assert "### Step 1" in script_args.system_prompt and "<think>" in script_args.system_prompt
-        assert script_args.answer_extraction in ("gsm8k", "boxed")
+        assert script_args.answer_extraction in ("gsm8k", "boxed", "answer_tag")
+    if "-VL-" in str(recipe):  # vision-language: the image column is mapped, and no text-only accuracy eval
+        assert script_args.image_column and not script_args.accuracy_eval_splits
 
 
 def test_demo_twins_differ_only_in_algorithm_and_output_dir():

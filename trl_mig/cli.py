@@ -27,7 +27,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .builtin import BUILTIN_DATASETS, BUILTIN_MODELS, BUILTIN_PREFIX, BuiltinArguments, check_answer_match, is_builtin
 from .config import MIGConfig
-from .data import DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
+from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
 from .evaluation import evaluate_splits, format_cell, format_table, score_completions, summarize, write_json
 from .launch import (
@@ -227,7 +227,17 @@ def train_command(argv: list[str]) -> int:
         if inside_launcher():
             raise CLIError(f"Unknown argument(s) {cli_remaining}: not fields of {names}.")
         return relaunch_with_accelerate(cli_remaining, remove_subsequence(argv, cli_remaining))
+    _apply_thread_count()
     return run_training(script_args, builtin_args, training_args, model_args, mixture_args)
+
+
+def _apply_thread_count() -> None:
+    """A recipe's `env: {OMP_NUM_THREADS: n}` is set after torch has sized its thread pool: resize it to match."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 # ----------------------------------------------------------------------------------------------------------- eval
@@ -263,6 +273,11 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
                 f"are {dataset.column_names}."
             )
         dataset = prepare_dataset(dataset, args, solution_column, f"split {split!r} of {args.dataset!r}")
+        if args.completions_column is None and set(IMAGE_COLUMNS) & set(dataset.column_names):
+            raise CLIError(
+                f"Split {split!r} of {args.dataset!r} has images: `trl-mig eval` generates from text prompts only. "
+                "Score saved completions with --completions_column, or evaluate the VLM with your own harness."
+            )
         splits[split] = select_samples(dataset, args.max_samples)
     try:
         spec = FormatSpec(

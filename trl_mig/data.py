@@ -12,7 +12,9 @@ from .errors import CLIError
 
 logger = logging.getLogger(__name__)
 
-ANSWER_EXTRACTIONS = ("none", "gsm8k", "boxed")
+ANSWER_EXTRACTIONS = ("none", "gsm8k", "boxed", "answer_tag")
+# the columns TRL's GRPOTrainer reads a prompt's images from: one image, or a list of them
+IMAGE_COLUMNS = ("image", "images")
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -35,8 +37,24 @@ class DataArguments:
         default="none",
         metadata={
             "help": "How the ground truth is read from `answer_column`: 'none' (as is), 'gsm8k' (the text after the "
-            "last '####', commas removed) or 'boxed' (the content of the last \\boxed{...}).",
+            "last '####', commas removed), 'boxed' (the content of the last \\boxed{...}) or 'answer_tag' (the "
+            "content of the last <answer>...</answer>, else the text as is).",
             "choices": list(ANSWER_EXTRACTIONS),
+        },
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column with the prompt's image, for vision-language models: an image, an image file "
+            "path, or a list of either (several images). It becomes the column 'image' (or 'images' for lists) that "
+            "GRPOTrainer puts into the prompt, and prompts become chat messages. Default: no images."
+        },
+    )
+    image_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder that relative image paths in `image_column` are read from. Default: the folder of the "
+            "dataset file (local files), else the working directory."
         },
     )
     system_prompt: str | None = field(
@@ -127,13 +145,31 @@ def extract_boxed(text) -> str | None:
     return None
 
 
-EXTRACTORS = {"none": lambda value: value, "gsm8k": extract_gsm8k, "boxed": extract_boxed}
+def extract_answer_tag(text) -> str | None:
+    """Content of the last `<answer>...</answer>` (R1-V-style CLEVR solutions), else the text as is."""
+    if not isinstance(text, str):
+        return None
+    start = text.rfind("<answer>")
+    end = text.find("</answer>", start)
+    if start >= 0 and end >= 0:
+        return text[start + len("<answer>") : end].strip() or None
+    return text.strip() or None
 
 
-def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, where: str):
+EXTRACTORS = {
+    "none": lambda value: value,
+    "gsm8k": extract_gsm8k,
+    "boxed": extract_boxed,
+    "answer_tag": extract_answer_tag,
+}
+
+
+def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, where: str, data_dir=None):
     """
-    Map a split to what the trainer reads: `prompt` (text, or chat messages when a system prompt is set or
-    `conversational`) and `solution_column` (the ground truth, from `answer_column` through `answer_extraction`).
+    Map a split to what the trainer reads: `prompt` (text, or chat messages when a system prompt is set,
+    `conversational` or images), `solution_column` (the ground truth, from `answer_column` through
+    `answer_extraction`) and, with `image_column`, `image` / `images` (relative paths read from `image_root`, else
+    `data_dir`, the dataset file's folder).
     """
     from trl.data_utils import get_dataset_column_names
 
@@ -144,7 +180,10 @@ def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, whe
         )
     columns = get_dataset_column_names(dataset)
     if columns is not None:
-        for column, field_name in ((data_args.prompt_column, "prompt_column"), (answer_column, "answer_column")):
+        named = [(data_args.prompt_column, "prompt_column"), (answer_column, "answer_column")]
+        if data_args.image_column is not None:
+            named.append((data_args.image_column, "image_column"))
+        for column, field_name in named:
             if column not in columns:
                 raise CLIError(
                     f"{where} has no column {column!r} (`{field_name}`); its columns are {list(columns)}. Map the "
@@ -152,7 +191,10 @@ def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, whe
                 )
     extract = EXTRACTORS[data_args.answer_extraction]
     system_prompt = data_args.system_prompt
-    chat = bool(system_prompt) or data_args.conversational
+    # GRPOTrainer puts images into chat messages only
+    chat = bool(system_prompt) or data_args.conversational or data_args.image_column is not None
+    if data_args.image_column is not None:
+        dataset = _undecoded_images(dataset, data_args.image_column, data_args.image_root or data_dir, where)
 
     def convert(row):
         if data_args.prompt_column not in row or answer_column not in row:
@@ -178,6 +220,8 @@ def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, whe
     ):
         return dataset  # already in shape
     mapped = dataset.map(convert)
+    if data_args.image_column is not None:
+        mapped = _decoded_image_column(mapped, data_args.image_column)
     if data_args.answer_extraction != "none" and hasattr(mapped, "__len__"):  # not for streaming datasets
         missing = sum(value is None for value in mapped[solution_column])
         if missing == len(mapped) and len(mapped) > 0:
@@ -191,6 +235,55 @@ def prepare_dataset(dataset, data_args: DataArguments, solution_column: str, whe
                 missing, len(mapped), where, data_args.answer_extraction, answer_column,
             )
     return mapped
+
+
+def _undecoded_images(dataset, column: str, root, where: str):
+    """
+    `column` as an undecoded image feature (paths resolved against `root`), so that mapping the other columns does
+    not decode and re-encode every image; `_decoded_image_column` turns it back.
+    """
+    from datasets import Image, List, Sequence, Value
+
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    many = isinstance(feature, (List, Sequence))
+    inner = feature.feature if many else feature
+    if isinstance(inner, Image):
+        return dataset.cast_column(column, List(Image(decode=False)) if many else Image(decode=False))
+    if not (isinstance(inner, Value) and inner.dtype in ("string", "large_string")):
+        raise CLIError(
+            f"Column {column!r} (`image_column`) of {where} must hold images or image file paths, got {feature}."
+        )
+    base = Path(root).expanduser() if root else Path.cwd()
+
+    def resolve(path):
+        if not isinstance(path, str) or not path:
+            raise CLIError(f"Column {column!r} (`image_column`) of {where} has an empty or non-text path: {path!r}.")
+        resolved = Path(path).expanduser()
+        resolved = resolved if resolved.is_absolute() else base / resolved
+        if not resolved.is_file():
+            raise CLIError(
+                f"Image {path!r} in column {column!r} (`image_column`) of {where} is not a file (looked at "
+                f"{resolved}; set `image_root` to the folder that relative paths start from)."
+            )
+        return str(resolved)
+
+    dataset = dataset.map(
+        lambda value: {column: [resolve(p) for p in value] if many else resolve(value)}, input_columns=[column]
+    )
+    return dataset.cast_column(column, List(Image(decode=False)) if many else Image(decode=False))
+
+
+def _decoded_image_column(dataset, column: str):
+    """The images of `column` decoded again, in the column GRPOTrainer reads: 'image', or 'images' for lists."""
+    from datasets import Image, List, Sequence
+
+    many = isinstance(dataset.features[column], (List, Sequence))
+    dataset = dataset.cast_column(column, List(Image()) if many else Image())
+    target = IMAGE_COLUMNS[1] if many else IMAGE_COLUMNS[0]
+    # GRPOTrainer looks at 'images' before 'image': leave only the mapped column under either name
+    stale = [name for name in IMAGE_COLUMNS if name in dataset.column_names and name != column]
+    dataset = dataset.remove_columns(stale)
+    return dataset.rename_column(column, target) if column != target else dataset
 
 
 def select_samples(dataset, max_samples: int | None):

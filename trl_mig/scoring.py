@@ -20,6 +20,12 @@ With sdpa, the block mask only covers the C copy queries: the scoring forward te
 `_split_sdpa_attention`, which runs the S shared queries with `is_causal=True` (the fast causal kernels, no W x W mask)
 and the C copy queries with the (B, 1, C, W) block mask. Attention is separable over queries, so this is the same
 computation as one W x W block mask, with about half the attention work when the completion dominates W.
+
+Vision-language models: a `ScoringItem` carries its prompt's multimodal inputs (`multimodal`), which go into every
+row built from it, so the image tokens get the same vision features as in the policy forward. Position ids are the
+model's own: for multimodal rotary embeddings (Qwen2-VL style, 3-D positions that do not equal the column index after
+an image) the shared part's positions come from the model's `get_rope_index`, and each answer copy continues from the
+text position that follows its prefix, which is what one row per prefix would get.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +69,11 @@ _UNMASKABLE_MODEL_TYPES = {
     "zamba",
     "zamba2",
 }
+# Multimodal inputs laid out along the token sequence (one value per prompt token); every other multimodal input is
+# indexed by image, patch or row along dim 0 and concatenated over the rows of a forward.
+TOKEN_ALIGNED_FIELDS = ("token_type_ids", "mm_token_type_ids")
+# Inputs of a multimodal rotary model's `get_rope_index`, besides the ids and the token types.
+_ROPE_INDEX_FIELDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -96,12 +107,20 @@ def encode_answer(tokenizer, scaffold: str, answer: str) -> AnswerBlock:
 
 @dataclass(frozen=True)
 class ScoringItem:
-    """One completion to score: its prompt tokens (no padding), completion tokens and step boundaries b_0..b_K."""
+    """
+    One completion to score: its prompt tokens (no padding), completion tokens and step boundaries b_0..b_K.
+
+    `multimodal` holds the prompt's other model inputs (a vision-language model's images), for this completion alone
+    (see `trl_mig.multimodal.split_multimodal_inputs`): the fields of `TOKEN_ALIGNED_FIELDS` as (P,) tensors aligned
+    with `prompt_ids` (zero over the completion and the answer copies), every other field (`pixel_values`,
+    `image_grid_thw`, `image_sizes`, ...) indexed along dim 0 and concatenated with the other rows' of a forward.
+    """
 
     prompt_ids: Sequence[int]
     completion_ids: Sequence[int]
     boundaries: Sequence[int]
     answers: Sequence[AnswerBlock]
+    multimodal: Mapping[str, torch.Tensor] | None = None
 
     @property
     def num_prefixes(self) -> int:
@@ -119,8 +138,8 @@ def sliding_window_active(config) -> bool:
 
 
 def block_mask_unsupported_reason(model) -> str | None:
-    """Why `model` cannot take the block attention mask, or None when it can."""
-    config = _model_config(model)
+    """Why `model` cannot take the block attention mask, or None when it can (a VLM: its language model)."""
+    config = _text_config(model)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in BLOCK_MASK_ATTENTION:
         return (
@@ -136,6 +155,18 @@ def block_mask_unsupported_reason(model) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type in _UNMASKABLE_MODEL_TYPES or getattr(config, "alibi", False):
         return f"model type {model_type!r} mixes tokens outside what a custom 4-D attention mask controls"
+    return None
+
+
+def multimodal_block_unsupported_reason(items: Sequence[ScoringItem]) -> str | None:
+    """Why the multimodal inputs of `items` rule out the block mask, or None when they do not."""
+    for item in items:
+        token_types = (item.multimodal or {}).get("token_type_ids")
+        if token_types is not None and bool(torch.as_tensor(token_types).ne(0).any()):
+            return (
+                "the prompts' token_type_ids make image tokens attend to each other both ways (Gemma 3 / PaliGemma "
+                "style), which the block mask's causal prompt part does not reproduce"
+            )
     return None
 
 
@@ -174,20 +205,21 @@ class StepLikelihoodScorer:
         self.sync_forward_count = sync_forward_count
         self.split_attention = split_attention
         self.forward_count = 0  # forwards run so far, dummy ones included
-        self._warned = False
+        self._warned: set[str] = set()
         self._split_verified = False
 
-    def resolve_method(self, model) -> str:
+    def resolve_method(self, model, items: Sequence[ScoringItem] = ()) -> str:
+        """The method for `model` and these items: `block` unless asked for `prefix` or something rules it out."""
         if self.method == "prefix":
             return "prefix"
-        reason = block_mask_unsupported_reason(model)
+        reason = block_mask_unsupported_reason(model) or multimodal_block_unsupported_reason(items)
         if reason is None:
             return "block"
         if self.method == "block":
             raise ValueError(f"mig_scoring_method='block' cannot be used: {reason}. Use 'prefix' or 'auto'.")
-        if not self._warned:
+        if reason not in self._warned:
             logger.warning("MIG scoring falls back to one row per step prefix: %s.", reason)
-            self._warned = True
+            self._warned.add(reason)
         return "prefix"
 
     def plan(self, items: Sequence[ScoringItem], method: str) -> int:
@@ -214,9 +246,10 @@ class StepLikelihoodScorer:
                     f"Step boundaries {list(item.boundaries)} must lie in [0, {len(item.completion_ids)}] "
                     "(the completion's length)."
                 )
-        method = self.resolve_method(model)
+        method = self.resolve_method(model, items)
         device = _model_device(model)
-        rows = _block_rows(items) if method == "block" else _prefix_rows(items)
+        positions = [_item_positions(model, item) for item in items]
+        rows = _block_rows(items, positions) if method == "block" else _prefix_rows(items, positions)
         # longest first, ties in input order: similar lengths share a micro-batch (less padding), deterministically
         order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
         slot_base, num_slots = [], 0
@@ -228,9 +261,9 @@ class StepLikelihoodScorer:
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start : start + self.batch_size]]
             if method == "block":
-                token_logps, slots = self._forward_block(model, batch, device, slot_base)
+                token_logps, slots = self._forward_block(model, batch, items, device, slot_base)
             else:
-                token_logps, slots = self._forward_prefix(model, batch, device, slot_base)
+                token_logps, slots = self._forward_prefix(model, batch, items, device, slot_base)
             sums.index_add_(0, slots, token_logps.double())
         # forwards actually run (the plan, plus one if a first split forward had to be redone with the full mask)
         self._pad_forwards(model, device, self.forward_count - first_forward)
@@ -253,7 +286,7 @@ class StepLikelihoodScorer:
         return model(use_cache=False, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------- block
-    def _forward_block(self, model, batch: list[_Row], device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_block(self, model, batch: list[_Row], items, device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,)."""
         shared = max(row.shared_len for row in batch)
         copies = max(row.length - row.shared_len for row in batch)
@@ -263,8 +296,8 @@ class StepLikelihoodScorer:
         width = shared + copies
         n = len(batch)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.arange(width).repeat(n, 1)
-        position_ids[:, shared:] = 0  # padding copy columns: any valid position (never seen by real tokens)
+        # padding columns keep position 0: any valid position does, real tokens never see them
+        position_ids = torch.zeros((max(row.positions.shape[0] for row in batch), n, width), dtype=torch.long)
         # per copy-region column: where its copy starts and how many leading shared columns it sees
         copy_start = torch.arange(shared, width).repeat(n, 1)
         copy_visible = torch.zeros((n, copies), dtype=torch.long)
@@ -272,7 +305,8 @@ class StepLikelihoodScorer:
             input_ids[r, : row.shared_len] = row.ids[: row.shared_len]
             tail = row.length - row.shared_len
             input_ids[r, shared : shared + tail] = row.ids[row.shared_len :]
-            position_ids[r, shared : shared + tail] = row.copy_positions
+            position_ids[:, r, : row.shared_len] = row.positions[:, : row.shared_len]
+            position_ids[:, r, shared : shared + tail] = row.positions[:, row.shared_len :]
             copy_start[r, :tail] = row.copy_start + shared
             copy_visible[r, :tail] = row.copy_visible
         rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (0, shared))
@@ -281,7 +315,8 @@ class StepLikelihoodScorer:
         query = torch.arange(shared, width, device=device).view(1, -1, 1)
         # copy query q sees the shared columns [0, visible) and its own copy's columns [start, q]
         copy_rows = (key < copy_visible.unsqueeze(-1)) | ((key >= copy_start.unsqueeze(-1)) & (key <= query))
-        inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device))
+        inputs = dict(input_ids=input_ids.to(device), position_ids=_model_positions(position_ids).to(device))
+        inputs |= _multimodal_inputs(batch, items, width, [0] * n, device)
         if split:
             attention_mask = _as_model_mask(model, copy_rows.unsqueeze(1))  # (B, 1, C, W)
             try:
@@ -305,7 +340,7 @@ class StepLikelihoodScorer:
         state = _SplitState(shared)
         token = _SPLIT_STATE.set(state)
         try:
-            with _attention_implementation(_model_config(model), SPLIT_ATTENTION):
+            with _attention_implementation(_text_config(model), SPLIT_ATTENTION):
                 logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets)
         finally:
             _SPLIT_STATE.reset(token)
@@ -314,17 +349,21 @@ class StepLikelihoodScorer:
         return logps
 
     # --------------------------------------------------------------------------------------------------- prefix
-    def _forward_prefix(self, model, batch: list[_Row], device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_prefix(self, model, batch: list[_Row], items, device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(row.length for row in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, row in enumerate(batch):  # left padding: every row ends at the last column
-            input_ids[r, width - row.length :] = row.ids
-            attention_mask[r, width - row.length :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        n = len(batch)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        position_ids = torch.zeros((max(row.positions.shape[0] for row in batch), n, width), dtype=torch.long)
+        starts = [width - row.length for row in batch]  # left padding: every row ends at the last column
+        for r, (row, start) in enumerate(zip(batch, starts)):
+            input_ids[r, start:] = row.ids
+            attention_mask[r, start:] = 1
+            position_ids[:, r, start:] = row.positions
         rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (width - row.length, None))
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=_model_positions(position_ids))
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+        inputs |= _multimodal_inputs(batch, items, width, starts, device)
         return self._logps(model, inputs, rows, cols, targets), slots
 
     def _logps(self, model, inputs, rows, cols, targets) -> torch.Tensor:
@@ -342,17 +381,17 @@ class _Row:
     """
     One input row, before padding.
 
-    `ids` (L,) long: the shared part (its first `shared_len` tokens) then the answer copies. For block rows,
-    `copy_positions`, `copy_start` and `copy_visible` (L - shared_len,) give, per copy token, its position id, the
-    offset of its copy within the copy region and the number of shared tokens the copy sees. `predict` (N,) is the
-    column (in the shared part for the first answer token, else relative to the copy region's start) that predicts
-    each scored token, `from_shared` (N,) bool tells which, `targets` (N,) the scored ids, `slots` (N,) the item's
-    (variant, k) slot index.
+    `ids` (L,) long: the shared part (its first `shared_len` tokens) then the answer copies; `positions` (D, L) long
+    their position ids (D = 1, or 3 for multimodal rotary positions). For block rows, `copy_start` and
+    `copy_visible` (L - shared_len,) give, per copy token, the offset of its copy within the copy region and the
+    number of shared tokens the copy sees. `predict` (N,) is the column (in the shared part for the first answer
+    token, else relative to the copy region's start) that predicts each scored token, `from_shared` (N,) bool tells
+    which, `targets` (N,) the scored ids, `slots` (N,) the item's (variant, k) slot index.
     """
 
     ids: torch.Tensor
     shared_len: int
-    copy_positions: torch.Tensor | None
+    positions: torch.Tensor
     copy_start: torch.Tensor | None
     copy_visible: torch.Tensor | None
     predict: torch.Tensor
@@ -386,15 +425,17 @@ def _scored_columns(batch: list[_Row], slot_base, layout):
     return torch.cat(rows), torch.cat(cols), torch.cat(targets), torch.cat(slots)
 
 
-def _block_rows(items: Sequence[ScoringItem]) -> list[_Row]:
+def _block_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor]) -> list[_Row]:
     rows = []
-    for i, item in enumerate(items):
+    for i, (item, shared_positions) in enumerate(zip(items, item_positions)):
         prompt_len = len(item.prompt_ids)
         prompt = torch.as_tensor(list(item.prompt_ids), dtype=torch.long)
         completion = torch.as_tensor(list(item.completion_ids[: item.boundaries[-1]]), dtype=torch.long)
         visible = prompt_len + torch.as_tensor(list(item.boundaries), dtype=torch.long)  # (K+1,)
+        continue_at = _continuation_positions(shared_positions, visible)  # (K+1,)
         num_k = visible.numel()
-        ids, positions, starts, sees = [prompt, completion], [], [], []
+        shared_len = prompt_len + completion.numel()
+        ids, positions, starts, sees = [prompt, completion], [shared_positions[:, :shared_len]], [], []
         predict, from_shared, targets, slots = [], [], [], []
         offset = 0
         for variant, block in enumerate(item.answers):
@@ -403,7 +444,8 @@ def _block_rows(items: Sequence[ScoringItem]) -> list[_Row]:
             within = torch.arange(size)
             copy_offsets = offset + size * torch.arange(num_k)  # (K+1,) start of each copy in the copy region
             ids.append(block_ids.repeat(num_k))
-            positions.append((visible.unsqueeze(1) + within).flatten())
+            copy_positions = (continue_at.unsqueeze(1) + within).flatten()
+            positions.append(copy_positions.expand(shared_positions.shape[0], -1))
             starts.append(copy_offsets.repeat_interleave(size))
             sees.append(visible.repeat_interleave(size))
             # token m of copy k is predicted by the token before it: the copy's own, or the prefix's last (m = 0)
@@ -418,8 +460,8 @@ def _block_rows(items: Sequence[ScoringItem]) -> list[_Row]:
         rows.append(
             _Row(
                 torch.cat(ids),
-                prompt_len + completion.numel(),
-                torch.cat(positions),
+                shared_len,
+                torch.cat(positions, dim=1),
                 torch.cat(starts),
                 torch.cat(sees),
                 torch.cat(predict),
@@ -432,21 +474,27 @@ def _block_rows(items: Sequence[ScoringItem]) -> list[_Row]:
     return rows
 
 
-def _prefix_rows(items: Sequence[ScoringItem]) -> list[_Row]:
+def _prefix_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor]) -> list[_Row]:
     rows = []
-    for i, item in enumerate(items):
+    for i, (item, shared_positions) in enumerate(zip(items, item_positions)):
         num_k = item.num_prefixes
+        visible = len(item.prompt_ids) + torch.as_tensor(list(item.boundaries), dtype=torch.long)
+        continue_at = _continuation_positions(shared_positions, visible)
         for variant, block in enumerate(item.answers):
             block_ids = torch.as_tensor(block.ids, dtype=torch.long)
             scored = torch.arange(*block.scored)
             for k, boundary in enumerate(item.boundaries):
                 prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
                 ids = torch.cat([torch.as_tensor(prefix, dtype=torch.long), block_ids])
+                answer_positions = continue_at[k] + torch.arange(block_ids.numel())
+                positions = torch.cat(
+                    [shared_positions[:, : len(prefix)], answer_positions.expand(shared_positions.shape[0], -1)], dim=1
+                )
                 rows.append(
                     _Row(
                         ids,
                         ids.numel(),
-                        None,
+                        positions,
                         None,
                         None,
                         len(prefix) + scored - 1,
@@ -533,16 +581,106 @@ def _attention_implementation(config, name: str):
             cfg._attn_implementation_internal = value
 
 
+# --------------------------------------------------------------------------------------------------- positions
+def _continuation_positions(shared_positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """
+    Position id of a text token placed after the first `visible[k]` tokens, per k: one past the largest position
+    so far. That is the column index for 1-D positions, and what multimodal rotary models (Qwen2-VL style) give text
+    after text or after an image. shared_positions (D, S), visible (K+1,) with 1 <= visible <= S; returns (K+1,).
+    """
+    running_max = shared_positions.max(dim=0).values.cummax(dim=0).values  # (S,)
+    return running_max[visible - 1] + 1
+
+
+def _item_positions(model, item: ScoringItem) -> torch.Tensor:
+    """
+    Position ids of `prompt + completion[:b_K]` (no padding), (D, P + b_K) long on the CPU: `arange` (D = 1), or the
+    model's 3-D multimodal rotary positions (D = 3) when it has a `get_rope_index` and the prompt has images.
+    """
+    prompt_len = len(item.prompt_ids)
+    length = prompt_len + max(item.boundaries)
+    multimodal = item.multimodal or {}
+    grids = {name: multimodal[name] for name in _ROPE_INDEX_FIELDS if multimodal.get(name) is not None}
+    rope_index = _rope_index_function(model) if grids else None
+    if rope_index is None:
+        return torch.arange(length).unsqueeze(0)
+    if multimodal.get("mm_token_type_ids") is None:
+        raise ValueError(
+            f"The prompt has multimodal rotary inputs ({sorted(grids)}) but no 'mm_token_type_ids', which the "
+            "model needs to place its image tokens."
+        )
+    ids = torch.as_tensor(list(item.prompt_ids) + list(item.completion_ids[: length - prompt_len]), dtype=torch.long)
+    token_types = torch.zeros(length, dtype=torch.long)
+    token_types[:prompt_len] = torch.as_tensor(multimodal["mm_token_type_ids"], dtype=torch.long).cpu()
+    device = _model_device(model)
+    grids = {name: torch.as_tensor(value).to(device) for name, value in grids.items()}
+    positions, _ = rope_index(
+        ids.unsqueeze(0).to(device), mm_token_type_ids=token_types.unsqueeze(0).to(device), **grids
+    )  # (3, 1, length)
+    return positions[:, 0].long().cpu()
+
+
+def _rope_index_function(model):
+    """The `get_rope_index` of a multimodal rotary model (Qwen2-VL, Qwen2.5-VL, ...), or None for 1-D positions."""
+    for module in _unwrapped(model).modules():
+        function = getattr(module, "get_rope_index", None)
+        if callable(function):
+            return function
+    return None
+
+
+def _model_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """(D, B, W) position ids as the model takes them: (B, W) for D = 1, else unchanged."""
+    return position_ids[0] if position_ids.shape[0] == 1 else position_ids
+
+
+def _multimodal_inputs(batch: list[_Row], items: Sequence[ScoringItem], width: int, prompt_at, device) -> dict:
+    """
+    The multimodal inputs of a forward over `batch` (rows of width `width`, row r's prompt starting at column
+    `prompt_at[r]`): token-aligned fields as (B, W) tensors, zero outside the prompt; every other field concatenated
+    over the rows along dim 0, in row order (left out when no row has an entry, e.g. no image in the batch).
+    """
+    per_row = [items[row.item].multimodal or {} for row in batch]
+    names = list(dict.fromkeys(name for fields in per_row for name in fields))
+    inputs = {}
+    for name in names:
+        values = [fields.get(name) for fields in per_row]
+        if name in TOKEN_ALIGNED_FIELDS:
+            dtype = next(torch.as_tensor(value).dtype for value in values if value is not None)
+            tensor = torch.zeros((len(batch), width), dtype=dtype)
+            for r, (value, start) in enumerate(zip(values, prompt_at)):
+                if value is not None:
+                    value = torch.as_tensor(value).cpu()
+                    tensor[r, start : start + value.numel()] = value
+        else:
+            tensor = torch.cat([torch.as_tensor(value) for value in values if value is not None])
+            if tensor.numel() == 0:
+                continue
+        inputs[name] = tensor.to(device)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------------------- helpers
+def _unwrapped(model):
+    """`model` without DDP / DeepSpeed wrappers (`.module`)."""
+    while hasattr(model, "module") and not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        model = model.module
+    return model
+
+
 def _model_config(model):
     """The transformers config of `model`, looking through wrappers (DDP, DeepSpeed engine) via `.module`."""
-    while not hasattr(getattr(model, "config", None), "_attn_implementation") and hasattr(model, "module"):
-        model = model.module
-    return model.config
+    return _unwrapped(model).config
+
+
+def _text_config(model):
+    """The config of the language model: the model's own, or a vision-language model's text config."""
+    config = _model_config(model)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def _config_attn(model) -> str | None:
-    return getattr(_model_config(model), "_attn_implementation", None)
+    return getattr(_text_config(model), "_attn_implementation", None)
 
 
 def _model_device(model) -> torch.device:

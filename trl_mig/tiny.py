@@ -90,3 +90,211 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+# ------------------------------------------------------------------------------------------ vision-language models
+VLM_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "llava", "gemma3")
+# how the chat template marks one image in a prompt (the processor expands the image token to the image's features)
+_IMAGE_MARKUP = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava": "<image>",
+    "gemma3": "<start_of_image>",
+}
+_IMAGE_TOKENS = {
+    "qwen2_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "qwen2_5_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "llava": ("<image>",),
+    "gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+}
+
+
+def vlm_chat_template(image_markup: str) -> str:
+    """The tiny chat template, for messages whose content is a string or a list of image / text parts."""
+    return (
+        "{% for message in messages %}<|{{ message['role'] }}|>"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image_markup}{{% elif part['type'] == 'text' %}}{{{{ part['text'] }}}}"
+        "{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+def build_tiny_vlm(
+    architecture: str = "qwen2_vl",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_size: int = 32,
+    max_image_pixels: int = 56 * 56,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
+    """
+    A randomly initialised vision-language model and its processor, sized for CPU tests (no hub, no torchvision):
+    the char tokenizer with the architecture's image tokens and a chat template that places images, and a PIL image
+    processor.
+
+    - `"qwen2_vl"` / `"qwen2_5_vl"`: 14-pixel patches merged 2x2, so a 28x28 image is one token and 56x56 four;
+      images are resized to at most `max_image_pixels` pixels. 3-D multimodal rotary positions.
+    - `"llava"`: a CLIP vision tower on 28x28 images (every image is resized to that), 4 tokens per image, projected
+      into the language model (Llama) in place of the `<image>` tokens. 1-D positions.
+    - `"gemma3"`: a SigLIP vision tower on 28x28 images, 4 tokens per image; `token_type_ids` mark the image tokens,
+      which attend to each other both ways. Full-attention layers only (no sliding window), so that the image
+      attention is what rules out the block mask.
+
+    Returns:
+        `(model, processor)`, the model in float32 and eval mode.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    if architecture not in VLM_ARCHITECTURES:
+        raise ValueError(f"Unknown tiny VLM architecture {architecture!r}; expected one of {VLM_ARCHITECTURES}.")
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_IMAGE_TOKENS[architecture])})
+    tokenizer.chat_template = vlm_chat_template(_IMAGE_MARKUP[architecture])
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    if architecture == "llava":
+        config, processor = _tiny_llava(tokenizer, text, vision_size)
+    elif architecture == "gemma3":
+        config, processor = _tiny_gemma3(tokenizer, text, hidden_size, vision_size)
+    else:
+        config, processor = _tiny_qwen_vl(architecture, tokenizer, text, hidden_size, vision_size, max_image_pixels)
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation).float().eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def _tiny_qwen_vl(architecture, tokenizer, text, hidden_size, vision_size, max_image_pixels):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    token = tokenizer.convert_tokens_to_ids
+    head_dim = hidden_size // text["num_attention_heads"]
+    # the rotary halves split over (temporal, height, width)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_sections(head_dim // 2)}
+    vision = dict(depth=1, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if architecture == "qwen2_vl":
+        config_class, processor_class = Qwen2VLConfig, Qwen2VLProcessor
+        vision |= dict(embed_dim=vision_size, hidden_size=hidden_size, mlp_ratio=2)
+    else:
+        config_class, processor_class = Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+        vision |= dict(
+            hidden_size=vision_size,
+            intermediate_size=vision_size * 2,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[0],
+        )
+    config = config_class(
+        text_config={**text, "rope_parameters": rope},
+        vision_config=vision,
+        image_token_id=token("<|image_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_image_pixels)
+    processor = _image_only(processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    return config, processor
+
+
+def _tiny_llava(tokenizer, text, vision_size):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    side = 28
+    config = LlavaConfig(
+        text_config=LlamaConfig(**text),
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_size,
+            intermediate_size=vision_size * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=side,
+            patch_size=14,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",  # drop the CLS feature: (28 / 14)^2 = 4 tokens per image
+        vision_feature_layer=-1,
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"height": side, "width": side}, crop_size={"height": side, "width": side}, do_center_crop=False
+    )
+    processor = _image_only(LlavaProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    return config, processor
+
+
+def _tiny_gemma3(tokenizer, text, hidden_size, vision_size):
+    from transformers import Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    side, tokens = 28, 4
+    for role, token in (("boi", "<start_of_image>"), ("image", "<image_soft_token>"), ("eoi", "<end_of_image>")):
+        setattr(tokenizer, f"{role}_token", token)  # the attributes Gemma3Processor reads
+        setattr(tokenizer, f"{role}_token_id", tokenizer.convert_tokens_to_ids(token))
+    config = Gemma3Config(
+        text_config={
+            **text,
+            "head_dim": hidden_size // text["num_attention_heads"],
+            "layer_types": ["full_attention"] * text["num_hidden_layers"],
+        },
+        vision_config=dict(
+            hidden_size=vision_size,
+            intermediate_size=vision_size * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=side,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=tokens,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    processor = _image_only(Gemma3Processor)(
+        image_processor=Gemma3ImageProcessorPil(size={"height": side, "width": side}),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_length=tokens,
+    )
+    return config, processor
+
+
+def _mrope_sections(half_head_dim: int) -> list[int]:
+    temporal = half_head_dim - 2 * (half_head_dim * 3 // 8)
+    return [temporal, half_head_dim * 3 // 8, half_head_dim * 3 // 8]
+
+
+def _image_only(processor_class):
+    """`processor_class` that accepts no video processor (transformers' video processor base class needs
+    torchvision, which trl-mig does not require)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None:
+            return None
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    attributes = {"check_argument_for_proper_class": check_argument_for_proper_class}
+    return type(processor_class.__name__, (processor_class,), attributes)

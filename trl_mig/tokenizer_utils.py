@@ -31,3 +31,21 @@ def load_generic_tokenizer(path: str, **kwargs):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def load_processing_class(path: str):
+    """
+    What the trainer gets as `processing_class` for the model at `path`: for a local folder with a processor
+    (a vision-language model), its processor, holding the generic tokenizer when the folder saved one; else the
+    generic tokenizer, or None (GRPOTrainer then loads the model's own processor or tokenizer).
+    """
+    if not any((Path(path) / name).is_file() for name in PROCESSOR_FILES):
+        return load_generic_tokenizer(path)
+    from transformers import AutoProcessor
+
+    sides = dict(padding_side="left", truncation_side="left")  # as GRPOTrainer loads a processor
+    tokenizer = load_generic_tokenizer(path, **sides)
+    return AutoProcessor.from_pretrained(path, **sides, **({"tokenizer": tokenizer} if tokenizer is not None else {}))

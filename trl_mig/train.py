@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
-from .data import get_split, load_dataset_dict, prepare_dataset, select_samples
+from .data import IMAGE_COLUMNS, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
 from .evaluation import evaluate_splits, format_cell, format_table, write_json
-from .tokenizer_utils import load_generic_tokenizer
+from .tokenizer_utils import load_processing_class
 
 if TYPE_CHECKING:
     from .config import MIGConfig
@@ -119,9 +119,12 @@ def load_training_data(script_args, builtin_args, training_args, mixture_args) -
     with training_args.main_process_first(desc="load and map the dataset"):
         data, name = load_training_source(script_args, builtin_args, mixture_args)
 
+        data_dir = _local_data_dir(script_args.dataset_name) if not mixture_args.datasets else None
+
         def mapped_split(split: str, where: str):
             return prepare_dataset(
-                get_split(data, split, name, where), script_args, solution_column, f"split {split!r} of {name!r}"
+                get_split(data, split, name, where), script_args, solution_column, f"split {split!r} of {name!r}",
+                data_dir=data_dir,
             )
 
         train_dataset = mapped_split(script_args.dataset_train_split, "dataset_train_split")
@@ -132,7 +135,23 @@ def load_training_data(script_args, builtin_args, training_args, mixture_args) -
             split: select_samples(mapped_split(split, "accuracy_eval_splits"), script_args.accuracy_eval_max_samples)
             for split in script_args.accuracy_eval_splits or []
         }
+    for split, dataset in accuracy_splits.items():
+        if set(IMAGE_COLUMNS) & set(dataset.column_names or ()):
+            raise CLIError(
+                f"accuracy_eval_splits: split {split!r} of {name!r} has images, and the accuracy eval generates from "
+                "text prompts only. Leave accuracy_eval_splits unset for image datasets (see docs/vision.md)."
+            )
     return TrainingData(name=name, train=train_dataset, eval=eval_dataset, accuracy=accuracy_splits)
+
+
+def _local_data_dir(name) -> str | None:
+    """The folder of a local dataset file or folder (where relative image paths start), else None."""
+    if not name or is_builtin(name):
+        return None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return str(path.parent)
+    return str(path) if path.is_dir() else None
 
 
 def load_training_source(script_args, builtin_args, mixture_args):
@@ -246,7 +265,7 @@ def build_trainer(script_args, training_args, model_args, data: TrainingData, sp
     reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args, solution_column)
     trainer_kwargs = dict(
         args=training_args,
-        processing_class=load_generic_tokenizer(model_args.model_name_or_path),
+        processing_class=load_processing_class(model_args.model_name_or_path),
         train_dataset=data.train,
         eval_dataset=data.eval,
         peft_config=get_peft_config(model_args),

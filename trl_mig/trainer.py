@@ -28,6 +28,7 @@ from trl.trainer.utils import use_adapter
 from .config import MIGConfig, mig_config_class, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
 from .inspection import attach_credit_page, record_completion_credit
+from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, step_ids_tensor
@@ -160,7 +161,9 @@ class MIGMixin:
         contents = [self._content_ids(ids) for ids in completion_ids_list]
         segments = [segment_completion(self._tokenizer, ids, self.format_spec) for ids in contents]
         answers = [self._answer_blocks_for(row) for row in inputs]
-        loglik = self._score(prompt_rows, contents, segments, answers)  # (B, K_max + 1), NaN-padded
+        # a vision-language model's images, per completion, exactly as the policy forward indexes them
+        multimodal = split_multimodal_inputs(output, output["prompt_mask"])
+        loglik = self._score(prompt_rows, contents, segments, answers, multimodal)  # (B, K_max + 1), NaN-padded
 
         gains = step_gains(loglik, self.args.mig_gain)  # (B, K_max): the per-step MIG rewards
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
@@ -298,16 +301,19 @@ class MIGMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    def _score(self, prompt_rows, contents, segments, answers) -> torch.Tensor:
+    def _score(self, prompt_rows, contents, segments, answers, multimodal=None) -> torch.Tensor:
         """l_k for every completion: `(B, K_max + 1)` float32 on the accelerator device, NaN past each K_i and for
-        rows without a ground truth."""
+        rows without a ground truth. `multimodal`: per completion, its prompt's images (`split_multimodal_inputs`)."""
         device = self.accelerator.device
         width = max(seg.num_steps for seg in segments) + 1
         loglik = torch.full((len(segments), width), float("nan"))
+        multimodal = multimodal if multimodal is not None else [None] * len(segments)
         items, rows = [], []
-        for row, (prompt, content, seg, blocks) in enumerate(zip(prompt_rows, contents, segments, answers)):
+        for row, (prompt, content, seg, blocks, images) in enumerate(
+            zip(prompt_rows, contents, segments, answers, multimodal)
+        ):
             if blocks:
-                items.append(ScoringItem(prompt, content, seg.boundaries, blocks))
+                items.append(ScoringItem(prompt, content, seg.boundaries, blocks, images))
                 rows.append(row)
         model, context = self._scoring_model_context()
         with (

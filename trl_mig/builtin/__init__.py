@@ -4,12 +4,18 @@ Datasets (`dataset_name` / `--dataset`):
     builtin:arithmetic          multi-step integer arithmetic, splits `train`, `validation`, `test` (same
                                 lengths, disjoint problems) and `ood` (longer chains); columns prompt, solution,
                                 gold_completion, expression, num_ops.
+    builtin:visual              counting coloured shapes in synthetic PIL scenes (for vision-language models), one
+                                filtering/counting step per `### Step`; splits as above (`ood`: more objects);
+                                columns prompt (chat), image, solution, gold_completion, question_type,
+                                num_objects. Sizes from `task_seed` / `task_*_size`, scenes from `visual_*`.
 
 Models (`model_name_or_path` / `--model`):
     builtin:tiny-qwen2          Qwen2-style tiny LM + char tokenizer, warm-started by SFT on the task (cached).
     builtin:tiny-llama          the same with a Llama-style config.
     builtin:tiny-qwen2-scratch  randomly initialised, no warm start (for smoke tests).
     builtin:tiny-llama-scratch  idem, Llama-style.
+    builtin:tiny-llava-scratch  LLaVA-style tiny vision-language model (CLIP + Llama) with the char tokenizer and
+                                its processor, randomly initialised: smoke tests of builtin:visual.
 
 Their sizes are set by the `task_*`, `tiny_*` and `warmstart_*` arguments of [`BuiltinArguments`].
 """
@@ -18,16 +24,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .model import ARCHITECTURES, TinyModelSpec, WarmStartConfig, default_cache_dir, prepare_tiny_model
+from .model import (
+    ARCHITECTURES,
+    VLM_ARCHITECTURES,
+    TinyModelSpec,
+    WarmStartConfig,
+    default_cache_dir,
+    prepare_tiny_model,
+    prepare_tiny_vlm,
+)
 from .task import SCAFFOLD, ArithmeticTaskConfig, generate_splits, load_arithmetic_dataset
+from .visual import VisualTaskConfig, load_visual_dataset
 
 BUILTIN_PREFIX = "builtin:"
 _TASK, _WARM = ArithmeticTaskConfig(), WarmStartConfig()  # the defaults, in one place
-BUILTIN_DATASETS = {"arithmetic": "multi-step integer arithmetic (splits: train, validation, test, ood)"}
+_VISUAL = VisualTaskConfig()
+BUILTIN_DATASETS = {
+    "arithmetic": "multi-step integer arithmetic (splits: train, validation, test, ood)",
+    "visual": "counting coloured shapes in synthetic images, for VLMs (splits: train, validation, test, ood)",
+}
 BUILTIN_MODELS = {
     **{f"tiny-{arch}": f"tiny {arch} model with a char tokenizer, warm-started by SFT on builtin:arithmetic (cached)"
        for arch in ARCHITECTURES},
     **{f"tiny-{arch}-scratch": f"tiny {arch} model with a char tokenizer, random initialisation" for arch in ARCHITECTURES},
+    **{f"tiny-{arch}-scratch": f"tiny {arch}-style vision-language model and processor, random initialisation (for "
+       "builtin:visual smoke tests)" for arch in VLM_ARCHITECTURES},
 }
 
 
@@ -76,6 +97,17 @@ class BuiltinArguments:
             "choices": ["running", "final"],
         },
     )
+    visual_image_size: int = field(
+        default=_VISUAL.image_size, metadata={"help": "Side in pixels of the scenes of builtin:visual."}
+    )
+    visual_min_objects: int = field(
+        default=_VISUAL.min_objects,
+        metadata={"help": "Fewest objects per builtin:visual scene (train/validation/test)."},
+    )
+    visual_max_objects: int = field(
+        default=_VISUAL.max_objects,
+        metadata={"help": "Most objects per builtin:visual scene (train/validation/test); ood scenes have more."},
+    )
     tiny_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the built-in tiny model."})
     tiny_num_layers: int = field(default=4, metadata={"help": "Layers of the built-in tiny model."})
     tiny_num_heads: int = field(default=4, metadata={"help": "Attention heads of the built-in tiny model."})
@@ -120,6 +152,18 @@ class BuiltinArguments:
             answer=self.task_answer,
         )
 
+    def visual_task_config(self) -> VisualTaskConfig:
+        return VisualTaskConfig(
+            seed=self.task_seed,
+            train_size=self.task_train_size,
+            validation_size=self.task_validation_size,
+            test_size=self.task_test_size,
+            ood_size=self.task_ood_size,
+            image_size=self.visual_image_size,
+            min_objects=self.visual_min_objects,
+            max_objects=self.visual_max_objects,
+        )
+
     def model_spec(self, architecture: str) -> TinyModelSpec:
         return TinyModelSpec(
             architecture=architecture,
@@ -148,7 +192,8 @@ def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match
     running answers (a list of values) and "math" otherwise. Asking math-verify to compare running answers is an
     error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
     """
-    running = is_builtin(dataset_name) and (args or BuiltinArguments()).task_answer == "running"
+    arithmetic = dataset_name == BUILTIN_PREFIX + "arithmetic"
+    running = arithmetic and (args or BuiltinArguments()).task_answer == "running"
     if answer_match is None:
         return "exact" if running else "math"
     if running and answer_match != "exact":
@@ -161,8 +206,11 @@ def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match
 
 def load_builtin_dataset(name: str, args: BuiltinArguments | None = None, field_name: str = "dataset_name"):
     """The `DatasetDict` of a `builtin:` dataset name."""
-    _suffix(name, BUILTIN_DATASETS, "dataset", field_name)
-    return load_arithmetic_dataset((args or BuiltinArguments()).task_config())
+    suffix = _suffix(name, BUILTIN_DATASETS, "dataset", field_name)
+    args = args or BuiltinArguments()
+    if suffix == "visual":
+        return load_visual_dataset(args.visual_task_config())
+    return load_arithmetic_dataset(args.task_config())
 
 
 def resolve_builtin_model(
@@ -179,6 +227,11 @@ def resolve_builtin_model(
     args = args or BuiltinArguments()
     scratch = suffix.endswith("-scratch")
     architecture = suffix[len("tiny-") :].removesuffix("-scratch")
+    if architecture in VLM_ARCHITECTURES:
+        return prepare_tiny_vlm(
+            suffix, architecture, args.tiny_hidden_size, args.tiny_num_layers, args.tiny_seed, args.builtin_cache_dir,
+            use_cpu=use_cpu,
+        )
     return prepare_tiny_model(
         suffix,
         args.model_spec(architecture),
@@ -200,6 +253,7 @@ __all__ = [
     "BuiltinArguments",
     "check_answer_match",
     "TinyModelSpec",
+    "VisualTaskConfig",
     "WarmStartConfig",
     "default_cache_dir",
     "generate_splits",

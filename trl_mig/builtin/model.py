@@ -26,6 +26,9 @@ WARMSTART_VERSION = 3  # bump when the warm-start recipe or the saved files chan
 # 3: byte-level tokenizer files that `AutoTokenizer` reloads unchanged (same ids and weights as version 2)
 METADATA_FILE = "trl_mig_builtin.json"
 ARCHITECTURES = ("qwen2", "llama")
+# built-in vision-language models (random initialisation): saved with their processor, which AutoProcessor reloads
+# without torchvision (a Qwen2-VL processor would load a video processor, which needs it)
+VLM_ARCHITECTURES = ("llava",)
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,50 @@ def prepare_tiny_model(
     return str(path)
 
 
+def prepare_tiny_vlm(
+    name: str,
+    architecture: str = "llava",
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    seed: int = 0,
+    cache_dir=None,
+    *,
+    use_cpu: bool = False,
+) -> str:
+    """
+    Path of a saved, randomly initialised tiny vision-language model and its processor (`trl_mig.tiny.build_tiny_vlm`),
+    built into the cache first if needed. For smoke tests of image training (`builtin:visual`): it has learned nothing.
+    """
+    from accelerate import PartialState
+
+    from ..tiny import build_tiny_vlm
+
+    if architecture not in VLM_ARCHITECTURES:
+        raise ValueError(f"Unknown built-in VLM architecture {architecture!r}; expected one of {VLM_ARCHITECTURES}.")
+    if hidden_size < 4 or hidden_size % 4 or num_layers < 1:
+        raise ValueError(
+            f"A built-in VLM needs tiny_hidden_size divisible by its 4 heads and tiny_num_layers >= 1, got "
+            f"{hidden_size} and {num_layers}."
+        )
+    shape = {"architecture": architecture, "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
+             "version": WARMSTART_VERSION}
+    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = root / f"{name}-{key}"
+    state = PartialState(cpu=use_cpu)
+    ready = (path / METADATA_FILE).is_file()
+    if state.num_processes > 1:
+        ready = _all_processes(state, ready)
+    if not ready:
+        model, processor = build_tiny_vlm(architecture, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        info = {"name": name, "spec": shape, "warmstart": None,
+                "num_parameters": sum(p.numel() for p in model.parameters())}
+        if state.is_local_main_process:
+            _save_atomically(model, processor, info, path)
+        state.wait_for_everyone()
+    return str(path)
+
+
 def _all_processes(state, flag: bool) -> bool:
     import torch
     from accelerate.utils import gather
@@ -168,6 +215,7 @@ def _all_processes(state, flag: bool) -> bool:
 
 
 def _save_atomically(model, tokenizer, info: dict, path: Path) -> None:
+    """Save model, tokenizer (or processor) and `info` to `path`, replacing it atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
