@@ -302,3 +302,28 @@ def test_inspect_command_reads_a_training_recipe(tmp_path, capsys):
     bad.write_text("mig_wieght: 2.0\n")
     code = main(["inspect", "--config", str(bad), "--model", "m"])
     assert code == 2 and "mig_wieght" in capsys.readouterr().err
+
+
+def test_image_prompts_and_vision_language_models_are_clear_errors(tmp_path, capsys, monkeypatch):
+    """inspect scores text prompts only: an image row, a local VLM folder (also for `eval`) and a VLM passed to
+    inspect_completion are refused with a message, not scored without their images."""
+    from trl_mig.tiny import build_tiny_vlm
+
+    monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "cache"))
+    folder = _local_model(tmp_path)
+    small = ["--task_train_size", "8", "--task_validation_size", "4", "--task_test_size", "4", "--task_ood_size", "4"]
+    code = main(["inspect", "--model", str(folder), "--dataset", "builtin:visual", "--split", "test", "--index", "0",
+                 "--device", "cpu", "--html", str(tmp_path / "p.html"), *small])
+    err = capsys.readouterr().err
+    assert code == 2 and "has images (column 'image')" in err and "text prompts only" in err
+
+    vlm, processor = build_tiny_vlm("llava")
+    vlm.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    for command in (["inspect", "--prompt", PROMPT, "--solution", "20", "--completion", GOOD],
+                    ["eval", "--dataset", "builtin:arithmetic", *small]):
+        code = main([*command, "--model", str(tmp_path / "vlm"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a vision-language model (llava)" in err, err
+    with pytest.raises(ValueError, match="vision-language model"):
+        inspect_completion(vlm, processor.tokenizer, PROMPT, GOOD, "20")

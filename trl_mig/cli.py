@@ -17,6 +17,7 @@ This module holds the argument dataclasses, the parsers and the commands; the wo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -355,6 +356,7 @@ def load_model_for_eval(args: EvalArguments, builtin_args: BuiltinArguments):
             path = resolve_builtin_model(path, builtin_args, use_cpu=device == "cpu", field_name="--model")
         except ValueError as err:
             raise CLIError(str(err)) from None
+    _refuse_vision_language_model(path, args.model)
     kwargs = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
@@ -375,6 +377,21 @@ def load_model_for_eval(args: EvalArguments, builtin_args: BuiltinArguments):
     if args.temperature > 0:
         torch.manual_seed(args.seed)
     return model.to(device), tokenizer, path
+
+
+def _refuse_vision_language_model(path: str, name: str) -> None:
+    """A local vision-language model is a clear error here: eval and inspect generate and score from text only."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file) as f:
+        config = json.load(f)
+    if "vision_config" in config:
+        raise CLIError(
+            f"{name!r} is a vision-language model ({config.get('model_type')}): `trl-mig eval` and `trl-mig inspect` "
+            "generate and score from text prompts only, without images. `trl-mig train` trains it on image prompts "
+            "(docs/vision.md)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------- main

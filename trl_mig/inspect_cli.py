@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from .builtin import BuiltinArguments, check_answer_match
 from .config import MIGConfig
-from .data import DataArguments, get_split, load_dataset_dict, prepare_dataset
+from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset
 from .errors import CLIError
 
 
@@ -200,6 +200,13 @@ def _prompt_and_solution(args: InspectArguments, settings, builtin_args):
     dataset = prepare_dataset(dataset.select([args.index]), args, settings.solution_column,
                               f"split {args.split!r} of {args.dataset!r}")
     row = dataset[0]
+    images = [column for column in IMAGE_COLUMNS if row.get(column) is not None]
+    if images:
+        raise CLIError(
+            f"Row {args.index} of split {args.split!r} of {args.dataset!r} has images (column {images[0]!r}): "
+            "`trl-mig inspect` scores text prompts only, and l_k of an image prompt needs its images. Training scores "
+            "image prompts with their images (docs/vision.md)."
+        )
     solution = args.solution if args.solution is not None else row.get(settings.solution_column)
     return row["prompt"], solution
 

@@ -211,6 +211,12 @@ def inspect_completion(
     Returns:
         A [`CompletionCredit`] for one completion, or a list of them (in order) for a group.
     """
+    if getattr(getattr(model, "config", None), "vision_config", None) is not None:
+        raise ValueError(
+            f"inspect_completion scores text prompts only, and {type(model).__name__} is a vision-language model: l_k "
+            "of an image prompt needs its images, which this call does not pass. Training scores image prompts with "
+            "their images (docs/vision.md)."
+        )
     settings = CreditSettings.from_config(config)
     spec = settings.spec
     single = isinstance(completion, str) or (
