@@ -229,6 +229,9 @@ def test_training_logs_per_step_columns_and_writes_credit_pages(tmp_path, char_t
     credits = list(trainer._mig_credit_log)
     assert sorted(c.correct for c in credits) == [0.0, 0.0] + [1.0] * 6  # both groups of the last batch
     assert credits[0].outside_advantage is not None and credits[0].steps[0].advantage is not None
+    trainer.model.eval()
+    trainer._generate_and_score_completions(scripted_batch())  # an evaluation batch stays off the training pages
+    assert list(trainer._mig_credit_log) == credits
 
 
 def test_mig_inspect_html_is_off_by_default(tmp_path, char_tokenizer):

@@ -456,8 +456,8 @@ def record_completion_credit(trainer, inputs, prompt_rows, contents, segments, l
         column_g.append([_finite_or_none(v) for v in gains[row, : seg.num_steps].tolist()] if usable else None)
     trainer._logs["extra"]["mig_loglik"].extend(gather_object(column_l))
     trainer._logs["extra"]["mig_gains"].extend(gather_object(column_g))
-    if not getattr(trainer.args, "mig_inspect_html", False):
-        return
+    if not getattr(trainer.args, "mig_inspect_html", False) or not trainer.model.training:
+        return  # the pages show training batches; evaluation batches are grouped by other sizes
     tokenizer = trainer._tokenizer
     settings = CreditSettings.from_config(trainer.args)
     lifts, watermark = hwm_gains(loglik)
