@@ -213,6 +213,18 @@ def _tiny_qwen_vl(architecture, tokenizer, text, hidden_size, vision_size, max_i
     return config, processor
 
 
+def _vit_tower(vision_size: int, side: int) -> dict:
+    """A one-layer ViT vision tower (CLIP for LLaVA, SigLIP for Gemma 3): 14-pixel patches on `side`-pixel images."""
+    return dict(
+        hidden_size=vision_size,
+        intermediate_size=vision_size * 2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=side,
+        patch_size=14,
+    )
+
+
 def _tiny_llava(tokenizer, text, vision_size):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -220,14 +232,7 @@ def _tiny_llava(tokenizer, text, vision_size):
     side = 28
     config = LlavaConfig(
         text_config=LlamaConfig(**text),
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_size,
-            intermediate_size=vision_size * 2,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=side,
-            patch_size=14,
-        ),
+        vision_config=CLIPVisionConfig(**_vit_tower(vision_size, side)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",  # drop the CLS feature: (28 / 14)^2 = 4 tokens per image
         vision_feature_layer=-1,
@@ -260,14 +265,7 @@ def _tiny_gemma3(tokenizer, text, hidden_size, vision_size):
             "head_dim": hidden_size // text["num_attention_heads"],
             "layer_types": ["full_attention"] * text["num_hidden_layers"],
         },
-        vision_config=dict(
-            hidden_size=vision_size,
-            intermediate_size=vision_size * 2,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=side,
-            patch_size=14,
-        ),
+        vision_config=_vit_tower(vision_size, side),
         mm_tokens_per_image=tokens,
         boi_token_index=tokenizer.boi_token_id,
         eoi_token_index=tokenizer.eoi_token_id,
