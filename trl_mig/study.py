@@ -470,7 +470,9 @@ def _pct(value, std=None) -> str:
 
 def study_markdown(config: StudyConfig, results: dict) -> str:
     summary, selection = results["summary"], results["selection"]
-    lines = [f"# Study: {Path(config.output_dir).name}", ""]
+    # named after its YAML file, so a study written to a scratch folder keeps its name
+    title = Path(config.source).stem if config.source else Path(config.output_dir).name
+    lines = [f"# Study: {title}", ""]
     if config.description:
         lines += [config.description.strip(), ""]
     lines += [
