@@ -123,7 +123,9 @@ def test_two_calls_then_an_answer_without_a_thought(char_tokenizer):
     seg = segment_turns(char_tokenizer, ids, mask, FormatSpec())
     assert seg.boundaries == (1, ends[1], ends[3]) and seg.tool_steps == (0, 1)
     assert seg.external_spans == ((ends[0], ends[1]), (ends[2], ends[3]))
-    assert seg.layout.answer == "5" and not seg.layout.think_closed  # no </think> in the last turn
+    assert seg.layout.answer == "5" and seg.layout.think_closed and seg.layout.well_formed  # nothing left open
+    ids, mask, _ = trajectory(char_tokenizer, [*pieces[:4], ("<think>hm\n<answer>5</answer>", MODEL)])
+    assert not segment_turns(char_tokenizer, ids, mask, FormatSpec()).layout.think_closed
     assert step_ids_tensor([seg], len(ids))[0, ends[3] :].eq(NOT_COT).all()
 
 
@@ -143,7 +145,8 @@ def test_leading_external_tokens_join_the_prompt_only_prefix(char_tokenizer):
 
 
 def test_leading_external_tokens_then_one_turn_read_that_turn_as_text(char_tokenizer):
-    pieces = [("<obs>start</obs>\n", TOOL), ("<think>### Step 1\na\n### Step 2\nb\n</think><answer>1</answer>", MODEL)]
+    last_turn = "<think>### Step 1\na\n### Step 2\nb\n</think><answer>1</answer>"
+    pieces = [("<obs>start</obs>\n", TOOL), (last_turn, MODEL)]
     ids, mask, ends = trajectory(char_tokenizer, pieces)
     seg = segment_turns(char_tokenizer, ids, mask, FormatSpec())
     text = segment_completion(char_tokenizer, ids[ends[0] :], FormatSpec())
@@ -224,7 +227,8 @@ def test_turn_prefixes_score_as_per_prefix_teacher_forcing(tokenizers, attention
         ids, mask, _ = trajectory(tokenizer, pieces)
         seg = segment_turns(tokenizer, ids, mask, FormatSpec())
         assert seg.external_spans and all(lo < seg.boundaries[-1] for lo, _ in seg.external_spans)
-        items.append(ScoringItem(prompt, ids, seg.boundaries, [encode_answer(tokenizer, SCAFFOLD, a) for a in answers]))
+        blocks = [encode_answer(tokenizer, SCAFFOLD, answer) for answer in answers]
+        items.append(ScoringItem(prompt, ids, seg.boundaries, blocks))
     expected = [reference_scores(model, item) for item in items]
     assert_every_path_matches(model, items, expected)
 

@@ -208,9 +208,9 @@ class MIGConfig(GRPOConfig):
     mig_turn_steps: str = field(
         default="auto",
         metadata={
-            "help": "Steps of multi-turn (tool / environment) completions: 'auto' (each model turn followed by a tool "
-            "or environment response is a step, its prefix ends after the response, when the batch has a tool_mask), "
-            "'always' (the same, and a batch without a tool_mask is an error) or 'never' (text steps only).",
+            "help": "Steps of multi-turn (tool / environment) completions: 'auto' (each model turn followed by a "
+            "tool or environment response is a step, its prefix ends after the response, when the batch has a "
+            "tool_mask), 'always' (the same, and a batch without a tool_mask is an error) or 'never' (text steps).",
             "choices": list(TURN_STEP_MODES),
         },
     )

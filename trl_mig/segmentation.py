@@ -358,8 +358,11 @@ def segment_turns(tokenizer, completion_ids: list[int], model_mask: Sequence[int
     cot_end, think_closed, answer, final_headers = char_at(bounds[-1]), False, None, False
     if final is not None:
         lo = char_at(final.start)
-        layout = analyze_text(text[lo : char_at(final.response_start)], spec)
-        think_closed, answer, final_headers = layout.think_closed, layout.answer, layout.has_step_headers
+        final_text = text[lo : char_at(final.response_start)]
+        layout = analyze_text(final_text, spec)
+        answer, final_headers = layout.answer, layout.has_step_headers
+        # a last turn that only answers opens no thought, so it leaves none unclosed
+        think_closed = layout.think_closed or (answer is not None and not final_text[: layout.cot_end].strip())
         end = to_token(lo + layout.cot_end)
         if layout.num_steps > 0 and end > bounds[-1]:
             # after a tool turn the last turn's first step starts with the turn (its open tag included)

@@ -289,9 +289,9 @@ class MIGMixin:
         tool_mask = output.get("tool_mask")
         if tool_mask is None and mode == "always":
             raise ValueError(
-                "MIGConfig.mig_turn_steps='always' needs TRL's tool_mask in the batch, and this batch has none: train "
-                "with `tools` or an `environment_factory`, or return an `env_mask` (one 0/1 per completion token) from "
-                "the rollout_func; or set mig_turn_steps='auto'."
+                "MIGConfig.mig_turn_steps='always' needs TRL's tool_mask in the batch, and this batch has none: "
+                "train with `tools` or an `environment_factory`, or return an `env_mask` (one 0/1 per completion "
+                "token) from the rollout_func; or set mig_turn_steps='auto'."
             )
         if tool_mask is None or mode == "never":
             return [None] * len(contents)
