@@ -173,7 +173,7 @@ def test_gated_sft_never_trains_on_external_tokens(tmp_path, char_tokenizer, mon
 
 
 def test_training_on_agent_trajectories_updates_parameters_and_logs_turn_metrics(tmp_path, char_tokenizer):
-    trainer = make_trainer(tmp_path, char_tokenizer, mig_credit="step")
+    trainer = make_trainer(tmp_path, char_tokenizer, mig_credit="step", mig_inspect_html=True)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
@@ -184,6 +184,11 @@ def test_training_on_agent_trajectories_updates_parameters_and_logs_turn_metrics
     assert logged["tools/mig_call_steps"] == pytest.approx(7 / 8)
     assert logged["mig/steps"] == pytest.approx(14 / 8)
     assert 0.0 <= logged["tools/mig_breakthrough_frac"] <= 1.0 and logged["tools/mig_gain_per_call"] >= 0.0
+    # the inspection pages show the turns: a step that ends after a tool's result, whose text is marked external
+    first = next(c for c in trainer._mig_credit_log if c.completion.startswith("<think>add 2 3"))
+    assert [step.after_response for step in first.steps] == [True, False]
+    assert [first.completion[a:b] for a, b in first.external_spans] == ["<result>5</result>\n"]
+    assert os.listdir(tmp_path / "mig_inspect")
 
 
 def test_turn_steps_never_reads_tool_results_as_text(tmp_path, char_tokenizer):

@@ -246,3 +246,35 @@ def test_the_tool_result_is_in_the_prefix(char_tokenizer, tiny_model):
         scores.append(reference_scores(model, item))
     assert scores[0][0] == scores[1][0]
     assert not torch.isclose(scores[0][1], scores[1][1], atol=1e-6, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------------- inspection
+def test_inspect_completion_follows_the_turns_of_a_masked_trajectory(char_tokenizer, tiny_model):
+    from trl_mig import inspect_completion
+
+    ids, mask, ends = trajectory(char_tokenizer, ONE_CALL)
+    ids, mask = ids + [char_tokenizer.eos_token_id], mask + [MODEL]
+    plain = char_tokenizer.decode(ids[:-1])
+    credits = inspect_completion(tiny_model, char_tokenizer, "Compute (2+3)*4.", [ids, plain], "20",
+                                 model_mask=[mask, None])
+    agent, text = credits
+    assert [step.token_span for step in agent.steps] == [(ends[0], ends[2]), (ends[2], ends[3])]
+    assert [step.after_response for step in agent.steps] == [True, False]
+    assert [agent.completion[a:b] for a, b in agent.external_spans] == ["<result>5</result>\n"]
+    assert any("Agent turns" in message for message in agent.messages)
+    assert text.num_steps == 1 and not text.external_spans  # the same text without a mask: one text step
+    assert agent.steps[0].loglik is not None and agent.steps[0].advantage is not None
+
+    never = inspect_completion(tiny_model, char_tokenizer, "Compute (2+3)*4.", ids, "20", model_mask=mask,
+                               config=cpu_config("unused", mig_turn_steps="never"))
+    assert never.num_steps == 1 and not never.external_spans
+
+
+def test_inspect_completion_rejects_a_mask_it_cannot_align(char_tokenizer, tiny_model):
+    from trl_mig import inspect_completion
+
+    ids, mask, _ = trajectory(char_tokenizer, ONE_CALL)
+    with pytest.raises(ValueError, match="is text, but a model_mask marks tokens"):
+        inspect_completion(tiny_model, char_tokenizer, "Q", char_tokenizer.decode(ids), "20", model_mask=mask)
+    with pytest.raises(ValueError, match=f"has {len(mask) - 1} entries for {len(ids)} completion tokens"):
+        inspect_completion(tiny_model, char_tokenizer, "Q", ids, "20", model_mask=mask[:-1])

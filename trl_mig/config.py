@@ -261,7 +261,8 @@ def validate_mig_fields(config) -> None:
     _choice(config, "step_fallback", STEP_FALLBACKS)
     _choice(config, "mig_scoring_method", SCORING_METHODS)
     _choice(config, "answer_match", ANSWER_MATCHES)
-    _choice(config, "mig_turn_steps", TURN_STEP_MODES)
+    if hasattr(config, "mig_turn_steps"):  # the settings of `trl-mig inspect`, which reads text only, have none
+        _choice(config, "mig_turn_steps", TURN_STEP_MODES)
     _compile(config, "step_pattern")
     if _compile(config, "answer_pattern").groups < 1:
         raise ValueError(
