@@ -7,6 +7,10 @@ ends where the chain of thought starts.
 
 Boundaries are found on the decoded text and mapped back to token indices through each token's character offsets,
 never by re-tokenising text, so prefixes are exactly the tokens the policy sampled.
+
+Agent trajectories ([`segment_turns`]) interleave model turns with tool or environment responses; a token mask
+(TRL's `tool_mask`) says which tokens the model wrote, and each model turn answered by a response is a step whose
+prefix ends after that response.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
   l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones;
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
   `_get_per_token_logps_and_entropies`, so there is no second forward).
+
+Agent trajectories (TRL `tools`, `environment_factory`, or a `rollout_func` with an `env_mask`) need no other hook:
+the `tool_mask` GRPO puts in its output says which completion tokens the model wrote, and each model turn answered
+by a tool or the environment becomes a step (`segment_turns`, `MIGConfig.mig_turn_steps`, docs/agents.md).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class MIGMixin:
     `MIGConfig.sft_correctness_reward`), completions that are well formed, correct and raise the answer likelihood
     (sum of gains > 0) also get an NLL term; without an identifiable correctness reward the SFT term is off (one
     warning, `sft/enabled` = 0).
+
+    Multi-turn completions (tools, environments) are segmented by turn: each model turn answered by a tool or the
+    environment is a step whose l_k is measured after the response, and the response tokens get no credit
+    (`MIGConfig.mig_turn_steps`, docs/agents.md).
 
     If `reward_funcs` is None, the rewards are [`AnswerAccuracyReward`] and [`StepFormatReward`] built from `args`
     (with an `environment_factory`, as in GRPOTrainer, the environment's reward alone). `args` must be a
@@ -384,7 +392,6 @@ class MIGMixin:
         stacked = gather(torch.stack(list(columns.values()), dim=1).float())
         for name, value in zip(columns, torch.nanmean(stacked, dim=0).tolist()):
             self._metrics[mode][name].append(value)
-
 
     def _log_turn_metrics(self, mode, loglik, gains, segments, scorable):
         """
