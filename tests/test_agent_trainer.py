@@ -209,3 +209,80 @@ def test_turn_steps_always_needs_a_mask(tmp_path, char_tokenizer):
                            mig_turn_steps="always")
     with pytest.raises(ValueError, match="mig_turn_steps='always' needs TRL's tool_mask"):
         trainer._generate_and_score_completions(batch())
+
+
+# ------------------------------------------------------------------------------------------ TRL's own tool loop
+def multiply(a: int, b: int) -> int:
+    """
+    Multiplies two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product of the two integers.
+    """
+    return a * b
+
+
+def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
+    """With `tools`, TRL runs the calls and builds the tool_mask itself: the step of a call ends after its
+    `<tool_response>`, which gets no credit, and the turn metrics sit next to TRL's tools/call_frequency."""
+    from unittest.mock import patch
+
+    from trl.chat_template_utils import qwen3_chat_template
+
+    from trl_mig.segmentation import FormatSpec, segment_completion
+    from trl_mig.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", qwen3_chat_template
+    call = '<think>### Step 1\nneed 3*4\n</think><tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n'
+    first_turn = [call + "</tool_call><|im_end|>", "<think>### Step 1\n3*4=12\n</think>\n<answer>12</answer><|im_end|>"]
+    second_turn = "<think>so 12\n</think>\n<answer>12</answer><|im_end|>"
+    calls = []
+
+    def fake_generate(input_ids, **kwargs):
+        calls.append(input_ids.shape[0])
+        texts = first_turn if len(calls) == 1 else [second_turn]
+        rows = [encode(tokenizer, texts[i % len(texts)]) for i in range(input_ids.shape[0])]
+        width = max(map(len, rows))
+        padded = [row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows]
+        return torch.cat([input_ids, torch.tensor(padded, device=input_ids.device)], dim=-1)
+
+    rows = [{"prompt": [{"role": "user", "content": "What is 3*4?"}], "solution": "12"}] * 4
+    trainer = MIGGRPOTrainer(
+        build_tiny_model(tokenizer).float(),
+        args=cpu_config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_completion_length=160),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        tools=[multiply],
+    )
+    trainer.model.train()
+    scored = []
+    score = trainer.mig_scorer.score
+    trainer.mig_scorer.score = lambda model, items: scored.extend(items) or score(model, items)
+    with patch.object(trainer.model, "generate", side_effect=fake_generate):
+        output = trainer._generate_and_score_completions(rows)
+    assert len(calls) == 2, "the tool's result was fed back for a second turn"
+
+    tool_mask = output["tool_mask"]
+    for row in (0, 2):  # the completions that called the tool
+        ids, item = scored[row].completion_ids, scored[row]
+        mask = tool_mask[row, : len(ids)].tolist()
+        response_start, response_end = mask.index(0), len(mask) - mask[::-1].index(0)
+        response = tokenizer.decode(ids[response_start:response_end])
+        assert "<tool_response>\n12\n</tool_response>" in response and response.endswith("assistant\n")
+        assert item.boundaries[1] == response_end, "l_1 is measured after the tool's response"
+        assert tokenizer.decode(ids[item.boundaries[1] : item.boundaries[2]]) == "<think>so 12\n"
+        assert output["advantages"][row, response_start:response_end].eq(0).all()
+    # the completion without a call is segmented as text
+    plain = list(scored[1].completion_ids)
+    assert list(scored[1].boundaries) == list(segment_completion(tokenizer, plain, FormatSpec()).boundaries)
+    metrics = trainer._metrics["train"]
+    assert metrics["tools/call_frequency"] == [pytest.approx(0.5)]
+    assert metrics["tools/mig_call_steps"] == [pytest.approx(0.5)]
+    assert len(metrics["tools/mig_gain_per_call"]) == 1 and len(metrics["tools/mig_breakthrough_frac"]) == 1
