@@ -14,7 +14,7 @@ from .credit import (
 from .inspection import CompletionCredit, StepCredit, inspect_completion
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
-from .segmentation import FormatSpec, segment_completion
+from .segmentation import FormatSpec, segment_completion, segment_turns
 from .trainer import MIGGRPOTrainer, MIGMixin, mig_trainer_class
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "normalize_rewards",
     "per_token_advantages",
     "segment_completion",
+    "segment_turns",
     "step_advantages",
     "step_format_reward",
     "step_gains",

@@ -17,6 +17,7 @@ LIKELIHOOD_MODELS = ("policy", "reference")
 STEP_FALLBACKS = ("paragraph", "line", "none")
 SCORING_METHODS = ("auto", "block", "prefix")
 ANSWER_MATCHES = ("math", "exact")
+TURN_STEP_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -71,6 +72,14 @@ class MIGConfig(GRPOConfig):
             forward with a block attention mask; `"prefix"` scores each prefix as its own batched row; `"auto"` uses
             `"block"` when the attention implementation takes custom 4-D masks (sdpa, eager), else `"prefix"`.
         mig_scoring_batch_size (`int`, defaults to `8`): rows per scoring forward; bounds the scoring pass's memory.
+
+    Agent trajectories (docs/agents.md):
+        mig_turn_steps (`str`, defaults to `"auto"`): how a multi-turn completion (TRL `tools`, `environment_factory`,
+            or a `rollout_func` that returns an `env_mask`) is cut into steps. `"auto"`: when the batch carries TRL's
+            `tool_mask`, every model turn followed by a tool or environment response is a step whose prefix ends after
+            that response, and the response tokens get no credit (see [`segment_turns`]); without a mask, text steps.
+            `"always"`: the same, but a batch without a `tool_mask` is an error (catches a `rollout_func` that forgot
+            its `env_mask`). `"never"`: text steps only, tool results read as chain of thought (an ablation).
 
     Inspection:
         mig_inspect_html (`bool`, defaults to `False`): whenever the trainer logs (every `logging_steps`), write
@@ -196,6 +205,15 @@ class MIGConfig(GRPOConfig):
             "g_k on hover (the page `trl-mig inspect` writes)."
         },
     )
+    mig_turn_steps: str = field(
+        default="auto",
+        metadata={
+            "help": "Steps of multi-turn (tool / environment) completions: 'auto' (each model turn followed by a "
+            "tool or environment response is a step, its prefix ends after the response, when the batch has a "
+            "tool_mask), 'always' (the same, and a batch without a tool_mask is an error) or 'never' (text steps).",
+            "choices": list(TURN_STEP_MODES),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -243,6 +261,8 @@ def validate_mig_fields(config) -> None:
     _choice(config, "step_fallback", STEP_FALLBACKS)
     _choice(config, "mig_scoring_method", SCORING_METHODS)
     _choice(config, "answer_match", ANSWER_MATCHES)
+    if hasattr(config, "mig_turn_steps"):  # the settings of `trl-mig inspect`, which reads text only, have none
+        _choice(config, "mig_turn_steps", TURN_STEP_MODES)
     _compile(config, "step_pattern")
     if _compile(config, "answer_pattern").groups < 1:
         raise ValueError(

@@ -23,7 +23,7 @@ from .config import MIGConfig
 from .credit import hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
-from .segmentation import FormatSpec, segment_completion, step_ids_tensor, token_end_offsets
+from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor, token_end_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class StepCredit:
     breakthrough: bool  # the step lifts the watermark (h_k > h_{k-1}): the method's breakthrough
     mig_advantage: float | None = None  # MIG advantage of the step's tokens (group only), before `mig_weight`
     advantage: float | None = None  # per-token advantage the trainer gives the step's tokens (group only)
+    after_response: bool = False  # an agent's tool turn: the step (and l_k's prefix) ends after a tool's response
 
 
 @dataclass
@@ -79,6 +80,8 @@ class CompletionCredit:
     outside_advantage: float | None = None
     sft_gate: bool | None = None  # well formed, correct and a breakthrough: gets the gated SFT loss (group only)
     messages: list[str] = field(default_factory=list)
+    # [start, end) in `completion` of the text the model did not write (tool results, environment feedback)
+    external_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_steps(self) -> int:
@@ -135,7 +138,7 @@ def _num(value) -> str:
 _SETTING_NAMES = (
     "solution_column", "mig_scaffold", "mig_gain", "mig_credit", "mig_token_scope", "mig_scale_rewards", "mig_weight",
     "outcome_weight", "mig_max_steps", "mig_scoring_method", "mig_scoring_batch_size", "scale_rewards",
-    "reward_weights", "sft_weight", "sft_correctness_threshold",
+    "reward_weights", "sft_weight", "sft_correctness_threshold", "mig_turn_steps",
 )
 _MIG_DEFAULTS = {f.name: f.default for f in fields(MIGConfig) if f.name in _SETTING_NAMES}
 
@@ -159,6 +162,7 @@ class CreditSettings:
     reward_weights: tuple[float, ...] | None
     sft_weight: float
     sft_correctness_threshold: float
+    mig_turn_steps: str = "auto"
 
     @classmethod
     def from_config(cls, config=None, **overrides) -> CreditSettings:
@@ -189,6 +193,7 @@ def inspect_completion(
     config=None,
     *,
     reward_funcs=None,
+    model_mask=None,
 ):
     """
     The MIG credit of a completion, step by step, as the trainer computes it.
@@ -207,6 +212,9 @@ def inspect_completion(
             defaults), a [`CreditSettings`], or None (defaults).
         reward_funcs: outcome reward functions for a group (TRL's signature), weighted by `config.reward_weights`.
             Default: the trainer's default rewards, answer accuracy and step format.
+        model_mask: for an agent trajectory given as token ids, one 0/1 per id (1: written by the model, 0: a tool
+            result or environment text, TRL's `tool_mask`); for a group, one mask (or None) per completion. Steps
+            then follow the agent's turns as in training (docs/agents.md), unless `mig_turn_steps="never"`.
 
     Returns:
         A [`CompletionCredit`] for one completion, or a list of them (in order) for a group.
@@ -229,6 +237,7 @@ def inspect_completion(
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     stop = _stop_ids(model, tokenizer)
+    masks = _model_masks(model_mask, completions, single)
     contents = []
     for item in completions:
         ids = list(item) if not isinstance(item, str) else tokenizer(item, add_special_tokens=False)["input_ids"]
@@ -236,7 +245,12 @@ def inspect_completion(
         while end > 0 and ids[end - 1] in stop:  # like the trainer: the EOS that ends generation is not content
             end -= 1
         contents.append(ids[:end])
-    segments = [segment_completion(tokenizer, ids, spec) for ids in contents]
+    segments = [
+        segment_completion(tokenizer, ids, spec)
+        if mask is None or settings.mig_turn_steps == "never"
+        else segment_turns(tokenizer, ids, list(mask)[: len(ids)], spec)
+        for ids, mask in zip(contents, masks)
+    ]
 
     variants = answer_variants(solution, settings.solution_column)
     blocks = [encode_answer(tokenizer, settings.mig_scaffold, answer) for answer in variants]
@@ -277,6 +291,25 @@ def inspect_completion(
     if not single:
         _group_advantages(settings, reward_funcs, prompt, solution, results, segments, loglik, gains, scorable)
     return results[0] if single else results
+
+
+def _model_masks(model_mask, completions: list, single: bool) -> list:
+    """One model-token mask (or None) per completion, checked against the completion's token ids."""
+    if model_mask is None:
+        return [None] * len(completions)
+    masks = [model_mask] if single else list(model_mask)
+    if len(masks) != len(completions):
+        raise ValueError(f"model_mask has {len(masks)} masks for {len(completions)} completions.")
+    for index, (mask, item) in enumerate(zip(masks, completions)):
+        if mask is None:
+            continue
+        if isinstance(item, str):
+            raise ValueError(
+                f"Completion {index} is text, but a model_mask marks tokens: pass the completion's token ids."
+            )
+        if len(mask) != len(item):
+            raise ValueError(f"model_mask {index} has {len(mask)} entries for {len(item)} completion tokens.")
+    return masks
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
@@ -323,6 +356,7 @@ def _completion_credit(
             watermark=h_values[k + 1] if scorable else None,
             gain=g_values[k] if scorable else None,
             breakthrough=bool(scorable and lifts[k] > 0),
+            after_response=k in seg.tool_steps,
         ))
     messages = []
     if not variants:
@@ -349,6 +383,12 @@ def _completion_credit(
         messages.append("No answer after the thought (answer_pattern does not match).")
     if seg.merged_steps:
         messages.append(f"{num_steps + seg.merged_steps} steps were merged into {num_steps} (mig_max_steps).")
+    if seg.tool_steps:
+        listed = ", ".join(str(k + 1) for k in seg.tool_steps)
+        messages.append(
+            f"Agent turns: step(s) {listed} end after a tool or environment response, so their l_k reads it; "
+            "the response text is not the model's and gets no credit."
+        )
     if scorable and any(not math.isfinite(v) for v in l_values):
         messages.append("Some l_k are not finite: they count as missing (no gain, watermark unchanged).")
     return CompletionCredit(
@@ -367,6 +407,7 @@ def _completion_credit(
         answer=layout.answer,
         well_formed=layout.well_formed,
         messages=messages,
+        external_spans=[(char_at(lo), char_at(hi)) for lo, hi in seg.external_spans],
     )
 
 

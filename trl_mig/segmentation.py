@@ -7,12 +7,17 @@ ends where the chain of thought starts.
 
 Boundaries are found on the decoded text and mapped back to token indices through each token's character offsets,
 never by re-tokenising text, so prefixes are exactly the tokens the policy sampled.
+
+Agent trajectories ([`segment_turns`]) interleave model turns with tool or environment responses; a token mask
+(TRL's `tool_mask`) says which tokens the model wrote, and each model turn answered by a response is a step whose
+prefix ends after that response.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -174,11 +179,18 @@ class StepSegments:
 
     `boundaries` = (b_0, b_1, ..., b_K): the prefix for l_k is `completion_ids[:b_k]`; step k spans tokens
     `[b_{k-1}, b_k)`. b_0 is where the chain of thought starts, b_K where it ends.
+
+    Agent trajectories ([`segment_turns`]): `external_spans` are the `[start, end)` token spans the model did not
+    write (tool results, environment feedback); they lie inside steps, so inside the prefixes of later l_k, but get
+    no credit. `tool_steps` are the indices k - 1 of the steps whose prefix ends right after such a response: the
+    steps that made a call, whose gain g_k is the information the call brought back.
     """
 
     boundaries: tuple[int, ...]
     layout: TextLayout
     merged_steps: int  # steps beyond the cap merged into their neighbours (0 if none)
+    external_spans: tuple[tuple[int, int], ...] = ()
+    tool_steps: tuple[int, ...] = ()
 
     @property
     def num_steps(self) -> int:
@@ -227,7 +239,7 @@ def step_ids_tensor(segments: list[StepSegments], length: int, device=None) -> t
 
     Returns:
         `torch.Tensor` of shape `(B, length)`, dtype long: k-1 for tokens of step k, `NOT_COT` (-1) elsewhere
-        (tokens before the thought, the answer part, padding).
+        (tokens before the thought, the answer part, external tokens of an agent trajectory, padding).
     """
     step_ids = torch.full((len(segments), length), NOT_COT, dtype=torch.long)
     for row, seg in enumerate(segments):
@@ -235,4 +247,164 @@ def step_ids_tensor(segments: list[StepSegments], length: int, device=None) -> t
             lo, hi = seg.boundaries[k], min(seg.boundaries[k + 1], length)
             if lo < hi:
                 step_ids[row, lo:hi] = k
+        for lo, hi in seg.external_spans:  # tool results are read, not written: no MIG credit
+            step_ids[row, lo : min(hi, length)] = NOT_COT
     return step_ids.to(device) if device is not None else step_ids
+
+
+# ------------------------------------------------------------------------------------------- agent trajectories
+@dataclass(frozen=True)
+class Turn:
+    """One model turn of an agent trajectory, in completion tokens: the model wrote `[start, response_start)`; the
+    external response that follows it (tool result, environment feedback) is `[response_start, end)`, empty when
+    nothing follows."""
+
+    start: int
+    response_start: int
+    end: int
+
+    @property
+    def has_response(self) -> bool:
+        return self.end > self.response_start
+
+
+def split_turns(model_mask: Sequence[int]) -> tuple[int, list[Turn]]:
+    """
+    The model turns of a trajectory, read from its token mask (TRL's `tool_mask`, or a `rollout_func`'s `env_mask`).
+
+    Args:
+        model_mask (sequence of `int` of length `C`): 1 for a token the model wrote, 0 for an external one.
+
+    Returns:
+        `(leading, turns)`: the number of external tokens before the first model token, and one [`Turn`] per maximal
+        run of model tokens, with the run of external tokens after it. No model token: `(C, [])`.
+    """
+    mask = list(model_mask)
+    unknown = sorted({repr(v) for v in mask if v not in (0, 1)})
+    if unknown:
+        raise ValueError(f"A model-token mask holds 1 (model token) or 0 (external token) only, got {unknown}.")
+    size, t = len(mask), 0
+    while t < size and not mask[t]:
+        t += 1
+    leading, turns = t, []
+    while t < size:
+        start = t
+        while t < size and mask[t]:
+            t += 1
+        response_start = t
+        while t < size and not mask[t]:
+            t += 1
+        turns.append(Turn(start, response_start, t))
+    return leading, turns
+
+
+def segment_turns(tokenizer, completion_ids: list[int], model_mask: Sequence[int], spec: FormatSpec) -> StepSegments:
+    """
+    Segment an agent trajectory (model turns interleaved with tool or environment responses) into steps.
+
+    Each model turn that is followed by a response is a step (its reasoning and its call), and that step's prefix
+    ends after the response: b_k is the end of turn k's response, so g_k is the information the call brought back.
+    The last model turn, when no response follows it, is read as a plain completion ([`analyze_text`]): its chain of
+    thought adds steps (step headers, else `step_fallback`) and its answer part is not chain of thought. b_0 is where
+    the first turn's thought starts (after its open tag), so l_0 conditions on the prompt only (plus any external
+    tokens the completion opens with).
+
+    Step headers inside a tool turn split it further, but turn boundaries win: a header in an external span never
+    splits (the model did not write it), and when the steps exceed `max_steps` header splits are merged away first,
+    then consecutive turns are merged evenly. A turn is where information enters from outside, which is the thing MIG
+    measures per call; the paragraph fallback does not split tool turns (a turn is already a step, and a tool call's
+    arguments have no paragraphs to speak of).
+
+    Everything is in the completion's own tokens: turns come from the mask, header positions from the decoded text
+    mapped back through token offsets, as in [`segment_completion`]. A mask with no external token (a single turn)
+    or no model token (TRL's `mask_truncated_completions` zeroes a truncated row's mask: the turns are lost) gives
+    exactly [`segment_completion`].
+
+    Args:
+        completion_ids (`list[int]` of length `C`): the completion's content tokens (no trailing EOS or padding).
+        model_mask (sequence of `int` of length `C`): 1 for a token the model wrote, 0 for an external one.
+
+    Returns:
+        [`StepSegments`] with `external_spans` (the responses) and `tool_steps` (the steps ending after one).
+    """
+    if len(model_mask) != len(completion_ids):
+        raise ValueError(
+            f"The model-token mask has {len(model_mask)} entries for {len(completion_ids)} completion tokens; it "
+            "needs one per token (TRL's tool_mask, or the env_mask a rollout_func returns)."
+        )
+    leading, turns = split_turns(model_mask)
+    if not turns or (leading == 0 and len(turns) == 1 and not turns[0].has_response):
+        return segment_completion(tokenizer, completion_ids, spec)
+    text, ends = token_end_offsets(tokenizer, completion_ids)
+
+    def char_at(token: int) -> int:
+        return ends[token - 1] if token > 0 else 0
+
+    def to_token(char: int) -> int:
+        return bisect.bisect_right(ends, char)
+
+    final = turns[-1] if not turns[-1].has_response else None
+    tool_turns = turns[:-1] if final is not None else turns
+    first = turns[0]
+    tag = spec.think_open_tag
+    opened = text.find(tag, char_at(first.start), char_at(first.response_start)) if tag else -1
+    bounds = [to_token(opened + len(tag)) if opened >= 0 else first.start]
+    turn_ends = set()
+    for turn in tool_turns:
+        lo = char_at(turn.start)
+        for match in spec.step_regex.finditer(text[lo : char_at(turn.response_start)]):
+            token = to_token(lo + match.start())
+            if bounds[-1] < token < turn.response_start:
+                bounds.append(token)
+        bounds.append(turn.end)
+        turn_ends.add(turn.end)
+
+    cot_end, think_closed, answer, final_headers = char_at(bounds[-1]), False, None, False
+    if final is not None:
+        lo = char_at(final.start)
+        final_text = text[lo : char_at(final.response_start)]
+        layout = analyze_text(final_text, spec)
+        answer, final_headers = layout.answer, layout.has_step_headers
+        # a last turn that only answers opens no thought, so it leaves none unclosed
+        think_closed = layout.think_closed or (answer is not None and not final_text[: layout.cot_end].strip())
+        end = to_token(lo + layout.cot_end)
+        if layout.num_steps > 0 and end > bounds[-1]:
+            # after a tool turn the last turn's first step starts with the turn (its open tag included)
+            for char in layout.step_starts:
+                token = to_token(lo + char)
+                if bounds[-1] < token < end:
+                    bounds.append(token)
+            bounds.append(end)
+            cot_end = lo + layout.cot_end
+
+    steps = len(bounds) - 1
+    if steps > spec.max_steps:
+        bounds = _merge_keeping_turns(bounds, turn_ends, spec.max_steps)
+    external = ((0, leading),) if leading else ()
+    external += tuple((turn.response_start, turn.end) for turn in turns if turn.has_response)
+    layout = TextLayout(
+        cot_start=char_at(bounds[0]),
+        cot_end=cot_end,
+        think_closed=think_closed,
+        answer=answer,
+        step_starts=tuple(char_at(b) for b in bounds[1:-1]),
+        has_step_headers=bool(tool_turns) or final_headers,  # a tool turn is an explicit step
+        num_steps=len(bounds) - 1,
+    )
+    tool_steps = tuple(k - 1 for k in range(1, len(bounds)) if bounds[k] in turn_ends)
+    return StepSegments(tuple(bounds), layout, steps - (len(bounds) - 1), external, tool_steps)
+
+
+def _merge_keeping_turns(bounds: list[int], turn_ends: set[int], cap: int) -> list[int]:
+    """Cut `bounds` (b_0..b_K, K > cap) down to `cap` steps: drop header splits first, evenly; if the turns alone
+    exceed the cap, merge consecutive turns into evenly sized groups."""
+    interior = bounds[1:-1]
+    turn_cuts = [b for b in interior if b in turn_ends]
+    header_cuts = [b for b in interior if b not in turn_ends]
+    room = cap - 1 - len(turn_cuts)
+    if room >= 0:
+        kept = [header_cuts[(j * len(header_cuts)) // room] for j in range(room)]
+        return [bounds[0], *sorted(turn_cuts + kept), bounds[-1]]
+    coarse = [bounds[0], *turn_cuts, bounds[-1]]
+    steps = len(coarse) - 1
+    return [*(coarse[(j * steps) // cap] for j in range(cap)), coarse[-1]]

@@ -8,6 +8,10 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
   l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones;
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
   `_get_per_token_logps_and_entropies`, so there is no second forward).
+
+Agent trajectories (TRL `tools`, `environment_factory`, or a `rollout_func` with an `env_mask`) need no other hook:
+the `tool_mask` GRPO puts in its output says which completion tokens the model wrote, and each model turn answered
+by a tool or the environment becomes a step (`segment_turns`, `MIGConfig.mig_turn_steps`, docs/agents.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .inspection import attach_credit_page, record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
-from .segmentation import FormatSpec, segment_completion, step_ids_tensor
+from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ class MIGMixin:
     `MIGConfig.sft_correctness_reward`), completions that are well formed, correct and raise the answer likelihood
     (sum of gains > 0) also get an NLL term; without an identifiable correctness reward the SFT term is off (one
     warning, `sft/enabled` = 0).
+
+    Multi-turn completions (tools, environments) are segmented by turn: each model turn answered by a tool or the
+    environment is a step whose l_k is measured after the response, and the response tokens get no credit
+    (`MIGConfig.mig_turn_steps`, docs/agents.md).
 
     If `reward_funcs` is None, the rewards are [`AnswerAccuracyReward`] and [`StepFormatReward`] built from `args`
     (with an `environment_factory`, as in GRPOTrainer, the environment's reward alone). `args` must be a
@@ -159,7 +167,13 @@ class MIGMixin:
 
         prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
         contents = [self._content_ids(ids) for ids in completion_ids_list]
-        segments = [segment_completion(self._tokenizer, ids, self.format_spec) for ids in contents]
+        turn_masks = self._turn_masks(output, contents)
+        segments = [
+            segment_completion(self._tokenizer, ids, self.format_spec)
+            if mask is None
+            else segment_turns(self._tokenizer, ids, mask, self.format_spec)
+            for ids, mask in zip(contents, turn_masks)
+        ]
         answers = [self._answer_blocks_for(row) for row in inputs]
         # a vision-language model's images, per completion, exactly as the policy forward indexes them
         multimodal = split_multimodal_inputs(output, output["prompt_mask"])
@@ -201,6 +215,9 @@ class MIGMixin:
         else:
             # a `(B,)` advantage for a sequence-level loss: what mig_token_scope='all' gives every token
             output["advantages"] = self.args.outcome_weight * output["advantages"] + self.args.mig_weight * mig_adv
+        if self.mig_token_level_advantages and output.get("tool_mask") is not None:
+            # tool results and environment feedback are read, not written: no credit of any kind (nor loss)
+            output["advantages"] = output["advantages"] * output["tool_mask"]
         # per-step columns of the completions table (and the pages of `mig_inspect_html`)
         record_completion_credit(self, inputs, prompt_rows, contents, segments, loglik, gains, output["advantages"])
 
@@ -212,6 +229,8 @@ class MIGMixin:
             output["sft_gate"] = (correct & well_formed & breakthrough).float()
 
         self._log_mig_metrics(mode, loglik, gain_sum, lift, num_steps, segments, has_answer, output.get("sft_gate"))
+        if any(mask is not None for mask in turn_masks):
+            self._log_turn_metrics(mode, loglik, gains, segments, scorable)
         self._metrics[mode]["sft/enabled"].append(float(self._sft_reward_index is not None))
         return output
 
@@ -267,6 +286,24 @@ class MIGMixin:
         while end > 0 and completion_ids[end - 1] in stop:
             end -= 1
         return list(completion_ids[:end])
+
+    def _turn_masks(self, output, contents: list[list[int]]) -> list[list[int] | None]:
+        """
+        Per completion, its model-token mask (1: the model's token, 0: a tool result or environment token) when its
+        steps follow agent turns (`mig_turn_steps`), else None. The mask is TRL's `tool_mask` (a `rollout_func`'s
+        `env_mask` becomes it), `(B, T)` right-padded with 1; each row is cut to the completion's content tokens.
+        """
+        mode = self.args.mig_turn_steps
+        tool_mask = output.get("tool_mask")
+        if tool_mask is None and mode == "always":
+            raise ValueError(
+                "MIGConfig.mig_turn_steps='always' needs TRL's tool_mask in the batch, and this batch has none: "
+                "train with `tools` or an `environment_factory`, or return an `env_mask` (one 0/1 per completion "
+                "token) from the rollout_func; or set mig_turn_steps='auto'."
+            )
+        if tool_mask is None or mode == "never":
+            return [None] * len(contents)
+        return [tool_mask[row, : len(ids)].tolist() for row, ids in enumerate(contents)]
 
     def _answer_blocks_for(self, row: dict) -> list:
         column = self.args.solution_column
@@ -355,6 +392,31 @@ class MIGMixin:
         stacked = gather(torch.stack(list(columns.values()), dim=1).float())
         for name, value in zip(columns, torch.nanmean(stacked, dim=0).tolist()):
             self._metrics[mode][name].append(value)
+
+    def _log_turn_metrics(self, mode, loglik, gains, segments, scorable):
+        """
+        Per tool call, logged next to TRL's `tools/call_frequency` and `tools/failure_frequency`: the mean gain of the
+        steps that end after a tool or environment response (`tools/mig_gain_per_call`), the fraction of them that
+        lift the watermark (`tools/mig_breakthrough_frac`), both over completions with usable likelihoods, and such
+        steps per completion (`tools/mig_call_steps`). Parallel calls answered in one response count once.
+
+        loglik `(B, K_max + 1)`, gains `(B, K_max)` (the `mig_gain` rewards), scorable `(B,)` bool.
+        """
+        lifts = hwm_gains(loglik)[0]
+        per_row = torch.zeros(len(segments), 4, device=loglik.device)  # call steps, scored ones, gain sum, lifts
+        for row, seg in enumerate(segments):
+            per_row[row, 0] = len(seg.tool_steps)
+            if seg.tool_steps and bool(scorable[row]):
+                steps = torch.tensor(seg.tool_steps, device=loglik.device)
+                per_row[row, 1] = len(seg.tool_steps)
+                per_row[row, 2] = gains[row, steps].sum()
+                per_row[row, 3] = (lifts[row, steps] > 0).sum()
+        every_row = gather(per_row)
+        calls, scored, gain, lifted = every_row.sum(0).tolist()
+        self._metrics[mode]["tools/mig_call_steps"].append(calls / every_row.shape[0])
+        if scored > 0:
+            self._metrics[mode]["tools/mig_gain_per_call"].append(gain / scored)
+            self._metrics[mode]["tools/mig_breakthrough_frac"].append(lifted / scored)
 
 
 def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
