@@ -44,7 +44,7 @@ def write_study(tmp_path, **changes):
         "jobs": 2,
         **changes,
     }
-    path = tmp_path / "study.yaml"
+    path = tmp_path / "tiny_study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
 
@@ -60,6 +60,7 @@ def test_tiny_study_writes_outputs_and_resumes(tmp_path, capsys):
             assert [step for step, _ in run["curves"][split]] == [0, 1, 2]
     assert set(results["summary"]) == {"grpo", "mig"}
     markdown = (out / "study.md").read_text()
+    assert markdown.startswith("# Study: tiny_study\n")  # named after its YAML file, not its output folder
     assert "## test: greedy pass@1" in markdown and "## ood: greedy pass@1" in markdown and "| mig |" in markdown
     for name in ("pass_at_1_validation.png", "pass_at_1_test.png", "pass_at_1_ood.png", "train_reward.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
