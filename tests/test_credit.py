@@ -11,6 +11,7 @@ from trl_mig import (
     gated_sft_loss,
     hwm_gains,
     likelihood_differences,
+    mig_advantages,
     normalize_rewards,
     per_token_advantages,
     step_advantages,
@@ -117,6 +118,26 @@ def test_group_normalisation_matches_grpo_formula():
     assert torch.allclose(advantages[:4], expected)
     assert baseline.tolist() == pytest.approx([2.5] * 4 + [0.5] * 4)
     assert divisor[0].item() == pytest.approx(first.std().item() + 1e-4)
+
+
+def test_mig_advantages_trajectory_and_step_leave_out_unscorable_completions():
+    # two groups of 3; gains are 0 past each completion's steps; the last completion has no usable likelihoods
+    gains = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.5, 0.5], [2.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
+    num_steps = torch.tensor([2, 1, 2, 1, 2, 2])
+    scorable = torch.tensor([True, True, True, True, True, False])
+    trajectory = mig_advantages(gains, num_steps, scorable, group_size=3)
+    first = torch.tensor([1.0, 0.0, 1.0])  # gain sums of group 1
+    assert torch.allclose(trajectory[:3], (first - first.mean()) / (first.std() + 1e-4))
+    second = torch.tensor([2.0, 1.0])  # group 2 without the unscorable completion, which gets 0
+    assert torch.allclose(trajectory[3:5], (second - second.mean()) / (second.std() + 1e-4))
+    assert trajectory[5].item() == 0.0
+
+    step = mig_advantages(gains, num_steps, scorable, group_size=3, credit="step")
+    expected = step_advantages(torch.cat([gains[:5], torch.full((1, 2), float("nan"))]), num_steps, 3)
+    assert step.shape == (6, 2) and torch.allclose(step, expected)
+    assert step[5].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="Unknown MIG credit 'turn'"):
+        mig_advantages(gains, num_steps, scorable, group_size=3, credit="turn")
 
 
 def test_zero_std_group_gets_zero_advantage():

@@ -198,6 +198,42 @@ def step_advantages(
     return credit.reshape(-1, steps) * valid
 
 
+def mig_advantages(
+    gains: torch.Tensor,
+    num_steps: torch.Tensor,
+    scorable: torch.Tensor,
+    group_size: int,
+    credit: str = "trajectory",
+    scale: str = "group",
+) -> torch.Tensor:
+    """
+    The MIG advantages of whole groups, from their per-step MIG rewards: one per completion (`credit="trajectory"`,
+    the paper's: the sum of gains, normalised within the group) or one per step (`credit="step"`,
+    [`step_advantages`]). The trainer calls it on the groups gathered from every process, `trl-mig inspect` on one
+    group, so both give the same credit.
+
+    Args:
+        gains (`torch.Tensor` of shape `(N, K)`): per-step MIG rewards, 0 past a completion's own steps, the
+            `group_size` completions of a prompt adjacent.
+        num_steps (`torch.Tensor` of shape `(N,)`): K_i, the steps of each completion.
+        scorable (`torch.Tensor` of shape `(N,)`, bool): completions with a ground truth and finite likelihoods; the
+            others carry no MIG information: advantage 0, and left out of their group's statistics.
+        group_size (`int`): completions per prompt (G).
+        credit (`str`): `"trajectory"` or `"step"`, as `mig_credit`.
+        scale (`str`): `"group"`, `"batch"` or `"none"`, as `mig_scale_rewards`.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)` for trajectory credit, `(N, K)` for step credit.
+    """
+    scorable = scorable.to(device=gains.device, dtype=torch.bool)
+    if credit == "step":
+        return step_advantages(gains.masked_fill(~scorable.unsqueeze(1), float("nan")), num_steps, group_size, scale)
+    if credit != "trajectory":
+        raise ValueError(f"Unknown MIG credit {credit!r}; expected 'trajectory' or 'step'.")
+    gain_sums = torch.where(scorable, gains.sum(1), torch.full_like(gains[:, 0], float("nan")))
+    return normalize_rewards(gain_sums, group_size, scale)[0]
+
+
 def per_token_advantages(
     outcome_advantages: torch.Tensor,
     mig_advantages: torch.Tensor,

@@ -1,7 +1,7 @@
 """See the credit: the MIG view of one completion, or of a group of completions of one prompt, step by step.
 
 [`inspect_completion`] segments, scores and credits completions with the trainer's own pieces (`segment_completion`,
-`StepLikelihoodScorer`, `step_gains` / `hwm_gains`, `normalize_rewards`, `step_advantages`, `per_token_advantages`),
+`StepLikelihoodScorer`, `step_gains` / `hwm_gains`, `normalize_rewards`, `mig_advantages`, `per_token_advantages`),
 so the numbers it shows are the numbers training uses. [`record_completion_credit`] and
 [`CreditPageCallback`] put the same view into training: per-step columns in the completions table and, with
 `MIGConfig.mig_inspect_html`, an HTML page of the latest completions at every log.
@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import MIGConfig
-from .credit import hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
+from .credit import hwm_gains, mig_advantages, normalize_rewards, per_token_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor, token_end_offsets
@@ -442,16 +442,11 @@ def _group_advantages(settings, reward_funcs, prompt, solution, results, segment
     outcome[torch.isnan(per_func).all(1)] = float("nan")
     outcome_adv, _, _ = normalize_rewards(outcome, size, settings.scale_rewards)
 
-    no_value = torch.full((size,), float("nan"))
-    gain_sum = torch.where(scorable, gains.sum(1), no_value)
-    mig_adv, _, _ = normalize_rewards(gain_sum, size, settings.mig_scale_rewards)
-    if settings.mig_credit == "step":
-        num_steps = torch.tensor([seg.num_steps for seg in segments])
-        width = settings.spec.max_steps
-        padded = torch.zeros(size, width)
-        padded[:, : gains.shape[1]] = gains[:, :width]
-        padded[~scorable] = float("nan")
-        mig_adv = step_advantages(padded, num_steps, size, settings.mig_scale_rewards)
+    width = settings.spec.max_steps  # the trainer's width, so both normalise the same numbers
+    padded = torch.zeros(size, width)
+    padded[:, : gains.shape[1]] = gains[:, :width]
+    num_steps = torch.tensor([seg.num_steps for seg in segments])
+    mig_adv = mig_advantages(padded, num_steps, scorable, size, settings.mig_credit, settings.mig_scale_rewards)
     length = max(seg.boundaries[-1] for seg in segments) + 1  # the last column lies outside every thought
     step_ids = step_ids_tensor(segments, length)
     tokens = per_token_advantages(outcome_adv, mig_adv, step_ids, settings.mig_weight, settings.outcome_weight,

@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
-from .credit import gated_sft_loss, hwm_gains, normalize_rewards, per_token_advantages, step_advantages, step_gains
+from .credit import gated_sft_loss, hwm_gains, mig_advantages, per_token_advantages, step_gains
 from .inspection import attach_credit_page, record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
@@ -190,21 +190,23 @@ class MIGMixin:
         lift = torch.where(scorable, hwm_gains(loglik)[0].sum(1), no_value)
 
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        all_gain_sums = gather(gain_sum)
-        mig_adv, _, _ = normalize_rewards(all_gain_sums, group_size, self.args.mig_scale_rewards)
+        # whole groups are needed for the baselines; a fixed width, so that every process gathers the same shape
+        width = self.args.mig_max_steps
+        padded = torch.zeros(len(segments), width, device=device)
+        padded[:, : gains.shape[1]] = gains[:, :width]
+        all_gains, all_steps = gather(padded), gather(num_steps)
+        all_scorable = gather(scorable.long()).bool()
+        scale = self.args.mig_scale_rewards
+        trajectory_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "trajectory", scale)
         # per-completion columns of the completions table (`log_completions`), in the global order
+        all_gain_sums = torch.where(all_scorable, all_gains.sum(1), torch.full_like(all_gains[:, 0], float("nan")))
         self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
-        self._logs["extra"]["mig_steps"].extend(gather(num_steps.float()).tolist())
-        self._logs["extra"]["mig_advantage"].extend(mig_adv.tolist())
-        mig_adv = mig_adv[process_slice]
+        self._logs["extra"]["mig_steps"].extend(all_steps.float().tolist())
+        self._logs["extra"]["mig_advantage"].extend(trajectory_adv.tolist())
         if self.args.mig_credit == "step":
-            # fixed width, so that every process gathers the same shape; a whole group is needed for the baselines
-            width = self.args.mig_max_steps
-            padded = torch.zeros(len(segments), width, device=device)
-            padded[:, : gains.shape[1]] = gains[:, :width]
-            padded[~scorable] = float("nan")
-            all_step_adv = step_advantages(gather(padded), gather(num_steps), group_size, self.args.mig_scale_rewards)
-            mig_adv = all_step_adv[process_slice]
+            mig_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "step", scale)[process_slice]
+        else:
+            mig_adv = trajectory_adv[process_slice]
 
         step_ids = step_ids_tensor(segments, output["completion_ids"].shape[1], device=device)
         if self.mig_token_level_advantages:
