@@ -125,6 +125,18 @@ def test_token_offsets_reproduce_the_decoded_prefixes(tokenizer_name, request):
         assert decoded[: ends[j]] == tokenizer.decode(ids[: j + 1]), j
 
 
+def test_token_offsets_of_several_tokenizers_stay_separate(char_tokenizer, bpe_tokenizer, metaspace_tokenizer):
+    # each tokenizer's per-token pieces are cached; the same ids mean different text in another tokenizer
+    texts = ["<think>### Step 1\n12+7=19\n</think>", "<answer>57</answer> done", "a b  c\n\nd"]
+    for _ in range(2):
+        for tokenizer in (char_tokenizer, bpe_tokenizer, metaspace_tokenizer):
+            for text in texts:
+                ids = encode(tokenizer, text)
+                decoded, ends = token_end_offsets(tokenizer, ids)
+                assert decoded == tokenizer.decode(ids)
+                assert [decoded[:end] for end in ends] == [tokenizer.decode(ids[: j + 1]) for j in range(len(ids))]
+
+
 @pytest.mark.parametrize("tokenizer_name", ["bpe_tokenizer", "metaspace_tokenizer"])
 def test_multichar_tokenizers_cut_on_token_boundaries(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -136,7 +137,7 @@ def token_end_offsets(tokenizer, token_ids: list[int]) -> tuple[str, list[int]]:
     text = tokenizer.decode(token_ids, **kwargs)
     if not token_ids:
         return text, []
-    pieces = tokenizer.batch_decode([[t] for t in token_ids], **kwargs)
+    pieces = _single_token_pieces(tokenizer, token_ids, kwargs)
     if "".join(pieces) == text:
         return text, _cumulative(pieces)
     window = 8
@@ -155,6 +156,23 @@ def token_end_offsets(tokenizer, token_ids: list[int]) -> tuple[str, list[int]]:
         best = max(best, len(prefix))
         ends.append(best)
     return text, ends
+
+
+# tokenizer -> {token id: its text decoded alone}; a token's piece never changes, and decoding every token of every
+# completion through the tokenizer again was most of segmentation's cost at hundreds of completions per step
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _single_token_pieces(tokenizer, token_ids: list[int], kwargs: dict) -> list[str]:
+    """Each token's text decoded alone, through a per-tokenizer cache."""
+    try:
+        cache = _PIECES.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    missing = list({t for t in token_ids if t not in cache})
+    if missing:
+        cache.update(zip(missing, tokenizer.batch_decode([[t] for t in missing], **kwargs)))
+    return [cache[t] for t in token_ids]
 
 
 def _cumulative(pieces: list[str]) -> list[int]:
