@@ -246,7 +246,8 @@ def eval_command(argv: list[str]) -> int:
     (args, builtin_args), cli_remaining = parse_recipe_args(make_eval_parser(), argv, "EvalArguments or BuiltinArguments")
     if cli_remaining:
         raise CLIError(f"Unknown argument(s) {cli_remaining} (see `trl-mig eval --help`).")
-    return run_eval(args, builtin_args)
+    run_eval(args, builtin_args)
+    return 0
 
 
 def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) -> dict:
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"trl-mig {command}: error: {err}", file=sys.stderr)
         return 2
-    return result if isinstance(result, int) else 0
+    return result
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
             funcs.append(getattr(trl.rewards, name))
         elif "." in name:
             module_path, attr = name.rsplit(".", 1)
-            sys.path.insert(0, os.getcwd())
+            if os.getcwd() not in sys.path:  # a reward module beside the recipe's working directory
+                sys.path.insert(0, os.getcwd())
             try:
                 funcs.append(getattr(importlib.import_module(module_path), attr))
             except (ImportError, AttributeError) as err:
