@@ -26,7 +26,8 @@ RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tools.y
 SMALL = ToolTaskConfig(train_size=60, validation_size=20, test_size=20, ood_size=10)
 # a tiny model and a short warm start: enough to learn the call format, shared by the training tests
 TINY = dict(tiny_hidden_size=64, tiny_num_layers=2, tools_warmstart_max_steps=40, tools_warmstart_batch_size=8,
-            tools_warmstart_learning_rate=5e-3, tools_warmstart_skip_rate=0.0, warmstart_min_ops=2, warmstart_max_ops=4)
+            tools_warmstart_learning_rate=5e-3, tools_warmstart_skip_rate=0.0, warmstart_min_ops=2, warmstart_max_ops=4,
+            tools_warmstart_base="scratch")
 TINY_TASK = dict(task_train_size=32, task_validation_size=4, task_test_size=4, task_ood_size=2)
 
 
@@ -60,9 +61,9 @@ def test_splits_are_deterministic_disjoint_and_answers_are_the_running_results()
             results.append(str(value))
         assert row["solution"] == " ".join(results) and row["expression"] in row["prompt"][0]["content"]
         assert all(0 <= int(r) <= SMALL.max_value for r in results)
-    # numbers beyond what the tiny model can compute: many intermediate results have two or three digits
+    # numbers beyond what the tiny model can compute: many intermediate results have two digits
     values = [int(v) for row in first["train"] for v in row["solution"].split()]
-    assert sum(v >= 100 for v in values) > len(values) / 4
+    assert sum(v >= 10 for v in values) > len(values) / 4
 
 
 def test_builtin_tools_dataset_and_answer_match():
@@ -74,7 +75,7 @@ def test_builtin_tools_dataset_and_answer_match():
     with pytest.raises(ValueError, match="running answers of builtin:tools"):
         check_answer_match("builtin:tools", args, "math", "answer_match")
     with pytest.raises(ValueError, match="max_value"):
-        ToolTaskConfig(max_value=50)
+        ToolTaskConfig(max_operand=60)
 
 
 def test_chat_template_renders_tools_calls_and_results_and_trl_parses_the_calls(tool_tokenizer):
@@ -85,7 +86,7 @@ def test_chat_template_renders_tools_calls_and_results_and_trl_parses_the_calls(
     rendered = tool_tokenizer.apply_chat_template(
         tool_prompt(problem) + tool_conversation(problem), tools=list(TOOLS), tokenize=False
     )
-    assert rendered.startswith("<|system|>Tools: calculator(expression): Computes one operation on two integers.\n")
+    assert rendered.startswith("<|system|>Tools: calculator(expression)\n<|user|>Compute ((47+38)*6)-91.\n")
     assert "<|assistant|><think>### Step 1\n<tool_call>calculator\nexpression=47+38\n</tool_call><eos><|tool|>85\n" in rendered
     assert rendered.endswith("<|assistant|></think>\n<answer>85 510 419</answer><eos>")
     # a generated turn, as ids, parses into a calculator call whose arguments run the tool
@@ -143,6 +144,28 @@ def test_warm_start_rows_train_the_assistant_turns_only(tool_tokenizer):
     assert any("=" in text.split("<tool_call>")[0].split("### Step 1\n")[1] for text in texts)  # a skipped step
     with pytest.raises(ValueError, match="tools_warmstart_skip_rate"):
         tool_sft_rows(SMALL, tool_tokenizer, 1, seed=0, skip_rate=1.5)
+
+
+def test_tool_warm_start_from_the_arithmetic_warm_start(tmp_path):
+    """The default base: the cached arithmetic model of the same shape, its char ids kept and the tool tokens added."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trl_mig.builtin import resolve_builtin_model
+    from trl_mig.builtin.model import METADATA_FILE
+
+    args = BuiltinArguments(builtin_cache_dir=str(tmp_path), tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2,
+                            tiny_num_kv_heads=1, warmstart_max_steps=2, warmstart_batch_size=2,
+                            tools_warmstart_max_steps=0, **TINY_TASK)
+    path = resolve_builtin_model("builtin:tiny-qwen2-tools", args, use_cpu=True)
+    base = json.loads((Path(path) / METADATA_FILE).read_text())["base"]
+    assert base.startswith("tiny-qwen2-") and (tmp_path / base / METADATA_FILE).is_file()
+    tools_model = AutoModelForCausalLM.from_pretrained(path)
+    arithmetic_model = AutoModelForCausalLM.from_pretrained(tmp_path / base)
+    old, new = arithmetic_model.get_input_embeddings().weight, tools_model.get_input_embeddings().weight
+    assert new.shape[0] == old.shape[0] + 3 and torch.equal(new[: old.shape[0]], old)
+    with pytest.raises(ValueError, match="tools_warmstart_base='zero'"):
+        BuiltinArguments(tools_warmstart_base="zero").tools_warmstart_config()
 
 
 @pytest.fixture(scope="module")

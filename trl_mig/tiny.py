@@ -301,8 +301,8 @@ def _image_only(processor_class):
 # ------------------------------------------------------------------------------------------------------- tool calling
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<|tool|>")
 # The char tokenizer's chat template, made able to hold a tool-calling conversation as TRL's GRPOTrainer runs it:
-# - `tools` render as one compact line (`name(param, ...): description`) before the messages: every character is a
-#   token here, so a JSON schema would multiply the prompt's length;
+# - `tools` render as one compact line (`Tools: name(param, ...) ...`) before the messages: every character is a
+#   token here, so a JSON schema or the descriptions would multiply the prompt's length;
 # - an assistant turn is its content, then each tool call as `<tool_call>NAME\nKEY=VALUE\n...</tool_call>`, then
 #   `<eos>`: the turn ends with the token that stops generation, so a rollout (generate to EOS, append the tool
 #   result, generate again) and the rendered conversation are the same ids;
@@ -311,7 +311,7 @@ TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<|tool|>")
 TOOL_CHAT_TEMPLATE = (
     "{% if tools %}<|system|>Tools:{% for tool in tools %}{% set fn = tool['function'] if 'function' in tool else tool %}"
     " {{ fn['name'] }}({{ (fn['parameters']['properties'] if fn.get('parameters') else {}) | join(', ') }})"
-    "{% if fn.get('description') %}: {{ fn['description'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] or '' }}"
     "{% for call in message.get('tool_calls') or [] %}{% set fn = call['function'] if 'function' in call else call %}"

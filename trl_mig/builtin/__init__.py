@@ -169,6 +169,15 @@ class BuiltinArguments:
     tools_warmstart_learning_rate: float = field(
         default=_TOOLS_WARM.learning_rate, metadata={"help": "Peak learning rate of the tool warm-start SFT."}
     )
+    tools_warmstart_base: str = field(
+        default=_TOOLS_WARM.base,
+        metadata={
+            "help": "What the tool warm start starts from: 'arithmetic' (the builtin:tiny-* arithmetic warm start of "
+            "the same shape, built with the warmstart_* and task_* settings and cached; it has learned to copy "
+            "numbers, which the tiny model learns slowly from scratch) or 'scratch' (random initialisation).",
+            "choices": ["arithmetic", "scratch"],
+        },
+    )
     tools_warmstart_skip_rate: float = field(
         default=_TOOLS_WARM.skip_rate,
         metadata={
@@ -223,6 +232,7 @@ class BuiltinArguments:
             max_operand=self.tools_max_operand,
             max_factor=self.tools_max_factor,
             max_value=self.tools_max_value,
+            answer=self.task_answer,
         )
 
     def tools_warmstart_config(self) -> ToolWarmStartConfig:
@@ -234,6 +244,7 @@ class BuiltinArguments:
             min_ops=self.warmstart_min_ops,
             max_ops=self.warmstart_max_ops,
             skip_rate=self.tools_warmstart_skip_rate,
+            base=self.tools_warmstart_base,
         )
 
     def model_spec(self, architecture: str) -> TinyModelSpec:
@@ -260,13 +271,12 @@ class BuiltinArguments:
 
 def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match: str | None, field_name: str) -> str:
     """
-    The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the built-in task's
-    running answers (a list of values) and "math" otherwise. Asking math-verify to compare running answers is an
-    error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
+    The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the running answers
+    (a list of values) of the built-in arithmetic and tool tasks, and "math" otherwise. Asking math-verify to
+    compare running answers is an error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
     """
-    arithmetic = dataset_name == BUILTIN_PREFIX + "arithmetic"
-    running = arithmetic and (args or BuiltinArguments()).task_answer == "running"
-    running = running or dataset_name in TOOL_TASK_DATASETS  # the tool task's answers are always running
+    with_steps = dataset_name in (BUILTIN_PREFIX + "arithmetic", *TOOL_TASK_DATASETS)
+    running = with_steps and (args or BuiltinArguments()).task_answer == "running"
     if answer_match is None:
         return "exact" if running else "math"
     if running and answer_match != "exact":
@@ -304,9 +314,16 @@ def resolve_builtin_model(
     architecture = suffix[len("tiny-") :].removesuffix("-scratch")
     if suffix.endswith("-tools"):
         architecture = architecture.removesuffix("-tools")
+        spec, warm = args.model_spec(architecture), args.tools_warmstart_config()
+        base_path = None
+        if warm.base == "arithmetic":  # the arithmetic warm start the tool SFT starts from (cached as usual)
+            base_path = prepare_tiny_model(
+                f"tiny-{architecture}", spec, args.warmstart_config(), args.task_config(), args.builtin_cache_dir,
+                use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+            )
         return prepare_tiny_tool_model(
-            suffix, args.model_spec(architecture), args.tools_warmstart_config(), args.tools_task_config(),
-            args.builtin_cache_dir, use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+            suffix, spec, warm, args.tools_task_config(), args.builtin_cache_dir, base_path=base_path,
+            use_cpu=use_cpu, bf16=bf16, fp16=fp16,
         )
     if architecture in VLM_ARCHITECTURES:
         return prepare_tiny_vlm(

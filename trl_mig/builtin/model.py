@@ -296,6 +296,7 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
 
 # ------------------------------------------------------------------------------------------------ the tool task's model
 TOOLS_WARMSTART_VERSION = 1  # the tool task's own cache version (WARMSTART_VERSION keys the arithmetic models)
+TOOL_WARMSTART_BASES = ("arithmetic", "scratch")
 
 
 @dataclass(frozen=True)
@@ -303,21 +304,26 @@ class ToolWarmStartConfig:
     """
     The tool task's warm-start SFT: `max_steps` optimiser steps of `batch_size` tokenized worked conversations (loss
     on the assistant's tokens only) of `min_ops`-`max_ops` operations, each step computed without the calculator with
-    probability `skip_rate`. Step count and seeds decide the result (no time cap).
+    probability `skip_rate`, starting from `base`: "arithmetic" (the `builtin:arithmetic` warm start of the same
+    shape, which has learned to copy numbers from the prompt, something the tiny model learns slowly from scratch) or
+    "scratch" (random initialisation). Step count and seeds decide the result (no time cap).
     """
 
-    max_steps: int = 150
+    max_steps: int = 250
     batch_size: int = 16
     learning_rate: float = 3e-3
     seed: int = 0
     min_ops: int | None = None
     max_ops: int | None = None
     skip_rate: float = 0.25
+    base: str = "arithmetic"
 
     def __post_init__(self):
         WarmStartConfig(self.max_steps, self.batch_size, self.learning_rate, self.seed, self.min_ops, self.max_ops)
         if not 0.0 <= self.skip_rate <= 1.0:
             raise ValueError(f"tools_warmstart_skip_rate must be in [0, 1], got {self.skip_rate}.")
+        if self.base not in TOOL_WARMSTART_BASES:
+            raise ValueError(f"tools_warmstart_base={self.base!r} is not one of {list(TOOL_WARMSTART_BASES)}.")
 
 
 def prepare_tiny_tool_model(
@@ -327,6 +333,7 @@ def prepare_tiny_tool_model(
     task,
     cache_dir: str | os.PathLike | None = None,
     *,
+    base_path: str | None = None,
     use_cpu: bool = False,
     bf16: bool = False,
     fp16: bool = False,
@@ -334,16 +341,22 @@ def prepare_tiny_tool_model(
     """
     Path of a saved tiny model with the tool-calling char tokenizer (`trl_mig.tiny.build_tool_char_tokenizer`),
     warm-started on the tool task's conversations (`task`, a `ToolTaskConfig`) unless `warm` is None; built into the
-    cache first if needed, as `prepare_tiny_model` does.
+    cache first if needed, as `prepare_tiny_model` does. With `warm.base == "arithmetic"`, `base_path` is the saved
+    arithmetic warm start (`prepare_tiny_model`) that the SFT starts from; its folder name (which holds its cache key)
+    is part of this model's key.
     """
     from accelerate import PartialState
 
     from ..tiny import build_tiny_model, build_tool_char_tokenizer
     from .tools import tool_sft_rows
 
+    if warm is not None and warm.base == "arithmetic" and not base_path:
+        raise ValueError("tools_warmstart_base='arithmetic' needs the path of the arithmetic warm start (base_path).")
     payload = {"spec": asdict(spec), "version": TOOLS_WARMSTART_VERSION, "tokenizer": "tool-char"}
     if warm is not None:
         payload |= {"warm": asdict(warm), "task": task.to_dict()}
+        if warm.base == "arithmetic":
+            payload["base"] = Path(base_path).name
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = root / f"{name}-{key}"
@@ -357,11 +370,20 @@ def prepare_tiny_tool_model(
 
     started = time.perf_counter()
     tokenizer = build_tool_char_tokenizer(model_max_length=2048)
-    model = build_tiny_model(
-        tokenizer, architecture=spec.architecture, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
-        num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, seed=spec.seed, max_position_embeddings=2048,
-    ).float()
-    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict()}
+    if warm is not None and warm.base == "arithmetic":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        torch.manual_seed(spec.seed)  # the new tool tokens' embeddings are drawn: keep the result reproducible
+        model.resize_token_embeddings(len(tokenizer))  # the char ids are kept; the tool tokens come after them
+    else:
+        model = build_tiny_model(
+            tokenizer, architecture=spec.architecture, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+            num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, seed=spec.seed, max_position_embeddings=2048,
+        ).float()
+    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict(),
+            "base": Path(base_path).name if base_path and warm is not None and warm.base == "arithmetic" else None}
     if warm is not None:
         state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in tool task ({warm.max_steps} steps), "
                     f"cached at {path}")

@@ -80,18 +80,18 @@ class ToolTaskConfig:
     max_ops: int = 4
     ood_min_ops: int = 5
     ood_max_ops: int = 6
-    max_start: int = 99  # start value in [1, max_start]
-    max_operand: int = 99  # operand of + and - in [1, max_operand]
+    max_start: int = 9  # start value in [1, max_start]
+    max_operand: int = 9  # operand of + and - in [1, max_operand]
     max_factor: int = 9  # operand of * in [2, max_factor]
-    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    max_value: int = 99  # every intermediate result stays in [0, max_value]
+    answer: str = "running"  # "running": every call's result in order; "final": the last result
 
     def __post_init__(self):
         self.arithmetic()  # the arithmetic task's checks, with the fields' own names
 
     def arithmetic(self) -> ArithmeticTaskConfig:
         """The same problems as an arithmetic-task configuration (its generator draws them)."""
-        fields = {name: value for name, value in asdict(self).items()}
-        return ArithmeticTaskConfig(**fields, answer="running")
+        return ArithmeticTaskConfig(**asdict(self))
 
     def to_dict(self) -> dict:
         return {"version": TOOLS_TASK_VERSION, **asdict(self)}
@@ -110,11 +110,11 @@ def tool_prompt(problem: Problem) -> list[dict]:
     return [{"role": "user", "content": PROMPT_TEMPLATE.format(expression=problem.expression)}]
 
 
-def tool_conversation(problem: Problem, skipped: tuple[bool, ...] = ()) -> list[dict]:
+def tool_conversation(problem: Problem, skipped: tuple[bool, ...] = (), answer: str = "running") -> list[dict]:
     """
     The worked solution as chat messages after the prompt: assistant turns that end in a calculator call, the
     calls' results as tool messages, and a last assistant turn with the answer. A step marked in `skipped` is written
-    out with its result (`47+38=85`) instead of a call.
+    out with its result (`47+38=85`) instead of a call. `answer`: "running" (every result) or "final" (the last).
     """
     messages, content = [], "<think>"
     for index, (left, op, right, result) in enumerate(problem.steps(), start=1):
@@ -126,14 +126,14 @@ def tool_conversation(problem: Problem, skipped: tuple[bool, ...] = ()) -> list[
         messages.append({"role": "assistant", "content": content, "tool_calls": [call]})
         messages.append({"role": "tool", "name": "calculator", "content": str(result)})
         content = ""
-    messages.append({"role": "assistant", "content": f"{content}</think>\n<answer>{problem.answer('running')}</answer>"})
+    messages.append({"role": "assistant", "content": f"{content}</think>\n<answer>{problem.answer(answer)}</answer>"})
     return messages
 
 
-def problem_row(problem: Problem) -> dict:
+def problem_row(problem: Problem, answer: str = "running") -> dict:
     return {
         "prompt": tool_prompt(problem),
-        "solution": problem.answer("running"),
+        "solution": problem.answer(answer),
         "expression": problem.expression,
         "num_ops": len(problem.ops),
     }
@@ -143,7 +143,10 @@ def generate_tool_splits(config: ToolTaskConfig | None = None, splits=SPLITS) ->
     """Rows of each requested split (the arithmetic task's problems and split rules, this task's ranges)."""
     config = config or ToolTaskConfig()
     drawn = generate_splits(config.arithmetic(), splits)
-    return {name: [problem_row(parse_expression(row["expression"])) for row in rows] for name, rows in drawn.items()}
+    return {
+        name: [problem_row(parse_expression(row["expression"]), config.answer) for row in rows]
+        for name, rows in drawn.items()
+    }
 
 
 def load_tools_dataset(config: ToolTaskConfig | None = None, splits=SPLITS):
@@ -203,7 +206,8 @@ def tool_sft_rows(config: ToolTaskConfig, tokenizer, count: int, seed: int, min_
         if problem.expression in held_out:
             continue
         skipped = tuple(rng.random() < skip_rate for _ in problem.ops) if skip_rate > 0 else ()
-        input_ids, labels = conversation_ids(tokenizer, tool_prompt(problem), tool_conversation(problem, skipped))
+        conversation = tool_conversation(problem, skipped, config.answer)
+        input_ids, labels = conversation_ids(tokenizer, tool_prompt(problem), conversation)
         rows.append({"input_ids": input_ids, "labels": labels})
     return rows
 
