@@ -25,7 +25,7 @@ from trl_mig.tiny import build_tool_char_tokenizer
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tools.yaml")
 SMALL = ToolTaskConfig(train_size=60, validation_size=20, test_size=20, ood_size=10)
 # a tiny model and a short warm start: enough to learn the call format, shared by the training tests
-TINY = dict(tiny_hidden_size=64, tiny_num_layers=2, tools_warmstart_max_steps=40, tools_warmstart_batch_size=8,
+TINY = dict(tiny_hidden_size=64, tiny_num_layers=2, tools_warmstart_max_steps=60, tools_warmstart_batch_size=8,
             tools_warmstart_learning_rate=5e-3, tools_warmstart_skip_rate=0.0, warmstart_min_ops=2, warmstart_max_ops=4,
             tools_warmstart_base="scratch")
 TINY_TASK = dict(task_train_size=32, task_validation_size=4, task_test_size=4, task_ood_size=2)
@@ -87,7 +87,8 @@ def test_chat_template_renders_tools_calls_and_results_and_trl_parses_the_calls(
         tool_prompt(problem) + tool_conversation(problem), tools=list(TOOLS), tokenize=False
     )
     assert rendered.startswith("<|system|>Tools: calculator(expression)\n<|user|>Compute ((47+38)*6)-91.\n")
-    assert "<|assistant|><think>### Step 1\n<tool_call>calculator\nexpression=47+38\n</tool_call><eos><|tool|>85\n" in rendered
+    first_call = "<tool_call>calculator\nexpression=47+38\n</tool_call><eos>"
+    assert f"<|assistant|><think>### Step 1\n{first_call}<|tool|>85\n<|assistant|>### Step 2\n" in rendered
     assert rendered.endswith("<|assistant|></think>\n<answer>85 510 419</answer><eos>")
     # a generated turn, as ids, parses into a calculator call whose arguments run the tool
     prompt_ids = tool_tokenizer.apply_chat_template(
@@ -139,7 +140,8 @@ def test_warm_start_rows_train_the_assistant_turns_only(tool_tokenizer):
     rows = tool_sft_rows(SMALL, tool_tokenizer, 20, seed=1, skip_rate=0.5)
     assert rows == tool_sft_rows(SMALL, tool_tokenizer, 20, seed=1, skip_rate=0.5)  # deterministic
     texts = [tool_tokenizer.decode(row["input_ids"]) for row in rows]
-    held_out = {row["expression"] for split in ("validation", "test", "ood") for row in generate_tool_splits(SMALL)[split]}
+    splits = generate_tool_splits(SMALL)
+    held_out = {row["expression"] for split in ("validation", "test", "ood") for row in splits[split]}
     assert not any(f"Compute {expression}." in text for text in texts for expression in held_out)
     assert any("=" in text.split("<tool_call>")[0].split("### Step 1\n")[1] for text in texts)  # a skipped step
     with pytest.raises(ValueError, match="tools_warmstart_skip_rate"):
@@ -170,7 +172,7 @@ def test_tool_warm_start_from_the_arithmetic_warm_start(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tool_model(tmp_path_factory):
-    """A tiny tool model warm-started for 40 steps (a few seconds): it writes calls, often with wrong operands."""
+    """A tiny tool model warm-started for 60 steps (a few seconds): it writes calls, often malformed or wrong."""
     from trl_mig.builtin import resolve_builtin_model
 
     args = BuiltinArguments(builtin_cache_dir=str(tmp_path_factory.mktemp("cache")), **TINY, **TINY_TASK)
@@ -208,7 +210,8 @@ def test_mig_training_calls_the_tool_and_changes_the_model(tiny_tool_model, tmp_
     assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
     logged = [entry for entry in trainer.state.log_history if "tools/call_frequency" in entry]
     assert len(logged) == 2 and all(entry["tools/call_frequency"] > 0 for entry in logged)
-    assert all(entry["mig/unscorable_frac"] == 0 and entry["mig/steps"] >= 1 for entry in logged)
+    # MIG scored the multi-turn completions (steps found across the turns, every row with its ground truth)
+    assert all(entry["mig/unscorable_frac"] == 0 and entry["mig/steps"] > 0 for entry in logged)
 
 
 def test_train_tools_recipe_end_to_end(tiny_tool_model, tmp_path, monkeypatch, capsys):

@@ -309,7 +309,8 @@ TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<|tool|>")
 # - a tool result is `<|tool|>CONTENT\n`. Earlier messages render the same whatever follows (prefix-preserving, as
 #   TRL's tool loop requires).
 TOOL_CHAT_TEMPLATE = (
-    "{% if tools %}<|system|>Tools:{% for tool in tools %}{% set fn = tool['function'] if 'function' in tool else tool %}"
+    "{% if tools %}<|system|>Tools:{% for tool in tools %}"
+    "{% set fn = tool['function'] if 'function' in tool else tool %}"
     " {{ fn['name'] }}({{ (fn['parameters']['properties'] if fn.get('parameters') else {}) | join(', ') }})"
     "{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"

@@ -122,7 +122,8 @@ def tool_conversation(problem: Problem, skipped: tuple[bool, ...] = (), answer: 
         if index <= len(skipped) and skipped[index - 1]:
             content += f"{left}{op}{right}={result}\n"
             continue
-        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{left}{op}{right}"}}}
+        arguments = {"expression": f"{left}{op}{right}"}
+        call = {"type": "function", "function": {"name": "calculator", "arguments": arguments}}
         messages.append({"role": "assistant", "content": content, "tool_calls": [call]})
         messages.append({"role": "tool", "name": "calculator", "content": str(result)})
         content = ""
@@ -226,12 +227,12 @@ def tool_response_ids(tokenizer, tool_messages: list[dict]) -> list[int]:
 
 
 def run_tool_rollouts(model, tokenizer, prompts: list[list[dict]], *, tools=TOOLS, max_completion_length: int = 320,
-                      max_tool_calls: int = 8, batch_size: int = 64) -> list[dict]:
+                      max_tool_calls: int = 8, batch_size: int = 64, temperature: float = 0.0) -> list[dict]:
     """
-    Greedy tool-calling rollouts, as TRL's GRPOTrainer runs them in training: generate a turn to `<eos>`, parse it
-    with the tokenizer's `response_template`, run the calls, append the results and generate again, until a turn
-    makes no call, `max_tool_calls` calls were made, or the completion (turns and results) would pass
-    `max_completion_length` tokens.
+    Tool-calling rollouts (greedy, or sampled at `temperature` > 0), as TRL's GRPOTrainer runs them in training:
+    generate a turn to `<eos>`, parse it with the tokenizer's `response_template`, run the calls, append the results
+    and generate again, until a turn makes no call, `max_tool_calls` calls were made, or the completion (turns and
+    results) would pass `max_completion_length` tokens.
 
     Returns one dict per prompt: `completion` (the decoded completion, tool results included), `tool_calls`,
     `tool_failures` (calls that raised or named an unknown tool) and `truncated`.
@@ -262,10 +263,14 @@ def run_tool_rollouts(model, tokenizer, prompts: list[list[dict]], *, tools=TOOL
                 input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
                 attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
                 budget = max(max_completion_length - len(completion[i]) for i in active)
+                sampling = (
+                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+                )
                 with torch.no_grad():
                     output = model.generate(
-                        input_ids=input_ids, attention_mask=attention, max_new_tokens=budget, do_sample=False,
-                        temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=eos_id,
+                        input_ids=input_ids, attention_mask=attention, max_new_tokens=budget, pad_token_id=pad_id,
+                        eos_token_id=eos_id, **sampling,
                     )
                 still_active = []
                 for row, i in enumerate(active):
@@ -313,10 +318,13 @@ def run_tool_rollouts(model, tokenizer, prompts: list[list[dict]], *, tools=TOOL
     return results
 
 
-def evaluate_tool_task(model, tokenizer, dataset, *, spec=None, max_completion_length: int = 320,
-                       max_tool_calls: int = 8, batch_size: int = 64) -> tuple[dict, list[dict]]:
+def evaluate_tool_task(
+    model, tokenizer, dataset, *, spec=None, max_completion_length: int = 320, max_tool_calls: int = 8,
+    batch_size: int = 64, temperature: float = 0.0,
+) -> tuple[dict, list[dict]]:
     """
-    Greedy pass@1 of tool rollouts (`run_tool_rollouts`) on a split of the tool task, with how the tool was used.
+    pass@1 of tool rollouts (`run_tool_rollouts`; greedy, or one sample per problem at `temperature` > 0) on a split
+    of the tool task, with how the tool was used.
 
     Returns:
         `(metrics, records)`. `metrics`: `num_examples`, `pass@1` (the answer equals every step's result, in order),
@@ -330,7 +338,7 @@ def evaluate_tool_task(model, tokenizer, dataset, *, spec=None, max_completion_l
     spec = spec or FormatSpec(answer_match="exact")
     rollouts = run_tool_rollouts(
         model, tokenizer, dataset["prompt"], max_completion_length=max_completion_length,
-        max_tool_calls=max_tool_calls, batch_size=batch_size,
+        max_tool_calls=max_tool_calls, batch_size=batch_size, temperature=temperature,
     )
     texts = [r["completion"] for r in rollouts]
     correct = AnswerAccuracyReward(spec)(texts, solution=dataset["solution"])
