@@ -354,6 +354,7 @@ def tool_eval_kwargs(script_args, training_args, trainer, spec) -> dict:
         spec=spec,
         batch_size=script_args.accuracy_eval_batch_size,
         max_completion_length=script_args.accuracy_eval_max_new_tokens or training_args.max_completion_length,
+        # TRL caps tool-calling rounds; the eval caps calls, the same when every turn makes one call (as taught here)
         max_tool_calls=training_args.max_tool_calling_iterations or 8,
         accelerator=trainer.accelerator,
     )
@@ -363,7 +364,8 @@ def evaluate_tool_splits(model, splits: dict, *, tokenizer, spec, batch_size, ma
                          accelerator, label: str, tool_rollouts: bool = True) -> tuple[dict, dict]:
     """
     `trl_mig.builtin.tools.evaluate_tool_task` on each split (every process evaluates every row: the splits are
-    small), the model unwrapped for generation as in `evaluate_splits`.
+    small), the model unwrapped for generation as in `evaluate_splits`. `tool_rollouts` only marks these keyword
+    arguments (see `measure_accuracy`).
     """
     from accelerate import PartialState
     from trl.models.utils import unwrap_model_for_generation

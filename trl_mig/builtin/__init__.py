@@ -18,7 +18,7 @@ Models (`model_name_or_path` / `--model`):
     builtin:tiny-qwen2-scratch  randomly initialised, no warm start (for smoke tests).
     builtin:tiny-llama-scratch  idem, Llama-style.
     builtin:tiny-qwen2-tools    Qwen2-style tiny LM + tool-calling char tokenizer, warm-started by SFT on
-                                builtin:tools conversations (cached; `tools_warmstart_*`).
+                                builtin:tools conversations from builtin:tiny-qwen2 (cached; `tools_warmstart_*`).
     builtin:tiny-llama-tools    the same with a Llama-style config.
     builtin:tiny-llava-scratch  LLaVA-style tiny vision-language model (CLIP + Llama) with the char tokenizer and
                                 its processor, randomly initialised: smoke tests of builtin:visual.
@@ -34,8 +34,8 @@ from .model import (
     ARCHITECTURES,
     VLM_ARCHITECTURES,
     TinyModelSpec,
-    WarmStartConfig,
     ToolWarmStartConfig,
+    WarmStartConfig,
     default_cache_dir,
     prepare_tiny_model,
     prepare_tiny_tool_model,
@@ -159,7 +159,6 @@ class BuiltinArguments:
             "instead of '4*2=8'): a demonstrator with a habit that RL can unlearn."
         },
     )
-
     tools_warmstart_max_steps: int = field(
         default=_TOOLS_WARM.max_steps, metadata={"help": "SFT steps of the builtin:tiny-*-tools warm start (0: none)."}
     )

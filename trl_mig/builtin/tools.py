@@ -1,35 +1,36 @@
-"""The built-in tool task: multi-step integer arithmetic on numbers too large for the tiny model to compute, with a
-`calculator` tool that does each operation. The model decides which calls to make (which operands, in which order,
-whether to call at all) and copies the results into its answer.
+"""The built-in tool task: multi-step integer arithmetic on numbers the tiny model cannot reliably compute (results
+up to 99 by default), with a `calculator` tool that does each operation. The model decides which calls to make
+(which operands, in which order, whether to call at all) and copies the results into its answer.
 
 A problem is a chain of operations on a start value, as in the arithmetic task (`builtin:arithmetic`), e.g.
-`((47+38)*6)-91`; its worked solution is a tool-calling conversation, one `### Step i` and one calculator call per
+`((4+3)*6)-9`; its worked solution is a tool-calling conversation, one `### Step i` and one calculator call per
 operation, the calls' results listed in the answer::
 
     <|assistant|><think>### Step 1
     <tool_call>calculator
-    expression=47+38
-    </tool_call><eos><|tool|>85
+    expression=4+3
+    </tool_call><eos><|tool|>7
     <|assistant|>### Step 2
     <tool_call>calculator
-    expression=85*6
-    </tool_call><eos><|tool|>510
+    expression=7*6
+    </tool_call><eos><|tool|>42
     <|assistant|>### Step 3
     <tool_call>calculator
-    expression=510-91
-    </tool_call><eos><|tool|>419
+    expression=42-9
+    </tool_call><eos><|tool|>33
     <|assistant|></think>
-    <answer>85 510 419</answer><eos>
+    <answer>7 42 33</answer><eos>
 
 That is the char tokenizer's tool chat template (`trl_mig.tiny.TOOL_CHAT_TEMPLATE`) and exactly the ids that TRL's
 GRPOTrainer builds in its tool loop (generate to `<eos>`, parse the call, run the tool, append the result, generate
 again). The warm start (`tool_sft_rows`) trains on such conversations, the loss on the assistant's tokens only, and
-writes a fraction of the steps (`skip_rate`) without a call (`47+38=85` computed in the head, by a demonstrator who
+writes a fraction of the steps (`skip_rate`) without a call (`7*6=42` computed in the head, by a demonstrator who
 can): the tiny model copies that habit but cannot do the sum, so RL has a decision to improve, calling the tool.
 
-Rows have the columns `prompt` (chat messages), `solution` (every step's result in order, compared exactly),
-`expression` and `num_ops`. Splits `train`, `validation`, `test` (disjoint) and `ood` (longer chains) as in the
-arithmetic task, drawn with its generator (`trl_mig.builtin.task`) from the ranges of `ToolTaskConfig`.
+Rows have the columns `prompt` (chat messages), `solution` (every step's result in order, or with `answer="final"`
+the last one; compared exactly), `expression` and `num_ops`. Splits `train`, `validation`, `test` (disjoint) and
+`ood` (longer chains) as in the arithmetic task, drawn with its generator (`trl_mig.builtin.task`) from the ranges of
+`ToolTaskConfig`.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ class ToolTaskConfig:
     answer: str = "running"  # "running": every call's result in order; "final": the last result
 
     def __post_init__(self):
-        self.arithmetic()  # the arithmetic task's checks, with the fields' own names
+        try:
+            self.arithmetic()  # the arithmetic task's checks, on the same field names
+        except ValueError as err:
+            raise ValueError(f"builtin:tools: {err} (the ranges are the tools_* settings)") from None
 
     def arithmetic(self) -> ArithmeticTaskConfig:
         """The same problems as an arithmetic-task configuration (its generator draws them)."""
