@@ -256,3 +256,20 @@ def test_tools_recipe_rejects_the_callback_and_a_model_without_tool_template(tmp
         "--task_validation_size", "2",
     ])
     assert code != 0 and "builtin:tiny-qwen2-tools" in capsys.readouterr().err
+
+
+def test_eval_cli_runs_tool_rollouts(tiny_tool_model, tmp_path, monkeypatch, capsys):
+    """`trl-mig eval --dataset builtin:tools` evaluates with the calculator, as training does."""
+    from trl_mig.cli import main
+
+    path, _ = tiny_tool_model
+    monkeypatch.chdir(tmp_path)
+    sizes = [item for key, value in TINY_TASK.items() for item in (f"--{key}", str(value))]
+    args = ["eval", "--model", path, "--dataset", "builtin:tools", "--splits", "test", "--max_new_tokens", "160",
+            "--output_file", str(tmp_path / "eval.json"), *sizes]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]["test"]
+    assert results["num_examples"] == 4 and results["tool_calls_per_problem"] > 0
+    assert "pass@1 by num_ops" in capsys.readouterr().out
+    assert main([*args, "--num_samples", "2", "--temperature", "1.0"]) != 0
+    assert "one tool rollout per problem" in capsys.readouterr().err
