@@ -350,13 +350,13 @@ def prepare_tiny_tool_model(
     from ..tiny import build_tiny_model, build_tool_char_tokenizer
     from .tools import tool_sft_rows
 
-    if warm is not None and warm.base == "arithmetic" and not base_path:
+    from_arithmetic = warm is not None and warm.base == "arithmetic"
+    if from_arithmetic and not base_path:
         raise ValueError("tools_warmstart_base='arithmetic' needs the path of the arithmetic warm start (base_path).")
+    base = Path(base_path).name if from_arithmetic else None  # the folder name ends with the base's cache key
     payload = {"spec": asdict(spec), "version": TOOLS_WARMSTART_VERSION, "tokenizer": "tool-char"}
     if warm is not None:
-        payload |= {"warm": asdict(warm), "task": task.to_dict()}
-        if warm.base == "arithmetic":
-            payload["base"] = Path(base_path).name
+        payload |= {"warm": asdict(warm), "task": task.to_dict(), "base": base}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = root / f"{name}-{key}"
@@ -370,7 +370,7 @@ def prepare_tiny_tool_model(
 
     started = time.perf_counter()
     tokenizer = build_tool_char_tokenizer(model_max_length=2048)
-    if warm is not None and warm.base == "arithmetic":
+    if from_arithmetic:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -382,8 +382,7 @@ def prepare_tiny_tool_model(
             tokenizer, architecture=spec.architecture, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
             num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, seed=spec.seed, max_position_embeddings=2048,
         ).float()
-    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict(),
-            "base": Path(base_path).name if base_path and warm is not None and warm.base == "arithmetic" else None}
+    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict(), "base": base}
     if warm is not None:
         state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in tool task ({warm.max_steps} steps), "
                     f"cached at {path}")
