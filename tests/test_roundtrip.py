@@ -13,7 +13,8 @@ from trl_mig.tokenizer_utils import load_generic_tokenizer, load_processing_clas
 
 # a few warm-start steps: enough to exercise the warm-start path, fast on CPU
 TINY = dict(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1, warmstart_max_steps=3,
-            warmstart_batch_size=4, task_train_size=64, task_validation_size=4, task_test_size=8, task_ood_size=4)
+            warmstart_batch_size=4, task_train_size=64, task_validation_size=4, task_test_size=8, task_ood_size=4,
+            tools_warmstart_max_steps=3, tools_warmstart_batch_size=4)
 TEXTS = [
     "Compute (3+4)*2. Format: <think>### Step 1 ...</think>\n<answer>...</answer>",
     "<think>### Step 1\n3+4=7\n### Step 2\n7*2=14\n</think>\n<answer>7 14</answer>",

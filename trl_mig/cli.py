@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .builtin import BUILTIN_DATASETS, BUILTIN_MODELS, BUILTIN_PREFIX, BuiltinArguments, check_answer_match, is_builtin
+from .builtin import (
+    BUILTIN_DATASETS,
+    BUILTIN_MODELS,
+    BUILTIN_PREFIX,
+    TOOL_TASK_DATASETS,
+    BuiltinArguments,
+    check_answer_match,
+    is_builtin,
+)
 from .config import MIGConfig
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
@@ -312,11 +320,14 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
             raise CLIError("No model: pass --model (a hub id, a local folder or a builtin: name), or "
                            "--completions_column to score a dataset column.")
         model, tokenizer, model_path = load_model_for_eval(args, builtin_args)
-        results, completions = evaluate_splits(
-            model, tokenizer, splits, spec=spec, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            solution_column=solution_column, num_samples=args.num_samples, temperature=args.temperature,
-            top_p=args.top_p, group_by=args.group_by, label="eval",
-        )
+        if args.dataset in TOOL_TASK_DATASETS:  # solved with its calculator: tool rollouts, as in training
+            results, completions = evaluate_with_tools(args, model, tokenizer, splits, spec)
+        else:
+            results, completions = evaluate_splits(
+                model, tokenizer, splits, spec=spec, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                solution_column=solution_column, num_samples=args.num_samples, temperature=args.temperature,
+                top_p=args.top_p, group_by=args.group_by, label="eval",
+            )
     payload = {
         "model": args.model,
         "model_path": model_path,
@@ -335,11 +346,29 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
     print(format_table(header, rows))
     for name, r in results.items():
         if "pass@1_by_group" in r:
-            print(f"  {name} pass@1 by {args.group_by}: "
+            print(f"  {name} pass@1 by {args.group_by or 'num_ops'}: "
                   + ", ".join(f"{k}: {format_cell(v)}" for k, v in r["pass@1_by_group"].items()))
     write_json(args.output_file, payload)
     print(f"[trl-mig] results written to {args.output_file}")
     return payload
+
+
+def evaluate_with_tools(args: EvalArguments, model, tokenizer, splits: dict, spec) -> tuple[dict, dict]:
+    """`trl-mig eval` on a built-in tool task: one tool rollout per problem (greedy, or sampled at --temperature),
+    `--max_new_tokens` tokens in all (turns and tool results), pass@1 per num_ops and the tool-use metrics."""
+    from .builtin.tools import evaluate_tool_task
+
+    if args.num_samples != 1:
+        raise CLIError(
+            f"--num_samples={args.num_samples}: {args.dataset} is evaluated with one tool rollout per problem."
+        )
+    results, completions = {}, {}
+    for name, dataset in splits.items():
+        results[name], completions[name] = evaluate_tool_task(
+            model, tokenizer, dataset, spec=spec, max_completion_length=args.max_new_tokens,
+            batch_size=args.batch_size, temperature=args.temperature,
+        )
+    return results, completions
 
 
 def load_model_for_eval(args: EvalArguments, builtin_args: BuiltinArguments):

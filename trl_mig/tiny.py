@@ -296,3 +296,62 @@ def _image_only(processor_class):
 
     attributes = {"check_argument_for_proper_class": check_argument_for_proper_class}
     return type(processor_class.__name__, (processor_class,), attributes)
+
+
+# ------------------------------------------------------------------------------------------------------- tool calling
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<|tool|>")
+# The char tokenizer's chat template, made able to hold a tool-calling conversation as TRL's GRPOTrainer runs it:
+# - `tools` render as one compact line (`Tools: name(param, ...) ...`) before the messages: every character is a
+#   token here, so a JSON schema or the descriptions would multiply the prompt's length;
+# - an assistant turn is its content, then each tool call as `<tool_call>NAME\nKEY=VALUE\n...</tool_call>`, then
+#   `<eos>`: the turn ends with the token that stops generation, so a rollout (generate to EOS, append the tool
+#   result, generate again) and the rendered conversation are the same ids;
+# - a tool result is `<|tool|>CONTENT\n`. Earlier messages render the same whatever follows (prefix-preserving, as
+#   TRL's tool loop requires).
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>Tools:{% for tool in tools %}"
+    "{% set fn = tool['function'] if 'function' in tool else tool %}"
+    " {{ fn['name'] }}({{ (fn['parameters']['properties'] if fn.get('parameters') else {}) | join(', ') }})"
+    "{% endfor %}{{ '\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}{% set fn = call['function'] if 'function' in call else call %}"
+    "<tool_call>{{ fn['name'] }}\n"
+    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}\n"
+    "{% else %}{% for key, value in fn['arguments'].items() %}{{ key }}={{ value }}\n{% endfor %}{% endif %}"
+    "</tool_call>{% endfor %}{{ eos_token }}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# How transformers' `parse_response` (which TRL's tool loop calls on every generated turn) reads a turn of that
+# template back into `{"role": "assistant", "content": ..., "tool_calls": [...]}`.
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {
+            "open_pattern": r"<tool_call>(?P<name>[^\n<]+)\n",
+            "close_pattern": r"</tool_call>",
+            "repeats": True,
+            "content": "kv-lines",
+            "content_args": {"kv_sep": "="},
+            "transform": {"type": "function", "function": {"name": "{name}", "arguments": "{content}"}},
+        },
+        "content": {"close_pattern": r"<eos>", "content": "text"},
+    },
+}
+
+
+def build_tool_char_tokenizer(model_max_length: int = 4096):
+    """
+    The char tokenizer (`build_char_tokenizer`) for tool calling: `<tool_call>`, `</tool_call>` and `<|tool|>` as
+    single added tokens, `TOOL_CHAT_TEMPLATE` as chat template and `TOOL_RESPONSE_TEMPLATE` as the `response_template`
+    that TRL's GRPOTrainer parses tool calls with. The token ids of the plain char tokenizer are unchanged (the new
+    tokens come after them).
+    """
+    tokenizer = build_char_tokenizer(model_max_length=model_max_length)
+    tokenizer.add_tokens(list(TOOL_TOKENS))
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
+    return tokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
+from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, TOOL_TASK_DATASETS, is_builtin
 from .data import IMAGE_COLUMNS, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
 from .evaluation import evaluate_splits, format_cell, format_table, write_json
@@ -51,6 +51,13 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     started = time.perf_counter()
     timings = {}
 
+    tool_task = uses_builtin_tools(script_args, mixture_args)
+    if tool_task and script_args.accuracy_eval_steps:
+        raise CLIError(
+            f"accuracy_eval_steps: the held-out callback generates without tools, and {script_args.dataset_name} "
+            "is solved with them. Leave accuracy_eval_steps unset: accuracy_eval_splits are then measured with tool "
+            "rollouts before and after training."
+        )
     data = load_training_data(script_args, builtin_args, training_args, mixture_args)
     # the model after the data: data errors are cheaper to find than a warm start
     model_name = resolve_model(model_args, builtin_args, training_args)
@@ -59,8 +66,10 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     set_model_init_kwargs(training_args, model_args)
 
     spec = FormatSpec.from_config(training_args)
-    trainer = build_trainer(script_args, training_args, model_args, data, spec)
+    trainer = build_trainer(script_args, training_args, model_args, data, spec, tool_task=tool_task)
     eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, spec)
+    if tool_task:  # rollouts with the calculator, as in training (evaluate_splits generates single turns)
+        eval_kwargs = tool_eval_kwargs(script_args, training_args, trainer, spec)
     if script_args.accuracy_eval_steps:
         add_heldout_callback(script_args, trainer, data.accuracy, eval_kwargs)
     accuracy, completions = {}, {}
@@ -253,10 +262,16 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
 
 
 
-def build_trainer(script_args, training_args, model_args, data: TrainingData, spec):
+def uses_builtin_tools(script_args, mixture_args) -> bool:
+    """Whether the run trains on a built-in tool task (`builtin:tools`), whose rollouts call its tools."""
+    return not mixture_args.datasets and script_args.dataset_name in TOOL_TASK_DATASETS
+
+
+def build_trainer(script_args, training_args, model_args, data: TrainingData, spec, tool_task: bool = False):
     """
     `MIGGRPOTrainer` (algorithm 'mig') or TRL's `GRPOTrainer` ('grpo', with the same default rewards, read with
-    `spec`) on the train and eval splits, with the recipe's rewards, PEFT and quantization settings.
+    `spec`) on the train and eval splits, with the recipe's rewards, PEFT and quantization settings; with
+    `tool_task`, the built-in tool task's tools (`trl_mig.builtin.tools.TOOLS`) for TRL's multi-turn tool loop.
     """
     from trl import GRPOTrainer, get_peft_config, get_quantization_config
 
@@ -272,6 +287,10 @@ def build_trainer(script_args, training_args, model_args, data: TrainingData, sp
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
+    if tool_task:
+        from .builtin.tools import TOOLS
+
+        trainer_kwargs["tools"] = list(TOOLS)
     try:
         if script_args.algorithm == "mig":
             return MIGGRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
@@ -281,7 +300,13 @@ def build_trainer(script_args, training_args, model_args, data: TrainingData, sp
             reward_funcs = default_reward_funcs(spec, solution_column)
         return GRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
     except (ValueError, KeyError, TypeError) as err:
-        raise CLIError(f"Could not build the {script_args.algorithm} trainer: {err}") from err
+        hint = ""
+        if tool_task and "chat template" in str(err):
+            hint = (
+                f" {script_args.dataset_name} needs a model whose chat template renders tool calls and whose tokenizer "
+                "parses them, e.g. builtin:tiny-qwen2-tools."
+            )
+        raise CLIError(f"Could not build the {script_args.algorithm} trainer: {err}{hint}") from err
 
 
 # ------------------------------------------------------------------------------------------------------- accuracy
@@ -321,10 +346,57 @@ def add_heldout_callback(script_args, trainer, splits: dict, eval_kwargs: dict) 
     trainer.add_callback(callback)
 
 
+def tool_eval_kwargs(script_args, training_args, trainer, spec) -> dict:
+    """The `evaluate_tool_splits` keyword arguments: tool rollouts as long as in training, greedy."""
+    tokenizer = trainer.processing_class
+    return dict(
+        tool_rollouts=True,
+        tokenizer=getattr(tokenizer, "tokenizer", tokenizer),
+        spec=spec,
+        batch_size=script_args.accuracy_eval_batch_size,
+        max_completion_length=script_args.accuracy_eval_max_new_tokens or training_args.max_completion_length,
+        # TRL caps tool-calling rounds; the eval caps calls, the same when every turn makes one call (as taught here)
+        max_tool_calls=training_args.max_tool_calling_iterations or 8,
+        accelerator=trainer.accelerator,
+    )
+
+
+def evaluate_tool_splits(model, splits: dict, *, tokenizer, spec, batch_size, max_completion_length, max_tool_calls,
+                         accelerator, label: str, tool_rollouts: bool = True) -> tuple[dict, dict]:
+    """
+    `trl_mig.builtin.tools.evaluate_tool_task` on each split (every process evaluates every row: the splits are
+    small), the model unwrapped for generation as in `evaluate_splits`. `tool_rollouts` only marks these keyword
+    arguments (see `measure_accuracy`).
+    """
+    from accelerate import PartialState
+    from trl.models.utils import unwrap_model_for_generation
+
+    from .builtin.tools import evaluate_tool_task
+
+    results, completions = {}, {}
+    for name, dataset in splits.items():
+        with unwrap_model_for_generation(model, accelerator) as unwrapped:
+            results[name], completions[name] = evaluate_tool_task(
+                unwrapped, tokenizer, dataset, spec=spec, max_completion_length=max_completion_length,
+                max_tool_calls=max_tool_calls, batch_size=batch_size,
+            )
+        PartialState().print(
+            f"[trl-mig] {label} {name}: pass@1 {format_cell(results[name]['pass@1'])}, "
+            f"{results[name]['tool_calls_per_problem']:.2f} tool calls per problem "
+            f"({format_cell(results[name]['tool_call_rate'])} of the operations), "
+            f"failed calls {format_cell(results[name]['tool_failure_rate'])}"
+        )
+    return results, completions
+
+
 def measure_accuracy(model, splits: dict, phase: str, eval_kwargs: dict, timings: dict) -> tuple[dict, dict]:
-    """`evaluate_splits` of `model` on the accuracy splits, its duration stored as `timings['eval_<phase>_seconds']`."""
+    """
+    `evaluate_splits` (or, for a tool task, `evaluate_tool_splits`) of `model` on the accuracy splits, its duration
+    stored as `timings['eval_<phase>_seconds']`.
+    """
     t0 = time.perf_counter()
-    results, completions = evaluate_splits(model, splits=splits, label=phase, **eval_kwargs)
+    evaluate = evaluate_tool_splits if eval_kwargs.get("tool_rollouts") else evaluate_splits
+    results, completions = evaluate(model, splits=splits, label=phase, **eval_kwargs)
     timings[f"eval_{phase}_seconds"] = round(time.perf_counter() - t0, 2)
     return results, completions
 

@@ -8,12 +8,18 @@ Datasets (`dataset_name` / `--dataset`):
                                 filtering/counting step per `### Step`; splits as above (`ood`: more objects);
                                 columns prompt (chat), image, solution, gold_completion, question_type,
                                 num_objects. Sizes from `task_seed` / `task_*_size`, scenes from `visual_*`.
+    builtin:tools               multi-step arithmetic on numbers up to `tools_max_value`, each operation done by a
+                                `calculator` tool that the model calls (TRL's multi-turn tool loop); splits as
+                                above; columns prompt (chat), solution, expression, num_ops. Ranges from `tools_*`.
 
 Models (`model_name_or_path` / `--model`):
     builtin:tiny-qwen2          Qwen2-style tiny LM + char tokenizer, warm-started by SFT on the task (cached).
     builtin:tiny-llama          the same with a Llama-style config.
     builtin:tiny-qwen2-scratch  randomly initialised, no warm start (for smoke tests).
     builtin:tiny-llama-scratch  idem, Llama-style.
+    builtin:tiny-qwen2-tools    Qwen2-style tiny LM + tool-calling char tokenizer, warm-started by SFT on
+                                builtin:tools conversations from builtin:tiny-qwen2 (cached; `tools_warmstart_*`).
+    builtin:tiny-llama-tools    the same with a Llama-style config.
     builtin:tiny-llava-scratch  LLaVA-style tiny vision-language model (CLIP + Llama) with the char tokenizer and
                                 its processor, randomly initialised: smoke tests of builtin:visual.
 
@@ -28,20 +34,25 @@ from .model import (
     ARCHITECTURES,
     VLM_ARCHITECTURES,
     TinyModelSpec,
+    ToolWarmStartConfig,
     WarmStartConfig,
     default_cache_dir,
     prepare_tiny_model,
+    prepare_tiny_tool_model,
     prepare_tiny_vlm,
 )
 from .task import SCAFFOLD, ArithmeticTaskConfig, generate_splits, load_arithmetic_dataset
+from .tools import ToolTaskConfig, load_tools_dataset
 from .visual import VisualTaskConfig, load_visual_dataset
 
 BUILTIN_PREFIX = "builtin:"
 _TASK, _WARM = ArithmeticTaskConfig(), WarmStartConfig()  # the defaults, in one place
 _VISUAL = VisualTaskConfig()
+_TOOLS, _TOOLS_WARM = ToolTaskConfig(), ToolWarmStartConfig()
 BUILTIN_DATASETS = {
     "arithmetic": "multi-step integer arithmetic (splits: train, validation, test, ood)",
     "visual": "counting coloured shapes in synthetic images, for VLMs (splits: train, validation, test, ood)",
+    "tools": "multi-step arithmetic done with a calculator tool the model calls (splits: train, validation, test, ood)",
 }
 BUILTIN_MODELS = {
     **{f"tiny-{arch}": f"tiny {arch} model with a char tokenizer, warm-started by SFT on builtin:arithmetic (cached)"
@@ -49,7 +60,10 @@ BUILTIN_MODELS = {
     **{f"tiny-{arch}-scratch": f"tiny {arch} model with a char tokenizer, random initialisation" for arch in ARCHITECTURES},
     **{f"tiny-{arch}-scratch": f"tiny {arch}-style vision-language model and processor, random initialisation (for "
        "builtin:visual smoke tests)" for arch in VLM_ARCHITECTURES},
+    **{f"tiny-{arch}-tools": f"tiny {arch} model with a tool-calling char tokenizer, warm-started by SFT on "
+       "builtin:tools conversations (cached)" for arch in ARCHITECTURES},
 }
+TOOL_TASK_DATASETS = (BUILTIN_PREFIX + "tools",)  # the built-in datasets whose rollouts call tools
 
 
 def is_builtin(name) -> bool:
@@ -108,6 +122,18 @@ class BuiltinArguments:
         default=_VISUAL.max_objects,
         metadata={"help": "Most objects per builtin:visual scene (train/validation/test); ood scenes have more."},
     )
+    tools_max_start: int = field(
+        default=_TOOLS.max_start, metadata={"help": "builtin:tools: start values are drawn from 1..this."}
+    )
+    tools_max_operand: int = field(
+        default=_TOOLS.max_operand, metadata={"help": "builtin:tools: operands of + and - are 1..this."}
+    )
+    tools_max_factor: int = field(
+        default=_TOOLS.max_factor, metadata={"help": "builtin:tools: operands of * are 2..this."}
+    )
+    tools_max_value: int = field(
+        default=_TOOLS.max_value, metadata={"help": "builtin:tools: every intermediate result is 0..this."}
+    )
     tiny_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the built-in tiny model."})
     tiny_num_layers: int = field(default=4, metadata={"help": "Layers of the built-in tiny model."})
     tiny_num_heads: int = field(default=4, metadata={"help": "Attention heads of the built-in tiny model."})
@@ -131,6 +157,31 @@ class BuiltinArguments:
         metadata={
             "help": "Probability that a step of a warm-start demonstration skips writing its calculation ('=8' "
             "instead of '4*2=8'): a demonstrator with a habit that RL can unlearn."
+        },
+    )
+    tools_warmstart_max_steps: int = field(
+        default=_TOOLS_WARM.max_steps, metadata={"help": "SFT steps of the builtin:tiny-*-tools warm start (0: none)."}
+    )
+    tools_warmstart_batch_size: int = field(
+        default=_TOOLS_WARM.batch_size, metadata={"help": "Global batch size of the tool warm-start SFT."}
+    )
+    tools_warmstart_learning_rate: float = field(
+        default=_TOOLS_WARM.learning_rate, metadata={"help": "Peak learning rate of the tool warm-start SFT."}
+    )
+    tools_warmstart_base: str = field(
+        default=_TOOLS_WARM.base,
+        metadata={
+            "help": "What the tool warm start starts from: 'arithmetic' (the builtin:tiny-* arithmetic warm start of "
+            "the same shape, built with the warmstart_* and task_* settings and cached; it has learned to copy "
+            "numbers, which the tiny model learns slowly from scratch) or 'scratch' (random initialisation).",
+            "choices": ["arithmetic", "scratch"],
+        },
+    )
+    tools_warmstart_skip_rate: float = field(
+        default=_TOOLS_WARM.skip_rate,
+        metadata={
+            "help": "Probability that a step of a tool warm-start demonstration is computed without the calculator "
+            "('47+38=85' written out): a habit the tiny model copies but cannot carry out, which RL can unlearn."
         },
     )
 
@@ -164,6 +215,37 @@ class BuiltinArguments:
             max_objects=self.visual_max_objects,
         )
 
+    def tools_task_config(self) -> ToolTaskConfig:
+        """builtin:tools: sizes and operation counts from the `task_*` fields, number ranges from `tools_*`."""
+        return ToolTaskConfig(
+            seed=self.task_seed,
+            train_size=self.task_train_size,
+            validation_size=self.task_validation_size,
+            test_size=self.task_test_size,
+            ood_size=self.task_ood_size,
+            min_ops=self.task_min_ops,
+            max_ops=self.task_max_ops,
+            ood_min_ops=self.task_ood_min_ops,
+            ood_max_ops=self.task_ood_max_ops,
+            max_start=self.tools_max_start,
+            max_operand=self.tools_max_operand,
+            max_factor=self.tools_max_factor,
+            max_value=self.tools_max_value,
+            answer=self.task_answer,
+        )
+
+    def tools_warmstart_config(self) -> ToolWarmStartConfig:
+        return ToolWarmStartConfig(
+            max_steps=self.tools_warmstart_max_steps,
+            batch_size=self.tools_warmstart_batch_size,
+            learning_rate=self.tools_warmstart_learning_rate,
+            seed=self.warmstart_seed,
+            min_ops=self.warmstart_min_ops,
+            max_ops=self.warmstart_max_ops,
+            skip_rate=self.tools_warmstart_skip_rate,
+            base=self.tools_warmstart_base,
+        )
+
     def model_spec(self, architecture: str) -> TinyModelSpec:
         return TinyModelSpec(
             architecture=architecture,
@@ -188,12 +270,12 @@ class BuiltinArguments:
 
 def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match: str | None, field_name: str) -> str:
     """
-    The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the built-in task's
-    running answers (a list of values) and "math" otherwise. Asking math-verify to compare running answers is an
-    error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
+    The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the running answers
+    (a list of values) of the built-in arithmetic and tool tasks, and "math" otherwise. Asking math-verify to
+    compare running answers is an error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
     """
-    arithmetic = dataset_name == BUILTIN_PREFIX + "arithmetic"
-    running = arithmetic and (args or BuiltinArguments()).task_answer == "running"
+    with_steps = dataset_name in (BUILTIN_PREFIX + "arithmetic", *TOOL_TASK_DATASETS)
+    running = with_steps and (args or BuiltinArguments()).task_answer == "running"
     if answer_match is None:
         return "exact" if running else "math"
     if running and answer_match != "exact":
@@ -210,6 +292,8 @@ def load_builtin_dataset(name: str, args: BuiltinArguments | None = None, field_
     args = args or BuiltinArguments()
     if suffix == "visual":
         return load_visual_dataset(args.visual_task_config())
+    if suffix == "tools":
+        return load_tools_dataset(args.tools_task_config())
     return load_arithmetic_dataset(args.task_config())
 
 
@@ -227,6 +311,19 @@ def resolve_builtin_model(
     args = args or BuiltinArguments()
     scratch = suffix.endswith("-scratch")
     architecture = suffix[len("tiny-") :].removesuffix("-scratch")
+    if suffix.endswith("-tools"):
+        architecture = architecture.removesuffix("-tools")
+        spec, warm = args.model_spec(architecture), args.tools_warmstart_config()
+        base_path = None
+        if warm.base == "arithmetic":  # the arithmetic warm start the tool SFT starts from (cached as usual)
+            base_path = prepare_tiny_model(
+                f"tiny-{architecture}", spec, args.warmstart_config(), args.task_config(), args.builtin_cache_dir,
+                use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+            )
+        return prepare_tiny_tool_model(
+            suffix, spec, warm, args.tools_task_config(), args.builtin_cache_dir, base_path=base_path,
+            use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+        )
     if architecture in VLM_ARCHITECTURES:
         return prepare_tiny_vlm(
             suffix, architecture, args.tiny_hidden_size, args.tiny_num_layers, args.tiny_seed, args.builtin_cache_dir,
@@ -249,10 +346,13 @@ __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_PREFIX",
     "SCAFFOLD",
+    "TOOL_TASK_DATASETS",
     "ArithmeticTaskConfig",
     "BuiltinArguments",
     "check_answer_match",
     "TinyModelSpec",
+    "ToolTaskConfig",
+    "ToolWarmStartConfig",
     "VisualTaskConfig",
     "WarmStartConfig",
     "default_cache_dir",

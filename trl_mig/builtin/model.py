@@ -231,7 +231,12 @@ def _save_atomically(model, tokenizer, info: dict, path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskConfig, *, use_cpu, bf16, fp16):
+def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskConfig, *, use_cpu, bf16, fp16,
+                make_rows=None, max_length: int = 512):
+    """
+    SFT of `model` for `warm.max_steps` steps. The rows are the arithmetic task's worked solutions, or
+    `make_rows(count)` (e.g. the tool task's tokenized conversations).
+    """
     from accelerate import PartialState
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -240,9 +245,11 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
         return model, {"steps": 0, "seconds": 0.0}
     num_processes = PartialState().num_processes
     per_device = max(1, -(-warm.batch_size // num_processes))
-    rows = sft_rows(
-        task, warm.max_steps * per_device * num_processes, warm.seed, warm.min_ops, warm.max_ops, warm.shortcut_rate
-    )
+    count = warm.max_steps * per_device * num_processes
+    if make_rows is None:
+        rows = sft_rows(task, count, warm.seed, warm.min_ops, warm.max_ops, warm.shortcut_rate)
+    else:
+        rows = make_rows(count)
 
     with tempfile.TemporaryDirectory(prefix="trl-mig-warmstart-") as output_dir:
         args = SFTConfig(
@@ -262,7 +269,7 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
             use_cpu=use_cpu,
             bf16=bf16,
             fp16=fp16,
-            max_length=512,
+            max_length=max_length,
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
@@ -285,3 +292,113 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
         f"{info['train_loss']:.4f}"
     )
     return model.float().cpu(), info
+
+
+# ------------------------------------------------------------------------------------------------ the tool task's model
+TOOLS_WARMSTART_VERSION = 1  # the tool task's own cache version (WARMSTART_VERSION keys the arithmetic models)
+TOOL_WARMSTART_BASES = ("arithmetic", "scratch")
+
+
+@dataclass(frozen=True)
+class ToolWarmStartConfig:
+    """
+    The tool task's warm-start SFT: `max_steps` optimiser steps of `batch_size` tokenized worked conversations (loss
+    on the assistant's tokens only) of `min_ops`-`max_ops` operations, each step computed without the calculator with
+    probability `skip_rate`, starting from `base`: "arithmetic" (the `builtin:arithmetic` warm start of the same
+    shape, which has learned to copy numbers from the prompt, something the tiny model learns slowly from scratch) or
+    "scratch" (random initialisation). Step count and seeds decide the result (no time cap).
+    """
+
+    max_steps: int = 250
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    seed: int = 0
+    min_ops: int | None = None
+    max_ops: int | None = None
+    skip_rate: float = 0.25
+    base: str = "arithmetic"
+
+    def __post_init__(self):
+        WarmStartConfig(self.max_steps, self.batch_size, self.learning_rate, self.seed, self.min_ops, self.max_ops)
+        if not 0.0 <= self.skip_rate <= 1.0:
+            raise ValueError(f"tools_warmstart_skip_rate must be in [0, 1], got {self.skip_rate}.")
+        if self.base not in TOOL_WARMSTART_BASES:
+            raise ValueError(f"tools_warmstart_base={self.base!r} is not one of {list(TOOL_WARMSTART_BASES)}.")
+
+
+def prepare_tiny_tool_model(
+    name: str,
+    spec: TinyModelSpec,
+    warm: ToolWarmStartConfig | None,
+    task,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    base_path: str | None = None,
+    use_cpu: bool = False,
+    bf16: bool = False,
+    fp16: bool = False,
+) -> str:
+    """
+    Path of a saved tiny model with the tool-calling char tokenizer (`trl_mig.tiny.build_tool_char_tokenizer`),
+    warm-started on the tool task's conversations (`task`, a `ToolTaskConfig`) unless `warm` is None; built into the
+    cache first if needed, as `prepare_tiny_model` does. With `warm.base == "arithmetic"`, `base_path` is the saved
+    arithmetic warm start (`prepare_tiny_model`) that the SFT starts from; its folder name (which holds its cache key)
+    is part of this model's key.
+    """
+    from accelerate import PartialState
+
+    from ..tiny import build_tiny_model, build_tool_char_tokenizer
+    from .tools import tool_sft_rows
+
+    from_arithmetic = warm is not None and warm.base == "arithmetic"
+    if from_arithmetic and not base_path:
+        raise ValueError("tools_warmstart_base='arithmetic' needs the path of the arithmetic warm start (base_path).")
+    base = Path(base_path).name if from_arithmetic else None  # the folder name ends with the base's cache key
+    payload = {"spec": asdict(spec), "version": TOOLS_WARMSTART_VERSION, "tokenizer": "tool-char"}
+    if warm is not None:
+        payload |= {"warm": asdict(warm), "task": task.to_dict(), "base": base}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = root / f"{name}-{key}"
+    state = PartialState(cpu=use_cpu)
+    ready = (path / METADATA_FILE).is_file()
+    if state.num_processes > 1:
+        ready = _all_processes(state, ready)
+    if ready:
+        logger.info("Using the cached built-in model %s at %s", name, path)
+        return str(path)
+
+    started = time.perf_counter()
+    tokenizer = build_tool_char_tokenizer(model_max_length=2048)
+    if from_arithmetic:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        torch.manual_seed(spec.seed)  # the new tool tokens' embeddings are drawn: keep the result reproducible
+        model.resize_token_embeddings(len(tokenizer))  # the char ids are kept; the tool tokens come after them
+    else:
+        model = build_tiny_model(
+            tokenizer, architecture=spec.architecture, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+            num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, seed=spec.seed, max_position_embeddings=2048,
+        ).float()
+    info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict(), "base": base}
+    if warm is not None:
+        state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in tool task ({warm.max_steps} steps), "
+                    f"cached at {path}")
+
+        def make_rows(count):
+            return tool_sft_rows(task, tokenizer, count, warm.seed, warm.min_ops, warm.max_ops, warm.skip_rate)
+
+        plain = WarmStartConfig(warm.max_steps, warm.batch_size, warm.learning_rate, warm.seed, warm.min_ops,
+                                warm.max_ops)
+        model, info["warmstart"] = _warm_start(
+            model, tokenizer, plain, None, use_cpu=use_cpu, bf16=bf16, fp16=fp16, make_rows=make_rows, max_length=1024
+        )
+        info["warmstart"]["skip_rate"] = warm.skip_rate
+    info["build_seconds"] = round(time.perf_counter() - started, 2)
+    info["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if state.is_local_main_process:
+        _save_atomically(model, tokenizer, info, path)
+    state.wait_for_everyone()
+    return str(path)
