@@ -48,6 +48,26 @@ def test_format_reward():
     assert step_format_reward(completions) == [1.0, 0.0, 0.0, 1.0]
 
 
+def test_tool_conversations_count_their_turns_as_steps():
+    call = {"role": "assistant", "content": "<think>I need 2+3.", "tool_calls": [{"function": {"name": "calculator"}}]}
+    result = {"role": "tool", "name": "calculator", "content": "5"}
+    answers = [
+        [call, result, {"role": "assistant", "content": "</think>\n<answer>5</answer>"}],
+        [call, result, {"role": "assistant", "content": "<answer>5</answer>"}],  # a last turn that only answers
+        [call, result, {"role": "assistant", "content": "<think>so 5 then</think><answer>5</answer>"}],
+    ]
+    assert step_format_reward(answers) == [1.0, 1.0, 1.0]
+    assert answer_accuracy_reward(answers, solution=["5"] * 3) == [1.0, 1.0, 1.0]
+    unfinished = [
+        [call, result, {"role": "assistant", "content": "<think>so 5 then"}],  # thought left open, no answer
+        [call, result],  # the last turn was cut off: the tool's "5" is not the model's answer
+        [{"role": "assistant", "content": "<think>no header</think><answer>5</answer>"}],  # one turn: text rules
+    ]
+    assert step_format_reward(unfinished) == [0.0, 0.0, 0.0]
+    assert answer_accuracy_reward(unfinished[:2], solution=["5"] * 2) == [0.0, 0.0]
+    assert completion_text([call, result]) == ""
+
+
 def test_rewards_are_picklable_and_named():
     for reward in (answer_accuracy_reward, step_format_reward, AnswerAccuracyReward(FormatSpec(step_fallback="line"))):
         clone = pickle.loads(pickle.dumps(reward))

@@ -14,13 +14,26 @@ from .segmentation import FormatSpec, analyze_text
 
 
 def completion_text(completion) -> str:
-    """Text of a completion, whether plain (`str`) or conversational (`[{"role": ..., "content": ...}]`)."""
+    """
+    Text of a completion, whether plain (`str`) or conversational (`[{"role": ..., "content": ...}]`): the last
+    message's. A multi-turn tool conversation that ends on a tool message (its last turn was cut off) has no final
+    text: "".
+    """
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        if completion[-1].get("role") == "tool":
+            return ""
         content = completion[-1].get("content", "")
         return content if isinstance(content, str) else str(content)
     raise TypeError(f"Expected a completion string or a list of chat messages, got {type(completion).__name__}.")
+
+
+def has_tool_turns(completion) -> bool:
+    """Whether a conversational completion holds a tool call answered by a tool (TRL's multi-turn `tools` loop)."""
+    return isinstance(completion, list) and any(
+        isinstance(message, dict) and message.get("role") == "tool" for message in completion
+    )
 
 
 def answer_variants(value, column: str = "solution") -> list[str]:
@@ -97,15 +110,27 @@ class AnswerAccuracyReward:
 
 
 class StepFormatReward:
-    """1.0 when a completion has at least one step header, a closed thought and an answer after it (the structural
-    gate of gated SFT), else 0.0."""
+    """
+    1.0 when a completion has at least one step header, a closed thought and an answer after it (the structural gate
+    of gated SFT), else 0.0. A multi-turn tool conversation has its steps already (each answered tool turn is one, as
+    the trainer segments it): its last turn needs an answer, and to close any thought it opens.
+    """
 
     def __init__(self, spec: FormatSpec | None = None):
         self.spec = spec or FormatSpec()
         self.__name__ = "step_format_reward"
 
     def __call__(self, completions, **kwargs) -> list[float]:
-        return [float(analyze_text(completion_text(c), self.spec).well_formed) for c in completions]
+        return [float(self._well_formed(completion)) for completion in completions]
+
+    def _well_formed(self, completion) -> bool:
+        text = completion_text(completion)
+        layout = analyze_text(text, self.spec)
+        if not has_tool_turns(completion):
+            return layout.well_formed
+        # a last turn that only answers opens no thought, so it leaves none unclosed
+        closed = layout.think_closed or (layout.answer is not None and not text[: layout.cot_end].strip())
+        return closed and layout.answer is not None
 
 
 def default_reward_funcs(spec: FormatSpec, column: str = "solution") -> list:
