@@ -212,6 +212,11 @@ def test_mig_training_calls_the_tool_and_changes_the_model(tiny_tool_model, tmp_
     assert len(logged) == 2 and all(entry["tools/call_frequency"] > 0 for entry in logged)
     # MIG scored the multi-turn completions (steps found across the turns, every row with its ground truth)
     assert all(entry["mig/unscorable_frac"] == 0 and entry["mig/steps"] > 0 for entry in logged)
+    # every call answered by a result is a step of its own (turn steps); TRL also counts a call it left unanswered
+    # when the completion reached its length limit
+    for entry in logged:
+        assert 0 < entry["tools/mig_call_steps"] <= entry["tools/call_frequency"]
+        assert entry["mig/steps"] >= entry["tools/mig_call_steps"]
 
 
 def test_train_tools_recipe_end_to_end(tiny_tool_model, tmp_path, monkeypatch, capsys):
