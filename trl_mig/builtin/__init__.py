@@ -28,7 +28,7 @@ Their sizes are set by the `task_*`, `tiny_*` and `warmstart_*` arguments of [`B
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .model import (
     ARCHITECTURES,
@@ -186,22 +186,7 @@ class BuiltinArguments:
     )
 
     def task_config(self) -> ArithmeticTaskConfig:
-        return ArithmeticTaskConfig(
-            seed=self.task_seed,
-            train_size=self.task_train_size,
-            validation_size=self.task_validation_size,
-            test_size=self.task_test_size,
-            ood_size=self.task_ood_size,
-            min_ops=self.task_min_ops,
-            max_ops=self.task_max_ops,
-            ood_min_ops=self.task_ood_min_ops,
-            ood_max_ops=self.task_ood_max_ops,
-            max_start=self.task_max_start,
-            max_operand=self.task_max_operand,
-            max_factor=self.task_max_factor,
-            max_value=self.task_max_value,
-            answer=self.task_answer,
-        )
+        return ArithmeticTaskConfig(**{f.name: getattr(self, f"task_{f.name}") for f in fields(ArithmeticTaskConfig)})
 
     def visual_task_config(self) -> VisualTaskConfig:
         return VisualTaskConfig(
@@ -217,22 +202,9 @@ class BuiltinArguments:
 
     def tools_task_config(self) -> ToolTaskConfig:
         """builtin:tools: sizes and operation counts from the `task_*` fields, number ranges from `tools_*`."""
-        return ToolTaskConfig(
-            seed=self.task_seed,
-            train_size=self.task_train_size,
-            validation_size=self.task_validation_size,
-            test_size=self.task_test_size,
-            ood_size=self.task_ood_size,
-            min_ops=self.task_min_ops,
-            max_ops=self.task_max_ops,
-            ood_min_ops=self.task_ood_min_ops,
-            ood_max_ops=self.task_ood_max_ops,
-            max_start=self.tools_max_start,
-            max_operand=self.tools_max_operand,
-            max_factor=self.tools_max_factor,
-            max_value=self.tools_max_value,
-            answer=self.task_answer,
-        )
+        ranges = ("max_start", "max_operand", "max_factor", "max_value")
+        prefix = {f.name: "tools" if f.name in ranges else "task" for f in fields(ToolTaskConfig)}
+        return ToolTaskConfig(**{name: getattr(self, f"{source}_{name}") for name, source in prefix.items()})
 
     def tools_warmstart_config(self) -> ToolWarmStartConfig:
         return ToolWarmStartConfig(

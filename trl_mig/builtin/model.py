@@ -135,17 +135,9 @@ def prepare_tiny_model(
     solutions. Every process of a distributed launch must call this (the ranks agree on whether to build, and build
     together).
     """
-    from accelerate import PartialState
-
     task = task or ArithmeticTaskConfig()
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = root / f"{name}-{cache_key(spec, warm, task)}"
-    state = PartialState(cpu=use_cpu)  # the existing state when training arguments made one
-    ready = (path / METADATA_FILE).is_file()
-    if state.num_processes > 1:
-        ready = _all_processes(state, ready)
+    path, state, ready = _cache_slot(name, cache_key(spec, warm, task), cache_dir, use_cpu)
     if ready:
-        logger.info("Using the cached built-in model %s at %s", name, path)
         return str(path)
 
     started = time.perf_counter()
@@ -155,10 +147,7 @@ def prepare_tiny_model(
         state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in task ({warm.max_steps} steps), cached at {path}")
         model, info["warmstart"] = _warm_start(model, tokenizer, warm, task, use_cpu=use_cpu, bf16=bf16, fp16=fp16)
     info["build_seconds"] = round(time.perf_counter() - started, 2)
-    info["num_parameters"] = sum(p.numel() for p in model.parameters())
-    if state.is_local_main_process:
-        _save_atomically(model, tokenizer, info, path)
-    state.wait_for_everyone()
+    _save_once(state, model, tokenizer, info, path)
     return str(path)
 
 
@@ -176,8 +165,6 @@ def prepare_tiny_vlm(
     Path of a saved, randomly initialised tiny vision-language model and its processor (`trl_mig.tiny.build_tiny_vlm`),
     built into the cache first if needed. For smoke tests of image training (`builtin:visual`): it has learned nothing.
     """
-    from accelerate import PartialState
-
     from ..tiny import build_tiny_vlm
 
     if architecture not in VLM_ARCHITECTURES:
@@ -190,20 +177,37 @@ def prepare_tiny_vlm(
     shape = {"architecture": architecture, "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
              "version": WARMSTART_VERSION}
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+    path, state, ready = _cache_slot(name, key, cache_dir, use_cpu)
+    if not ready:
+        model, processor = build_tiny_vlm(architecture, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        _save_once(state, model, processor, {"name": name, "spec": shape, "warmstart": None}, path)
+    return str(path)
+
+
+def _cache_slot(name: str, key: str, cache_dir, use_cpu: bool):
+    """
+    `(path, state, ready)`: the cache folder of a built-in model, accelerate's process state, and whether the model is
+    there already on every process (the ranks agree, so that they build together or not at all).
+    """
+    from accelerate import PartialState
+
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = root / f"{name}-{key}"
-    state = PartialState(cpu=use_cpu)
+    state = PartialState(cpu=use_cpu)  # the existing state when training arguments made one
     ready = (path / METADATA_FILE).is_file()
     if state.num_processes > 1:
         ready = _all_processes(state, ready)
-    if not ready:
-        model, processor = build_tiny_vlm(architecture, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-        info = {"name": name, "spec": shape, "warmstart": None,
-                "num_parameters": sum(p.numel() for p in model.parameters())}
-        if state.is_local_main_process:
-            _save_atomically(model, processor, info, path)
-        state.wait_for_everyone()
-    return str(path)
+    if ready:
+        logger.info("Using the cached built-in model %s at %s", name, path)
+    return path, state, ready
+
+
+def _save_once(state, model, tokenizer, info: dict, path: Path) -> None:
+    """Save a freshly built model into the cache from one process per node; the others wait for it."""
+    info["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if state.is_local_main_process:
+        _save_atomically(model, tokenizer, info, path)
+    state.wait_for_everyone()
 
 
 def _all_processes(state, flag: bool) -> bool:
@@ -345,8 +349,6 @@ def prepare_tiny_tool_model(
     arithmetic warm start (`prepare_tiny_model`) that the SFT starts from; its folder name (which holds its cache key)
     is part of this model's key.
     """
-    from accelerate import PartialState
-
     from ..tiny import build_tiny_model, build_tool_char_tokenizer
     from .tools import tool_sft_rows
 
@@ -358,14 +360,8 @@ def prepare_tiny_tool_model(
     if warm is not None:
         payload |= {"warm": asdict(warm), "task": task.to_dict(), "base": base}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = root / f"{name}-{key}"
-    state = PartialState(cpu=use_cpu)
-    ready = (path / METADATA_FILE).is_file()
-    if state.num_processes > 1:
-        ready = _all_processes(state, ready)
+    path, state, ready = _cache_slot(name, key, cache_dir, use_cpu)
     if ready:
-        logger.info("Using the cached built-in model %s at %s", name, path)
         return str(path)
 
     started = time.perf_counter()
@@ -397,8 +393,5 @@ def prepare_tiny_tool_model(
         )
         info["warmstart"]["skip_rate"] = warm.skip_rate
     info["build_seconds"] = round(time.perf_counter() - started, 2)
-    info["num_parameters"] = sum(p.numel() for p in model.parameters())
-    if state.is_local_main_process:
-        _save_atomically(model, tokenizer, info, path)
-    state.wait_for_everyone()
+    _save_once(state, model, tokenizer, info, path)
     return str(path)
