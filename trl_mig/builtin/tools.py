@@ -334,8 +334,8 @@ def evaluate_tool_task(
         `(metrics, records)`. `metrics`: `num_examples`, `pass@1` (the answer matches the solution, as
         `spec.answer_match` compares them), `format_rate` (steps, closed thought, answer), `tool_calls_per_problem`,
         `tool_call_rate` (calls per operation of the problem), `tool_failure_rate` (failed calls per call),
-        `truncated_rate` and
-        `pass@1_by_group` (per `num_ops`). `records`: per row, the completion, solution, correctness and counts.
+        `truncated_rate` and `pass@1_by_group` (per `num_ops`). `records`: per row, the completion, solution,
+        correctness and counts.
     """
     from ..rewards import AnswerAccuracyReward, StepFormatReward
     from ..segmentation import FormatSpec
