@@ -141,3 +141,18 @@ def scripted_rollout(script: dict, end_with_eos=lambda text: text.rstrip().endsw
 
 def _prompt_key(prompt):
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+# a tool for TRL's multi-turn tool loop: its docstring is the schema TRL reads
+def multiply_tool(a: int, b: int) -> int:
+    """
+    Multiplies two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product of the two integers.
+    """
+    return a * b

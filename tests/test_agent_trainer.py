@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 
 import trl_mig.trainer as trainer_module
-from conftest import cpu_config
+from conftest import cpu_config, multiply_tool
 from trl_mig import MIGGRPOTrainer
 from trl_mig.credit import gated_sft_loss
 from trl_mig.tiny import build_tiny_model
@@ -212,18 +212,6 @@ def test_turn_steps_always_needs_a_mask(tmp_path, char_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ TRL's own tool loop
-def multiply(a: int, b: int) -> int:
-    """
-    Multiplies two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-
-    Returns:
-        The product of the two integers.
-    """
-    return a * b
 
 
 def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
@@ -240,7 +228,7 @@ def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
     specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", qwen3_chat_template
-    call = '<think>### Step 1\nneed 3*4\n</think><tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n'
+    call = '<think>### Step 1\nneed 3*4\n</think><tool_call>\n{"name": "multiply_tool", "arguments": {"a": 3, "b": 4}}\n'
     first_turn = [call + "</tool_call><|im_end|>", "<think>### Step 1\n3*4=12\n</think>\n<answer>12</answer><|im_end|>"]
     second_turn = "<think>so 12\n</think>\n<answer>12</answer><|im_end|>"
     calls = []
@@ -259,7 +247,7 @@ def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
         args=cpu_config(tmp_path, per_device_train_batch_size=4, num_generations=2, max_completion_length=160),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        tools=[multiply],
+        tools=[multiply_tool],
     )
     trainer.model.train()
     scored = []

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-from conftest import cpu_config, scripted_rollout
+from conftest import cpu_config, multiply_tool, scripted_rollout
 from trl_mig import MIGConfig, MIGGRPOTrainer
 from trl_mig.tiny import build_tiny_model
 
@@ -222,22 +222,6 @@ def test_minimal_constructor_without_args(tmp_path, char_tokenizer, tiny_dirs, m
     assert trainer._sft_reward_index is None
     warnings = [r.getMessage() for r in caplog.records if "Gated SFT is off" in r.getMessage()]
     assert len(warnings) == 1 and "sft_correctness_reward=" in warnings[0]
-
-
-
-
-def multiply_tool(a: int, b: int) -> int:
-    """
-    Multiplies two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-
-    Returns:
-        The product of the two integers.
-    """
-    return a * b
 
 
 @pytest.fixture(scope="session")
