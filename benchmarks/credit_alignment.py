@@ -12,7 +12,7 @@ policy gradients with the gradient of the SFT loss on gold solutions of *other* 
 
 It measures credit quality without a training run, in about a minute on 2 CPU cores:
 
-    python benchmarks/credit_alignment.py --config recipes/demo/mig.yaml [--batches 4] [--temperature 0.5]
+    python benchmarks/credit_alignment.py --config recipes/demo/mig_char.yaml [--batches 4] [--temperature 0.5]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="recipes/demo/mig.yaml", help="a recipe with a builtin: model and dataset")
+    parser.add_argument("--config", default="recipes/demo/mig_char.yaml", help="a recipe with a builtin: model and dataset")
     parser.add_argument("--batches", type=int, default=4, help="batches of prompts per method")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per batch")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")

@@ -160,3 +160,43 @@ def test_tiny_model_is_warm_started_once_then_cached(tmp_path, monkeypatch):
     assert scratch != path
     scratch_info = json.loads((Path(scratch) / METADATA_FILE).read_text())
     assert scratch_info["warmstart"] is None and scratch_info["spec"]["architecture"] == "llama"
+
+
+def test_expression_prompts_and_step_token_shorten_sequences_not_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from trl_mig.builtin.model import TinyModelSpec, WarmStartConfig, cache_key
+
+    short = ArithmeticTaskConfig(train_size=20, validation_size=4, test_size=4, ood_size=4, prompt="expression")
+    splits = generate_splits(short)
+    long = generate_splits(ArithmeticTaskConfig(train_size=20, validation_size=4, test_size=4, ood_size=4))
+    for row, long_row in zip(splits["train"], long["train"]):  # the same problems and solutions, asked briefly
+        assert row["prompt"] == f"Compute {row['expression']}.\n"
+        assert long_row["prompt"].startswith(f"Compute {row['expression']}. Format: <think>")
+        assert (row["solution"], row["gold_completion"]) == (long_row["solution"], long_row["gold_completion"])
+    assert all(re.fullmatch(r"Compute \S+\.\n", r["prompt"]) for r in sft_rows(short, 5, seed=0))
+    with pytest.raises(ValueError, match="prompt='terse'"):
+        ArithmeticTaskConfig(prompt="terse")
+
+    args = BuiltinArguments(builtin_cache_dir=str(tmp_path), tiny_step_token=True, task_prompt="expression", **TINY)
+    path = resolve_builtin_model("builtin:tiny-qwen2", args, use_cpu=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the saved tokenizer keeps the header token
+    completion = long["train"][0]["gold_completion"]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == completion
+    headers = completion.count("### Step ")
+    plain = BuiltinArguments(**TINY)
+    assert len(ids) == len(tokenizer_of(plain)(completion, add_special_tokens=False)["input_ids"]) - 8 * headers
+    info = json.loads((Path(path) / METADATA_FILE).read_text())
+    assert info["spec"]["step_token"] is True and info["task"]["prompt"] == "expression"
+    # the settings' defaults leave the cache keys of models built before they existed unchanged
+    key = cache_key(TinyModelSpec(), WarmStartConfig(), ArithmeticTaskConfig())
+    assert key == "76caabb85ada"  # computed before the two settings existed
+    assert cache_key(TinyModelSpec(step_token=True), WarmStartConfig(), ArithmeticTaskConfig()) != key
+    assert cache_key(TinyModelSpec(), WarmStartConfig(), short) != key
+
+
+def tokenizer_of(args: BuiltinArguments):
+    from trl_mig.builtin.model import build_model_and_tokenizer
+
+    return build_model_and_tokenizer(args.model_spec("qwen2"))[1]

@@ -397,3 +397,30 @@ def test_unknown_command_line_argument_is_a_clear_error(capsys):
     for typo in ("--learnig_rate", "--learning_rat"):
         code, _, stderr = run_main(["train", "--config", DEMO, *TINY_BUILTIN, typo, "1e-4"], capsys)
         assert code == 2 and typo in stderr
+
+
+def test_keep_freed_memory_takes_effect_with_glibc():
+    import ctypes
+    import platform
+
+    from trl_mig.cpu import keep_freed_memory
+
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        assert keep_freed_memory() is False
+        return
+
+    class MallInfo(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo
+    assert keep_freed_memory() is True
+    before = libc.mallinfo2()
+    big = torch.empty(64 * 2**20, dtype=torch.uint8)  # above glibc's largest mmap threshold
+    during = libc.mallinfo2()
+    assert during.hblkhd == before.hblkhd  # served from the heap, not by mmap
+    assert during.uordblks >= before.uordblks + 64 * 2**20
+    del big
+    assert libc.mallinfo2().arena == during.arena  # freed, and kept for the next pass

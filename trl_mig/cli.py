@@ -102,6 +102,14 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
     accuracy_eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Generation length of the accuracy eval. Default: max_completion_length."}
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "When training on CPU (Linux, glibc): malloc keeps freed memory for reuse instead of unmapping "
+            "blocks over 32 MB after every pass (measured 1.5-1.7x faster GRPO/MIG steps on 2 cores; resident memory "
+            "then stays at its peak). No effect on GPU runs."
+        },
+    )
     save_rank_logs: bool = field(
         default=False,
         metadata={

@@ -14,10 +14,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(model_max_length: int = 4096):
+STEP_HEADER_TOKEN = "### Step "  # the built-in task's step header, one token with `build_char_tokenizer(step_token=True)`
+
+
+def build_char_tokenizer(model_max_length: int = 4096, step_token: bool = False):
     """
     A character-level tokenizer (printable ASCII, newline and tab, one token each) with the think/answer tags and the
     chat-role markers as single added tokens, `<pad>` for padding and `<eos>` as end of sequence, and a chat template.
+    With `step_token`, `"### Step "` is one added token too, so the header `### Step 3` costs 2 tokens instead of 10:
+    the same text, shorter sequences.
 
     It is written in the byte-level form that `Qwen2Tokenizer` (and GPT-2-style tokenizers) use: a BPE model without
     merges whose vocabulary names each character by its byte-level symbol (space is `Ġ`, newline `Ċ`), with byte-level
@@ -42,7 +47,7 @@ def build_char_tokenizer(model_max_length: int = 4096):
         unk_token="<unk>",
         model_max_length=model_max_length,
     )
-    tokenizer.add_tokens(list(TAG_TOKENS))
+    tokenizer.add_tokens([*TAG_TOKENS, *([STEP_HEADER_TOKEN] if step_token else [])])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -51,6 +51,10 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     started = time.perf_counter()
     timings = {}
 
+    if script_args.cpu_keep_freed_memory and state.device.type == "cpu":
+        from .cpu import keep_freed_memory
+
+        keep_freed_memory()
     tool_task = uses_builtin_tools(script_args, mixture_args)
     if tool_task and script_args.accuracy_eval_steps:
         raise CLIError(

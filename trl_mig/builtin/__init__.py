@@ -111,6 +111,14 @@ class BuiltinArguments:
             "choices": ["running", "final"],
         },
     )
+    task_prompt: str = field(
+        default=_TASK.prompt,
+        metadata={
+            "help": "How a problem is asked: 'instructions' (the expression and the answer format) or 'expression' "
+            "(the expression alone: half the prompt tokens; the warm start teaches the format).",
+            "choices": ["instructions", "expression"],
+        },
+    )
     visual_image_size: int = field(
         default=_VISUAL.image_size, metadata={"help": "Side in pixels of the scenes of builtin:visual."}
     )
@@ -139,6 +147,13 @@ class BuiltinArguments:
     tiny_num_heads: int = field(default=4, metadata={"help": "Attention heads of the built-in tiny model."})
     tiny_num_kv_heads: int = field(default=2, metadata={"help": "Key/value heads of the built-in tiny model."})
     tiny_seed: int = field(default=0, metadata={"help": "Initialisation seed of the built-in tiny model."})
+    tiny_step_token: bool = field(
+        default=False,
+        metadata={
+            "help": "Give the tiny model's char tokenizer one token for '### Step ' (the step header): the same text "
+            "in about 40 % fewer completion tokens, so faster generation and training on CPU."
+        },
+    )
     warmstart_max_steps: int = field(default=_WARM.max_steps, metadata={"help": "SFT steps of the warm start (0: none)."})
     warmstart_batch_size: int = field(default=_WARM.batch_size, metadata={"help": "Global batch size of the warm-start SFT."})
     warmstart_learning_rate: float = field(
@@ -203,7 +218,7 @@ class BuiltinArguments:
     def tools_task_config(self) -> ToolTaskConfig:
         """builtin:tools: sizes and operation counts from the `task_*` fields, number ranges from `tools_*`."""
         ranges = ("max_start", "max_operand", "max_factor", "max_value")
-        prefix = {f.name: "tools" if f.name in ranges else "task" for f in fields(ToolTaskConfig)}
+        prefix = {f.name: "tools" if f.name in ranges else "task" for f in fields(ToolTaskConfig) if f.name != "prompt"}
         return ToolTaskConfig(**{name: getattr(self, f"{source}_{name}") for name, source in prefix.items()})
 
     def tools_warmstart_config(self) -> ToolWarmStartConfig:
@@ -226,6 +241,7 @@ class BuiltinArguments:
             num_heads=self.tiny_num_heads,
             num_kv_heads=self.tiny_num_kv_heads,
             seed=self.tiny_seed,
+            step_token=self.tiny_step_token,
         )
 
     def warmstart_config(self) -> WarmStartConfig:

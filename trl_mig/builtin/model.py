@@ -41,6 +41,7 @@ class TinyModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     seed: int = 0
+    step_token: bool = False  # "### Step " as one token of the char tokenizer (`trl_mig.tiny.build_char_tokenizer`)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -93,17 +94,24 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
-    payload = {"spec": asdict(spec), "version": WARMSTART_VERSION}
+    payload = {"spec": _without_defaults(spec, ("step_token",)), "version": WARMSTART_VERSION}
     if warm is not None:
         payload["warm"] = asdict(warm)
         payload["task"] = task.to_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _without_defaults(settings, names: tuple[str, ...]) -> dict:
+    """`asdict(settings)` without the fields `names` where they hold their default: settings added after models were
+    cached keep those models' keys."""
+    defaults = type(settings)()
+    return {k: v for k, v in asdict(settings).items() if k not in names or v != getattr(defaults, k)}
+
+
 def build_model_and_tokenizer(spec: TinyModelSpec, max_length: int = 2048):
     from ..tiny import build_char_tokenizer, build_tiny_model
 
-    tokenizer = build_char_tokenizer(model_max_length=max_length)
+    tokenizer = build_char_tokenizer(model_max_length=max_length, step_token=spec.step_token)
     model = build_tiny_model(
         tokenizer,
         architecture=spec.architecture,

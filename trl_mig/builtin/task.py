@@ -29,7 +29,10 @@ from dataclasses import asdict, dataclass
 
 TASK_VERSION = 2  # bump when the generated problems change, so cached warm starts are rebuilt
 OPERATORS = ("+", "-", "*")
-PROMPT_TEMPLATE = "Compute {expression}. Format: <think>### Step 1 ...</think><answer>...</answer>\n"
+PROMPT_TEMPLATES = {  # how a problem is asked: with the format spelled out, or the expression alone
+    "instructions": "Compute {expression}. Format: <think>### Step 1 ...</think><answer>...</answer>\n",
+    "expression": "Compute {expression}.\n",
+}
 # The text between the end of the last step and the answer in a worked solution: use it as `mig_scaffold`, so the
 # MIG likelihoods l_k are scored in exactly the layout the model is taught.
 SCAFFOLD = "</think>\n<answer>"
@@ -55,6 +58,7 @@ class ArithmeticTaskConfig:
     max_factor: int = 2  # operand of * in [2, max_factor]
     max_value: int = 10  # every intermediate result stays in [0, max_value]
     answer: str = "running"  # "running": every step's result in order; "final": the last result
+    prompt: str = "instructions"  # a key of PROMPT_TEMPLATES; "expression" is shorter (the warm start teaches the format)
 
     def __post_init__(self):
         for name in ("train_size", "validation_size", "test_size", "ood_size"):
@@ -76,9 +80,14 @@ class ArithmeticTaskConfig:
             raise ValueError(f"task max_value={self.max_value} is too small for the start values and operands.")
         if self.answer not in ANSWER_FORMATS:
             raise ValueError(f"task answer={self.answer!r} is not one of {list(ANSWER_FORMATS)}.")
+        if self.prompt not in PROMPT_TEMPLATES:
+            raise ValueError(f"task prompt={self.prompt!r} is not one of {list(PROMPT_TEMPLATES)}.")
 
     def to_dict(self) -> dict:
-        return {"version": TASK_VERSION, **asdict(self)}
+        settings = asdict(self)
+        if self.prompt == "instructions":  # the setting came later: configurations without it keep their cache keys
+            del settings["prompt"]
+        return {"version": TASK_VERSION, **settings}
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,8 @@ class Problem:
         results = [str(c) for *_, c in self.steps()]
         return " ".join(results) if answer_format == "running" else results[-1]
 
-    def prompt(self) -> str:
-        return PROMPT_TEMPLATE.format(expression=self.expression)
+    def prompt(self, style: str = "instructions") -> str:
+        return PROMPT_TEMPLATES[style].format(expression=self.expression)
 
     def worked_solution(self, answer_format: str = "running", shortcuts: tuple[bool, ...] = ()) -> str:
         """
@@ -123,9 +132,9 @@ class Problem:
         ]
         return "<think>" + "".join(lines) + f"{SCAFFOLD}{self.answer(answer_format)}</answer>"
 
-    def row(self, answer_format: str = "running") -> dict:
+    def row(self, answer_format: str = "running", prompt_style: str = "instructions") -> dict:
         return {
-            "prompt": self.prompt(),
+            "prompt": self.prompt(prompt_style),
             "solution": self.answer(answer_format),
             "gold_completion": self.worked_solution(answer_format),
             "expression": self.expression,
@@ -208,7 +217,7 @@ def generate_splits(config: ArithmeticTaskConfig | None = None, splits=SPLITS) -
         )
     if "ood" in splits:
         drawn["ood"] = draw("ood", config.ood_size, config.ood_min_ops, config.ood_max_ops, set())
-    return {name: [p.row(config.answer) for p in drawn[name]] for name in splits}
+    return {name: [p.row(config.answer, config.prompt) for p in drawn[name]] for name in splits}
 
 
 def held_out_expressions(config: ArithmeticTaskConfig) -> set[str]:
@@ -238,7 +247,7 @@ def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int |
         if problem.expression in held_out:
             continue
         shortcuts = tuple(rng.random() < shortcut_rate for _ in problem.ops) if shortcut_rate > 0 else ()
-        rows.append({"prompt": problem.prompt(), "completion": problem.worked_solution(config.answer, shortcuts)})
+        rows.append({"prompt": problem.prompt(config.prompt), "completion": problem.worked_solution(config.answer, shortcuts)})
     return rows
 
 

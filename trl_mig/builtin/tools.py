@@ -91,8 +91,8 @@ class ToolTaskConfig(ArithmeticTaskConfig):
         """The same problems as an arithmetic-task configuration (its generator draws them)."""
         return ArithmeticTaskConfig(**asdict(self))
 
-    def to_dict(self) -> dict:
-        return {"version": TOOLS_TASK_VERSION, **asdict(self)}
+    def to_dict(self) -> dict:  # `prompt` is unused: this task asks with its own chat prompt (PROMPT_TEMPLATE)
+        return {**super().to_dict(), "version": TOOLS_TASK_VERSION}
 
 
 def parse_expression(expression: str) -> Problem:
