@@ -162,8 +162,10 @@ def test_tiny_model_is_warm_started_once_then_cached(tmp_path, monkeypatch):
     assert scratch_info["warmstart"] is None and scratch_info["spec"]["architecture"] == "llama"
 
 
-def test_expression_prompts_and_step_token_shorten_sequences_not_text(tmp_path):
+def test_expression_prompts_and_step_token_shorten_sequences_not_text(tmp_path, capsys):
     from transformers import AutoTokenizer
+
+    from trl_mig.cli import warn_on_prompt_mismatch
 
     from trl_mig.builtin.model import TinyModelSpec, WarmStartConfig, cache_key
 
@@ -189,6 +191,15 @@ def test_expression_prompts_and_step_token_shorten_sequences_not_text(tmp_path):
     assert len(ids) == len(tokenizer_of(plain)(completion, add_special_tokens=False)["input_ids"]) - 8 * headers
     info = json.loads((Path(path) / METADATA_FILE).read_text())
     assert info["spec"]["step_token"] is True and info["task"]["prompt"] == "expression"
+    # evaluating it on the other prompts warns, for the cached model and for a train output folder alike
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "run_summary.json").write_text(json.dumps({"model_path": path}))
+    for folder in (path, trained):
+        warn_on_prompt_mismatch("builtin:arithmetic", folder, BuiltinArguments())
+        assert "pass --task_prompt expression" in capsys.readouterr().err
+        warn_on_prompt_mismatch("builtin:arithmetic", folder, args)
+        assert capsys.readouterr().err == ""
     # the settings' defaults leave the cache keys of models built before they existed unchanged
     key = cache_key(TinyModelSpec(), WarmStartConfig(), ArithmeticTaskConfig())
     assert key == "76caabb85ada"  # computed before the two settings existed

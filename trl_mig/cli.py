@@ -266,6 +266,22 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+def warn_on_prompt_mismatch(dataset: str, model_path, builtin_args: BuiltinArguments) -> None:
+    """Warn when a built-in arithmetic model is evaluated on prompts of another `task_prompt` than it learnt."""
+    from .builtin.model import trained_task_prompt
+
+    if dataset != BUILTIN_PREFIX + "arithmetic" or not model_path:
+        return
+    trained = trained_task_prompt(model_path)
+    if trained is not None and trained != builtin_args.task_prompt:
+        print(
+            f"[trl-mig] warning: {model_path} was warm-started on task_prompt={trained!r} prompts, and this eval "
+            f"asks task_prompt={builtin_args.task_prompt!r} ones; pass --task_prompt {trained} to evaluate it on "
+            "the prompts it learnt.",
+            file=sys.stderr,
+        )
+
+
 def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) -> dict:
     """
     `trl-mig eval`: score `args.completions_column`, or generate with `args.model`, on each split; print the table,
@@ -328,6 +344,7 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
             raise CLIError("No model: pass --model (a hub id, a local folder or a builtin: name), or "
                            "--completions_column to score a dataset column.")
         model, tokenizer, model_path = load_model_for_eval(args, builtin_args)
+        warn_on_prompt_mismatch(args.dataset, model_path, builtin_args)
         if args.dataset in TOOL_TASK_DATASETS:  # solved with its calculator: tool rollouts, as in training
             results, completions = evaluate_with_tools(args, model, tokenizer, splits, spec)
         else:

@@ -101,6 +101,22 @@ def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: Arithmeti
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def trained_task_prompt(model_path) -> str | None:
+    """
+    The `task_prompt` that a built-in model was warm-started with, read from its cache folder, or through the
+    `run_summary.json` of a `trl-mig train` output folder; None when `model_path` is neither.
+    """
+    folder = Path(model_path)
+    summary = folder / "run_summary.json"
+    if summary.is_file():
+        folder = Path(json.loads(summary.read_text()).get("model_path") or folder)
+    metadata = folder / METADATA_FILE
+    if not metadata.is_file():
+        return None
+    task = json.loads(metadata.read_text()).get("task") or {}
+    return task.get("prompt", ArithmeticTaskConfig().prompt)
+
+
 def _without_defaults(settings, names: tuple[str, ...]) -> dict:
     """`asdict(settings)` without the fields `names` where they hold their default: settings added after models were
     cached keep those models' keys."""
