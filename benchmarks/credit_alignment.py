@@ -26,7 +26,9 @@ import torch
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="recipes/demo/mig_char.yaml", help="a recipe with a builtin: model and dataset")
+    parser.add_argument(
+        "--config", default="recipes/demo/mig_char.yaml", help="a recipe with a builtin: model and dataset"
+    )
     parser.add_argument("--batches", type=int, default=4, help="batches of prompts per method")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per batch")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")

@@ -14,7 +14,7 @@ CHAT_TEMPLATE = (
 )
 
 
-STEP_HEADER_TOKEN = "### Step "  # the built-in task's step header, one token with `build_char_tokenizer(step_token=True)`
+STEP_HEADER_TOKEN = "### Step "  # the built-in task's step header, one token with `step_token=True`
 
 
 def build_char_tokenizer(model_max_length: int = 4096, step_token: bool = False):

@@ -218,7 +218,8 @@ class BuiltinArguments:
     def tools_task_config(self) -> ToolTaskConfig:
         """builtin:tools: sizes and operation counts from the `task_*` fields, number ranges from `tools_*`."""
         ranges = ("max_start", "max_operand", "max_factor", "max_value")
-        prefix = {f.name: "tools" if f.name in ranges else "task" for f in fields(ToolTaskConfig) if f.name != "prompt"}
+        names = [f.name for f in fields(ToolTaskConfig) if f.name != "prompt"]  # the tool task has its own prompt
+        prefix = {name: "tools" if name in ranges else "task" for name in names}
         return ToolTaskConfig(**{name: getattr(self, f"{source}_{name}") for name, source in prefix.items()})
 
     def tools_warmstart_config(self) -> ToolWarmStartConfig:

@@ -58,7 +58,7 @@ class ArithmeticTaskConfig:
     max_factor: int = 2  # operand of * in [2, max_factor]
     max_value: int = 10  # every intermediate result stays in [0, max_value]
     answer: str = "running"  # "running": every step's result in order; "final": the last result
-    prompt: str = "instructions"  # a key of PROMPT_TEMPLATES; "expression" is shorter (the warm start teaches the format)
+    prompt: str = "instructions"  # a key of PROMPT_TEMPLATES ("expression": shorter; the warm start teaches the format)
 
     def __post_init__(self):
         for name in ("train_size", "validation_size", "test_size", "ood_size"):
@@ -247,7 +247,8 @@ def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int |
         if problem.expression in held_out:
             continue
         shortcuts = tuple(rng.random() < shortcut_rate for _ in problem.ops) if shortcut_rate > 0 else ()
-        rows.append({"prompt": problem.prompt(config.prompt), "completion": problem.worked_solution(config.answer, shortcuts)})
+        completion = problem.worked_solution(config.answer, shortcuts)
+        rows.append({"prompt": problem.prompt(config.prompt), "completion": completion})
     return rows
 
 
