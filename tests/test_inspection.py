@@ -297,10 +297,11 @@ def test_inspect_command_reads_a_training_recipe(tmp_path, capsys):
 
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "demo" / "mig.yaml")
     args, settings, builtin_args = parse_inspect_args(["--config", recipe, "--model", "m"])
-    assert args.model == "m" and args.dataset == "builtin:arithmetic" and args.temperature == 0.5
-    assert args.num_samples == 8 and args.max_new_tokens == 110
+    assert args.model == "m" and args.dataset == "builtin:arithmetic" and args.temperature == 0.7
+    assert args.num_samples == 8 and args.max_new_tokens == 80
     assert settings.mig_scaffold == "</think>\n<answer>" and settings.reward_weights == [1.0, 0.2]
     assert settings.answer_match == "exact" and builtin_args.task_max_value == 10
+    assert builtin_args.task_prompt == "expression" and builtin_args.tiny_step_token
     bad = tmp_path / "bad.yaml"
     bad.write_text("mig_wieght: 2.0\n")
     code = main(["inspect", "--config", str(bad), "--model", "m"])

@@ -132,7 +132,7 @@ def inspect_command(argv: list[str]) -> int:
 def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments | None = None) -> list:
     """Inspect the completions of one prompt: print a table per completion, write the HTML page, the PNG plot and
     (with `args.json`) the numbers. Returns the [`CompletionCredit`]s."""
-    from .cli import load_model_for_eval
+    from .cli import load_model_for_eval, warn_on_prompt_mismatch
     from .evaluation import write_json
     from .inspection import CreditSettings, inspect_completion
     from .render import render_png, write_html
@@ -155,7 +155,9 @@ def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments
         raise CLIError(f"Invalid format pattern: {err}") from None
     if not args.model:
         raise CLIError("No model: pass --model (a hub id, a local folder or a builtin: name).")
-    model, tokenizer, _ = load_model_for_eval(args, builtin_args)
+    model, tokenizer, model_path = load_model_for_eval(args, builtin_args)
+    if args.completion is None:  # it generates: from the prompts the model learnt?
+        warn_on_prompt_mismatch(args.dataset, model_path, builtin_args)
 
     if args.completion:
         completions = list(args.completion)
