@@ -165,9 +165,8 @@ def test_tiny_model_is_warm_started_once_then_cached(tmp_path, monkeypatch):
 def test_expression_prompts_and_step_token_shorten_sequences_not_text(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from trl_mig.cli import warn_on_prompt_mismatch
-
     from trl_mig.builtin.model import TinyModelSpec, WarmStartConfig, cache_key
+    from trl_mig.cli import warn_on_prompt_mismatch
 
     short = ArithmeticTaskConfig(train_size=20, validation_size=4, test_size=4, ood_size=4, prompt="expression")
     splits = generate_splits(short)
