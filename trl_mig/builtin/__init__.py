@@ -115,7 +115,7 @@ class BuiltinArguments:
         default=_TASK.prompt,
         metadata={
             "help": "How a problem is asked: 'instructions' (the expression and the answer format) or 'expression' "
-            "(the expression alone: half the prompt tokens; the warm start teaches the format).",
+            "(the expression alone: less than half the prompt tokens; the warm start teaches the format).",
             "choices": ["instructions", "expression"],
         },
     )
