@@ -16,3 +16,21 @@ def machine() -> str:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return f"{device} ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def recipe_and_model(config_path: str, model_path: str | None = None):
+    """
+    The settings of a recipe with a `builtin:` model and dataset, and that model (or the one in `model_path`), for the
+    credit diagnostics: `(script_args, builtin_args, mig_config, tokenizer, model)`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from trl_mig.builtin import resolve_builtin_model
+    from trl_mig.cli import make_train_parser, parse_recipe_args
+    from trl_mig.tokenizer_utils import load_generic_tokenizer
+
+    (script, builtin, config, model_args, _), _ = parse_recipe_args(
+        make_train_parser(), ["--config", config_path], "the recipe"
+    )
+    path = model_path or resolve_builtin_model(model_args.model_name_or_path, builtin, use_cpu=True)
+    return script, builtin, config, load_generic_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)

@@ -38,23 +38,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    from transformers import AutoModelForCausalLM
-
-    from trl_mig.builtin import resolve_builtin_model
-    from trl_mig.cli import make_train_parser, parse_recipe_args
+    from _common import recipe_and_model
     from trl_mig.credit import hwm_gains, normalize_rewards, per_token_advantages, step_advantages
     from trl_mig.data import load_dataset_dict
     from trl_mig.evaluation import generate_completions
     from trl_mig.rewards import AnswerAccuracyReward
     from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, encode_answer
     from trl_mig.segmentation import FormatSpec, segment_completion, step_ids_tensor
-    from trl_mig.tokenizer_utils import load_generic_tokenizer
 
-    (script, builtin, config, model_args, _), _ = parse_recipe_args(
-        make_train_parser(), ["--config", args.config], "the recipe"
-    )
-    path = resolve_builtin_model(model_args.model_name_or_path, builtin, use_cpu=True)
-    tokenizer, model = load_generic_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)
+    script, builtin, config, tokenizer, model = recipe_and_model(args.config)
     spec = FormatSpec.from_config(config)
     accuracy = AnswerAccuracyReward(spec)
     temperature = args.temperature if args.temperature is not None else config.temperature
@@ -157,7 +149,7 @@ def main(argv=None) -> dict:
         return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
     results = {
-        "model": path, "temperature": temperature, "batches": args.batches, "prompts": args.prompts,
+        "model": model.name_or_path, "temperature": temperature, "batches": args.batches, "prompts": args.prompts,
         "generations": group,
         **{k: sum(v) / len(v) for k, v in stats.items()},
         "sft_vs_sft": cos(sft[0], sft[1]),

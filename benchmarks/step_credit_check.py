@@ -36,22 +36,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from _common import recipe_and_model
     from trl_mig import inspect_completion
-    from trl_mig.builtin import resolve_builtin_model
     from trl_mig.builtin.tools import parse_expression
-    from trl_mig.cli import make_train_parser, parse_recipe_args
     from trl_mig.data import load_dataset_dict
     from trl_mig.evaluation import generate_completions
-    from trl_mig.tokenizer_utils import load_generic_tokenizer
 
     torch.manual_seed(args.seed)
-    (script, builtin, config, model_args, _), _ = parse_recipe_args(
-        make_train_parser(), ["--config", args.config], "the recipe"
-    )
-    path = args.model or resolve_builtin_model(model_args.model_name_or_path, builtin, use_cpu=True)
-    tokenizer, model = load_generic_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)
+    script, builtin, config, tokenizer, model = recipe_and_model(args.config, args.model)
     rows = load_dataset_dict(script.dataset_name, None, builtin)[args.split].select(range(args.prompts))
     group = args.generations or config.num_generations
     temperature = args.temperature if args.temperature is not None else config.temperature
@@ -87,7 +80,7 @@ def main(argv=None) -> dict:
                 out.append(sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs))
 
     result = {
-        "model": str(path), "split": args.split, "prompts": args.prompts, "generations": group,
+        "model": model.name_or_path, "split": args.split, "prompts": args.prompts, "generations": group,
         "temperature": temperature,
         "steps": {
             kind: {

@@ -226,26 +226,39 @@ def held_out_expressions(config: ArithmeticTaskConfig) -> set[str]:
     return {row["expression"] for split in rows.values() for row in split}
 
 
-def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int | None = None,
-             max_ops: int | None = None, shortcut_rate: float = 0.0) -> list[dict]:
+def warmstart_problems(config: ArithmeticTaskConfig, rng: random.Random, min_ops: int | None = None,
+                       max_ops: int | None = None):
     """
-    `count` prompt/completion rows for the warm-start SFT, drawn with their own stream from chains of `min_ops` to
-    `max_ops` operations (default: the task's). Each step is written without its calculation with probability
-    `shortcut_rate`. Problems may repeat (SFT wants volume, not uniqueness); held-out problems (validation, test,
-    ood) never appear.
+    An endless stream of problems of `min_ops` to `max_ops` operations (default: the task's) drawn with `rng`, none of
+    them in a held-out split (validation, test, ood). Problems may repeat: SFT wants volume, not uniqueness.
     """
     low, high = min_ops or config.min_ops, max_ops or config.max_ops
     if not 1 <= low <= high:
         raise ValueError(f"warm-start chain lengths must satisfy 1 <= min_ops <= max_ops, got {low} and {high}.")
+    held_out = held_out_expressions(config)
+
+    def stream():  # a nested generator, so that the checks above run at the call
+        while True:
+            problem = sample_problem(rng, rng.randint(low, high), config)
+            if problem.expression not in held_out:
+                yield problem
+
+    return stream()
+
+
+def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int | None = None,
+             max_ops: int | None = None, shortcut_rate: float = 0.0) -> list[dict]:
+    """
+    `count` prompt/completion rows for the warm-start SFT (`warmstart_problems`, with their own stream). Each step is
+    written without its calculation with probability `shortcut_rate`.
+    """
     if not 0.0 <= shortcut_rate <= 1.0:
         raise ValueError(f"warmstart_shortcut_rate must be in [0, 1], got {shortcut_rate}.")
-    held_out = held_out_expressions(config)
     rng = random.Random(f"trl-mig/{config.seed}/sft/{seed}")
     rows = []
-    while len(rows) < count:
-        problem = sample_problem(rng, rng.randint(low, high), config)
-        if problem.expression in held_out:
-            continue
+    for problem in warmstart_problems(config, rng, min_ops, max_ops):
+        if len(rows) == count:
+            break
         shortcuts = tuple(rng.random() < shortcut_rate for _ in problem.ops) if shortcut_rate > 0 else ()
         completion = problem.worked_solution(config.answer, shortcuts)
         rows.append({"prompt": problem.prompt(config.prompt), "completion": completion})

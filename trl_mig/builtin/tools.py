@@ -39,7 +39,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
-from .task import SPLITS, ArithmeticTaskConfig, Problem, apply, generate_splits, held_out_expressions, sample_problem
+from .task import SPLITS, ArithmeticTaskConfig, Problem, apply, generate_splits, warmstart_problems
 
 TOOLS_TASK_VERSION = 1  # bump when the generated problems or conversations change, so cached warm starts are rebuilt
 PROMPT_TEMPLATE = "Compute {expression}."  # the format is taught by the warm start (every character is a token)
@@ -187,23 +187,16 @@ def conversation_ids(tokenizer, prompt: list[dict], messages: list[dict], tools=
 def tool_sft_rows(config: ToolTaskConfig, tokenizer, count: int, seed: int, min_ops: int | None = None,
                   max_ops: int | None = None, skip_rate: float = 0.0) -> list[dict]:
     """
-    `count` tokenized warm-start rows (`input_ids`, `labels`) of worked tool conversations, drawn with their own
-    stream from chains of `min_ops` to `max_ops` operations (default: the task's); each step is computed without a
-    call with probability `skip_rate`. Problems may repeat; held-out problems (validation, test, ood) never appear.
+    `count` tokenized warm-start rows (`input_ids`, `labels`) of worked tool conversations (`warmstart_problems`, with
+    their own stream); each step is computed without a call with probability `skip_rate`.
     """
-    low, high = min_ops or config.min_ops, max_ops or config.max_ops
-    if not 1 <= low <= high:
-        raise ValueError(f"warm-start chain lengths must satisfy 1 <= min_ops <= max_ops, got {low} and {high}.")
     if not 0.0 <= skip_rate <= 1.0:
         raise ValueError(f"tools_warmstart_skip_rate must be in [0, 1], got {skip_rate}.")
-    arithmetic = config.arithmetic()
-    held_out = held_out_expressions(arithmetic)
     rng = random.Random(f"trl-mig/{config.seed}/tools-sft/{seed}")
     rows = []
-    while len(rows) < count:
-        problem = sample_problem(rng, rng.randint(low, high), arithmetic)
-        if problem.expression in held_out:
-            continue
+    for problem in warmstart_problems(config.arithmetic(), rng, min_ops, max_ops):
+        if len(rows) == count:
+            break
         skipped = tuple(rng.random() < skip_rate for _ in problem.ops) if skip_rate > 0 else ()
         conversation = tool_conversation(problem, skipped, config.answer)
         input_ids, labels = conversation_ids(tokenizer, tool_prompt(problem), conversation)
