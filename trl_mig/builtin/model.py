@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .task import ArithmeticTaskConfig, sft_rows
+from .task import ArithmeticTaskConfig, asdict_without_defaults, sft_rows
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
-    payload = {"spec": _without_defaults(spec, ("step_token",)), "version": WARMSTART_VERSION}
+    payload = {"spec": asdict_without_defaults(spec, ("step_token",)), "version": WARMSTART_VERSION}
     if warm is not None:
         payload["warm"] = asdict(warm)
         payload["task"] = task.to_dict()
@@ -115,13 +115,6 @@ def trained_task_prompt(model_path) -> str | None:
         return None
     task = json.loads(metadata.read_text()).get("task") or {}
     return task.get("prompt", ArithmeticTaskConfig().prompt)
-
-
-def _without_defaults(settings, names: tuple[str, ...]) -> dict:
-    """`asdict(settings)` without the fields `names` where they hold their default: settings added after models were
-    cached keep those models' keys."""
-    defaults = type(settings)()
-    return {k: v for k, v in asdict(settings).items() if k not in names or v != getattr(defaults, k)}
 
 
 def build_model_and_tokenizer(spec: TinyModelSpec, max_length: int = 2048):

@@ -40,6 +40,13 @@ SPLITS = ("train", "validation", "test", "ood")
 ANSWER_FORMATS = ("running", "final")
 
 
+def asdict_without_defaults(settings, names: tuple[str, ...]) -> dict:
+    """`asdict(settings)` without the fields `names` where they hold their default: settings added after models were
+    cached keep those models' cache keys."""
+    defaults = type(settings)()
+    return {k: v for k, v in asdict(settings).items() if k not in names or v != getattr(defaults, k)}
+
+
 @dataclass(frozen=True)
 class ArithmeticTaskConfig:
     """Sizes and difficulty of the built-in arithmetic task (all splits are a pure function of these)."""
@@ -84,10 +91,7 @@ class ArithmeticTaskConfig:
             raise ValueError(f"task prompt={self.prompt!r} is not one of {list(PROMPT_TEMPLATES)}.")
 
     def to_dict(self) -> dict:
-        settings = asdict(self)
-        if self.prompt == "instructions":  # the setting came later: configurations without it keep their cache keys
-            del settings["prompt"]
-        return {"version": TASK_VERSION, **settings}
+        return {"version": TASK_VERSION, **asdict_without_defaults(self, ("prompt",))}
 
 
 @dataclass(frozen=True)
