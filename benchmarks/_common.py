@@ -34,3 +34,34 @@ def recipe_and_model(config_path: str, model_path: str | None = None):
     )
     path = model_path or resolve_builtin_model(model_args.model_name_or_path, builtin, use_cpu=True)
     return script, builtin, config, load_generic_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)
+
+
+STEP_CALCULATION = r"\d+[-+*]\d+=\d+"  # a built-in arithmetic step's calculation, e.g. `19*3=57`
+
+
+def grade_steps(expression: str, step_texts: list[str]) -> list[bool]:
+    """
+    Grade the steps of a built-in arithmetic completion against the gold solution of `expression`, up to the first
+    wrong one (a wrong operand, operator or result; later steps build on a wrong value and are not graded): one bool
+    per graded step, so every entry but the last is True, and the last is False if a step was wrong.
+    """
+    import re
+
+    from trl_mig.builtin.tools import parse_expression
+
+    gold = [f"{a}{op}{b}={c}" for a, op, b, c in parse_expression(expression).steps()]
+    grades = []
+    for k, text in enumerate(step_texts):
+        found = re.search(STEP_CALCULATION, text)
+        grades.append(found is not None and k < len(gold) and found.group() == gold[k])
+        if not grades[-1]:
+            break
+    return grades
+
+
+def every_step_right(expression: str, step_texts: list[str]) -> bool:
+    """Whether the completion's steps are exactly the gold solution's, all of them."""
+    from trl_mig.builtin.tools import parse_expression
+
+    grades = grade_steps(expression, step_texts)
+    return all(grades) and len(grades) == len(parse_expression(expression).steps())

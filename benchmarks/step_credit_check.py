@@ -9,7 +9,11 @@ and are not graded). It prints:
 - per kind of step (right, first wrong): how many, the share that lift the watermark (breakthroughs) and the mean
   gain g_k;
 - the AUC of the MIG reward (sum of gains) for telling a completion with every step right from one with a wrong step,
-  within each prompt's group (1.0: always ranked above, 0.5: chance), and the same for the outcome reward.
+  within each prompt's group (1.0: always ranked above, 0.5: chance), and the same for the outcome reward;
+- where a policy gradient can act at all: per kind of step, its mean "surprise" sum_t (1 - p_t) over its tokens (p_t:
+  the policy's probability of the sampled token at temperature 1). The gradient of log p_t with respect to the logits
+  has norm about sqrt(2) (1 - p_t), so a step the model writes with certainty barely moves whatever credit it gets.
+  The right steps of failed completions are the ones outcome credit pushes down and step credit would spare.
 
 About a minute on 2 CPU cores:
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 
 def main(argv=None) -> dict:
@@ -37,9 +40,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from _common import recipe_and_model
+    from _common import every_step_right, grade_steps, recipe_and_model
     from trl_mig import inspect_completion
-    from trl_mig.builtin.tools import parse_expression
     from trl_mig.data import load_dataset_dict
     from trl_mig.evaluation import generate_completions
 
@@ -54,24 +56,23 @@ def main(argv=None) -> dict:
     )
 
     kinds = {"right": [], "first_wrong": []}  # (gain, breakthrough) per graded step
+    surprise = {"right_in_correct": [], "right_in_failed": [], "first_wrong": []}  # sum_t (1 - p_t) per step
     auc_mig, auc_outcome = [], []
     for index, row in enumerate(rows):
-        gold = [f"{a}{op}{b}={c}" for a, op, b, c in parse_expression(row["expression"]).steps()]
         credits = inspect_completion(
             model, tokenizer, row["prompt"], texts[index * group : (index + 1) * group], row["solution"], config
         )
         all_right = []
         for credit in credits:
-            right_so_far = True
-            for k, step in enumerate(credit.steps):
-                found = re.search(r"\d+[-+*]\d+=\d+", step.text)
-                right = found is not None and k < len(gold) and found.group() == gold[k]
+            step_texts = [step.text for step in credit.steps]
+            all_right.append(every_step_right(row["expression"], step_texts))
+            token_surprise = sampled_token_surprise(model, tokenizer, row["prompt"], credit.completion)
+            for step, right in zip(credit.steps, grade_steps(row["expression"], step_texts)):
                 if step.gain is not None:
                     kinds["right" if right else "first_wrong"].append((step.gain, step.breakthrough))
-                if not right:
-                    right_so_far = False
-                    break
-            all_right.append(right_so_far and len(credit.steps) == len(gold))
+                start, end = step.token_span
+                kind = "first_wrong" if not right else "right_in_correct" if credit.correct else "right_in_failed"
+                surprise[kind].append(float(token_surprise[start:end].sum()))
         for scores, out in ((
             [c.reward for c in credits], auc_mig), ([c.outcome_reward for c in credits], auc_outcome
         )):
@@ -90,6 +91,10 @@ def main(argv=None) -> dict:
             }
             for kind, values in kinds.items()
         },
+        "step_surprise": {
+            kind: {"count": len(values), "mean": round(sum(values) / max(1, len(values)), 4)}
+            for kind, values in surprise.items()
+        },
         "groups_with_both": len(auc_mig),
         "auc_mig_reward": round(sum(auc_mig) / max(1, len(auc_mig)), 3),
         "auc_outcome_reward": round(sum(auc_outcome) / max(1, len(auc_outcome)), 3),
@@ -99,6 +104,21 @@ def main(argv=None) -> dict:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=2)
     return result
+
+
+def sampled_token_surprise(model, tokenizer, prompt, completion: str):
+    """`(C,)` tensor: 1 - p(token) for each of the completion's C tokens, teacher-forced after the prompt, at T=1."""
+    import torch
+
+    from trl_mig.inspection import prompt_token_ids
+
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    chosen = logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids) :, None])[:, 0]
+    return 1.0 - chosen.exp()
 
 
 if __name__ == "__main__":

@@ -200,10 +200,13 @@ def plan_runs(config: StudyConfig, selection: dict | None = None) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------------------------------------- run
-def run_study(config: StudyConfig, *, dry_run: bool = False) -> dict:
+def run_study(config: StudyConfig, *, dry_run: bool = False, train_command=None) -> dict:
     """
     Run the unfinished runs of `config` (`jobs` at a time): the sweep on the selection seeds, then the other seeds at
     each arm's chosen setting; then write study.json, study.md and the plots.
+
+    `train_command(run)`: the command line (before `--config RECIPE`) that trains a run; default `trl-mig train`
+    (`python -m trl_mig train`). A benchmark can train some arms with a trainer of its own this way.
     """
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -220,22 +223,22 @@ def run_study(config: StudyConfig, *, dry_run: bool = False) -> dict:
         for run in sweep_runs:
             print(f"  {'finished' if run.finished else 'to run'}: {run.label}")
         return {}
-    _run_all(sweep_runs, config)
+    _run_all(sweep_runs, config, train_command)
     selection = select_settings(sweep_scores(config, [read_run(run) for run in sweep_runs]))
     runs = plan_runs(config, {arm: chosen["setting"] for arm, chosen in selection.items()})
     if config.other_seeds:
-        _run_all(runs[len(sweep_runs):], config)
+        _run_all(runs[len(sweep_runs):], config, train_command)
     results = summarize_study(config, runs)
     write_outputs(config, results)
     return results
 
 
-def _run_all(runs: list[Run], config: StudyConfig) -> None:
+def _run_all(runs: list[Run], config: StudyConfig, train_command=None) -> None:
     todo = [run for run in runs if not run.finished]
     print(f"[trl-mig study] {len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
     if todo:
         prepare_builtin_models(todo)
-        execute(todo, config)
+        execute(todo, config, train_command)
     failed = [run for run in runs if not run.finished]
     if failed:
         raise CLIError(
@@ -282,9 +285,14 @@ def parse_run_recipe(recipe: dict):
     return parsed
 
 
-def execute(runs: list[Run], config: StudyConfig) -> None:
+def default_train_command(run: Run) -> list[str]:
+    return [sys.executable, "-m", "trl_mig", "train"]
+
+
+def execute(runs: list[Run], config: StudyConfig, train_command=None) -> None:
     import yaml
 
+    train_command = train_command or default_train_command
     threads = config.threads_per_job or max(1, (os.cpu_count() or 1) // config.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
@@ -297,7 +305,7 @@ def execute(runs: list[Run], config: StudyConfig) -> None:
         t0 = time.perf_counter()
         with open(run.directory / "train.log", "w") as log:
             code = subprocess.run(
-                [sys.executable, "-m", "trl_mig", "train", "--config", str(recipe_file)],
+                [*train_command(run), "--config", str(recipe_file)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
             ).returncode
         with lock:
