@@ -83,6 +83,10 @@ def main(argv=None) -> dict:
         study,
         output_dir=args.output_dir or f"{study.output_dir}_oracle",
         arms={**study.arms, **{arm: ORACLE_ARMS[arm] for arm in args.arms}},
+        description=f"{study.description.strip()} With the oracle step-credit arm(s) {args.arms}: MIG's pipeline "
+        "with l_k = the number of leading steps that match the gold solution (benchmarks/oracle_step_credit.py).",
+        reproduce=f"python benchmarks/oracle_step_credit.py --study {args.study}"
+        + (f" --arms {' '.join(args.arms)}" if args.arms != list(ORACLE_ARMS) else ""),
     )
     config.validate()
     here = str(Path(__file__).resolve())

@@ -60,6 +60,9 @@ def test_oracle_study_trains_its_arms_with_the_oracle(tmp_path, monkeypatch):
     out = Path(f"{tmp_path / 'study'}_oracle")
     results = json.loads((out / "study.json").read_text())
     assert set(results["summary"]) == {"mig", "oracle_step"}
+    assert f"Reproduce: `python benchmarks/oracle_step_credit.py --study {path} --arms oracle_step`" in (
+        out / "study.md"
+    ).read_text()
     recipe = yaml.safe_load((out / "runs" / "oracle_step" / "learning_rate=0.001" / "seed0" / "recipe.yaml").read_text())
     assert recipe["mig_credit"] == "step" and recipe["algorithm"] == "mig"
 

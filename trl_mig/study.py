@@ -60,6 +60,7 @@ class StudyConfig:
     threads_per_job: int | None = None
     description: str = ""
     source: str = ""  # the YAML file it was read from
+    reproduce: str = ""  # the command that reproduces it, when not `trl-mig study --config SOURCE` (a benchmark's)
 
     @classmethod
     def from_yaml(cls, path: str, **cli_overrides) -> StudyConfig:
@@ -484,7 +485,7 @@ def study_markdown(config: StudyConfig, results: dict) -> str:
     if config.description:
         lines += [config.description.strip(), ""]
     lines += [
-        f"Reproduce: `trl-mig study --config {config.source}`. Base recipe `{os.path.normpath(config.recipe)}`; "
+        f"Reproduce: `{config.reproduce or f'trl-mig study --config {config.source}'}`. Base recipe `{os.path.normpath(config.recipe)}`; "
         f"{len(config.arms)} arms, each run at every one of {len(config.settings())} sweep settings with seed(s) "
         f"{config.selection_seeds}, and reported at the setting with the best {config.select_by} "
         f"`{config.select_split}` pass@1 (mean over those seeds)"
