@@ -10,6 +10,9 @@ and are not graded). It prints:
   gain g_k;
 - the AUC of the MIG reward (sum of gains) for telling a completion with every step right from one with a wrong step,
   within each prompt's group (1.0: always ranked above, 0.5: chance), and the same for the outcome reward;
+- the same AUC among a group's failed completions for telling more leading right steps from fewer ("partial"): the
+  partial credit that an oracle of step correctness gives (benchmarks/oracle_step_credit.py), and outcome credit
+  cannot;
 - where a policy gradient can act at all: per kind of step, its mean "surprise" sum_t (1 - p_t) over its tokens (p_t:
   the policy's probability of the sampled token at temperature 1). The gradient of log p_t with respect to the logits
   has norm about sqrt(2) (1 - p_t), so a step the model writes with certainty barely moves whatever credit it gets.
@@ -58,14 +61,16 @@ def main(argv=None) -> dict:
     kinds = {"right": [], "first_wrong": []}  # (gain, breakthrough) per graded step
     surprise = {"right_in_correct": [], "right_in_failed": [], "first_wrong": []}  # sum_t (1 - p_t) per step
     auc_mig, auc_outcome = [], []
+    partial_mig, partial_outcome = [], []  # among failed completions: ranked by their count of leading right steps?
     for index, row in enumerate(rows):
         credits = inspect_completion(
             model, tokenizer, row["prompt"], texts[index * group : (index + 1) * group], row["solution"], config
         )
-        all_right = []
+        all_right, leading_right = [], []
         for credit in credits:
             step_texts = [step.text for step in credit.steps]
             all_right.append(every_step_right(row["expression"], step_texts))
+            leading_right.append(sum(grade_steps(row["expression"], step_texts)))
             token_surprise = sampled_token_surprise(model, tokenizer, row["prompt"], credit.completion)
             for step, right in zip(credit.steps, grade_steps(row["expression"], step_texts)):
                 if step.gain is not None:
@@ -73,12 +78,15 @@ def main(argv=None) -> dict:
                 start, end = step.token_span
                 kind = "first_wrong" if not right else "right_in_correct" if credit.correct else "right_in_failed"
                 surprise[kind].append(float(token_surprise[start:end].sum()))
-        for scores, out in ((
-            [c.reward for c in credits], auc_mig), ([c.outcome_reward for c in credits], auc_outcome
-        )):
-            pairs = [(scores[i], scores[j]) for i in range(group) if all_right[i] for j in range(group) if not all_right[j]]
-            if pairs and all(s is not None for s in scores):
-                out.append(sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs))
+        for scores, out, partial in (
+            ([c.reward for c in credits], auc_mig, partial_mig),
+            ([c.outcome_reward for c in credits], auc_outcome, partial_outcome),
+        ):
+            if any(score is None for score in scores):
+                continue
+            out.extend(concordance(scores, [all_right[i] for i in range(group)], range(group)))
+            failed = [i for i in range(group) if not all_right[i]]
+            partial.extend(concordance(scores, leading_right, failed))
 
     result = {
         "model": model.name_or_path, "split": args.split, "prompts": args.prompts, "generations": group,
@@ -98,12 +106,26 @@ def main(argv=None) -> dict:
         "groups_with_both": len(auc_mig),
         "auc_mig_reward": round(sum(auc_mig) / max(1, len(auc_mig)), 3),
         "auc_outcome_reward": round(sum(auc_outcome) / max(1, len(auc_outcome)), 3),
+        "groups_with_failed_pairs": len(partial_mig),
+        "partial_auc_mig_reward": round(sum(partial_mig) / max(1, len(partial_mig)), 3),
+        "partial_auc_outcome_reward": round(sum(partial_outcome) / max(1, len(partial_outcome)), 3),
     }
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=2)
     return result
+
+
+def concordance(scores, truth, members) -> list[float]:
+    """
+    How often `scores` order the pairs of `members` (indices into a group) as `truth` does, counting ties as half:
+    `[]` when no two members differ in `truth`, else one value in [0, 1] (1: every pair ordered right, 0.5: chance).
+    """
+    pairs = [(scores[i], scores[j]) for i in members for j in members if truth[i] > truth[j]]
+    if not pairs:
+        return []
+    return [sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)]
 
 
 def sampled_token_surprise(model, tokenizer, prompt, completion: str):
