@@ -100,7 +100,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--train"]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `_common`
+    if sys.argv[1:2] == ["--train"]:  # a run of an oracle arm, launched by the study
         raise SystemExit(train_with_oracle(sys.argv[2:]))
     main()

@@ -69,10 +69,11 @@ def main(argv=None) -> dict:
         all_right, leading_right = [], []
         for credit in credits:
             step_texts = [step.text for step in credit.steps]
+            grades = grade_steps(row["expression"], step_texts)
             all_right.append(every_step_right(row["expression"], step_texts))
-            leading_right.append(sum(grade_steps(row["expression"], step_texts)))
+            leading_right.append(sum(grades))
             token_surprise = sampled_token_surprise(model, tokenizer, row["prompt"], credit.completion)
-            for step, right in zip(credit.steps, grade_steps(row["expression"], step_texts)):
+            for step, right in zip(credit.steps, grades):
                 if step.gain is not None:
                     kinds["right" if right else "first_wrong"].append((step.gain, step.breakthrough))
                 start, end = step.token_span

@@ -54,7 +54,7 @@ def test_oracle_study_trains_its_arms_with_the_oracle(tmp_path, monkeypatch):
     from test_study import write_study
 
     monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "default-cache"))
-    monkeypatch.chdir(ROOT)  # the benchmark's subprocesses import `_common` from benchmarks/
+    monkeypatch.chdir(tmp_path)  # the runs find `_common` beside the script, wherever they start
     path = write_study(tmp_path, arms={"mig": {"algorithm": "mig"}}, seeds=[0], jobs=1, reference_arm="mig")
     oracle_study(["--study", str(path), "--arms", "oracle_step"])
     out = Path(f"{tmp_path / 'study'}_oracle")

@@ -484,8 +484,9 @@ def study_markdown(config: StudyConfig, results: dict) -> str:
     lines = [f"# Study: {title}", ""]
     if config.description:
         lines += [config.description.strip(), ""]
+    reproduce = config.reproduce or f"trl-mig study --config {config.source}"
     lines += [
-        f"Reproduce: `{config.reproduce or f'trl-mig study --config {config.source}'}`. Base recipe `{os.path.normpath(config.recipe)}`; "
+        f"Reproduce: `{reproduce}`. Base recipe `{os.path.normpath(config.recipe)}`; "
         f"{len(config.arms)} arms, each run at every one of {len(config.settings())} sweep settings with seed(s) "
         f"{config.selection_seeds}, and reported at the setting with the best {config.select_by} "
         f"`{config.select_split}` pass@1 (mean over those seeds)"
