@@ -47,12 +47,8 @@ def oracle_trainer_class():
             for row, (content, seg, example) in enumerate(zip(contents, segments, self._oracle_rows)):
                 bounds = seg.boundaries
                 texts = [self._tokenizer.decode(content[bounds[k - 1] : bounds[k]]) for k in range(1, len(bounds))]
-                grades = grade_steps(example["expression"], texts) + [False] * len(texts)
-                right = 0
-                loglik[row, 0] = 0.0
-                for k in range(1, len(bounds)):
-                    right += all(grades[:k])
-                    loglik[row, k] = float(right)
+                grades = grade_steps(example["expression"], texts)  # True for the leading right steps, then False
+                loglik[row, : len(bounds)] = torch.tensor([float(sum(grades[:k])) for k in range(len(bounds))])
             return loglik.to(self.accelerator.device)
 
     return OracleStepCreditTrainer

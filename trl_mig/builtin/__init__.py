@@ -41,7 +41,14 @@ from .model import (
     prepare_tiny_tool_model,
     prepare_tiny_vlm,
 )
-from .task import SCAFFOLD, ArithmeticTaskConfig, generate_splits, load_arithmetic_dataset
+from .task import (
+    ANSWER_FORMATS,
+    PROMPT_TEMPLATES,
+    SCAFFOLD,
+    ArithmeticTaskConfig,
+    generate_splits,
+    load_arithmetic_dataset,
+)
 from .tools import ToolTaskConfig, load_tools_dataset
 from .visual import VisualTaskConfig, load_visual_dataset
 
@@ -108,7 +115,7 @@ class BuiltinArguments:
         metadata={
             "help": "The answer: 'running' (every step's result, in order) or 'final' (the last result). With "
             "'running', compare answers with answer_match: exact (math-verify reads a list as one number).",
-            "choices": ["running", "final"],
+            "choices": list(ANSWER_FORMATS),
         },
     )
     task_prompt: str = field(
@@ -116,7 +123,7 @@ class BuiltinArguments:
         metadata={
             "help": "How a problem is asked: 'instructions' (the expression and the answer format) or 'expression' "
             "(the expression alone: less than half the prompt tokens; the warm start teaches the format).",
-            "choices": ["instructions", "expression"],
+            "choices": list(PROMPT_TEMPLATES),
         },
     )
     visual_image_size: int = field(
