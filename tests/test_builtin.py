@@ -116,6 +116,35 @@ def test_warmstart_shortcut_rate_reaches_the_demonstrations():
         sft_rows(SMALL, 10, seed=0, shortcut_rate=1.5)
 
 
+def test_warmstart_slip_rate_adds_demonstrated_subtractions_and_follows_the_slipped_chain():
+    from trl_mig.builtin.model import TinyModelSpec, WarmStartConfig, cache_key
+    from trl_mig.builtin.task import Problem
+
+    problem = Problem(8, (("-", 3), ("*", 2), ("-", 1)))
+    assert problem.answer() == "5 10 9"
+    slipped = problem.worked_solution(slips=(True, False, False))  # 8-3 added: the chain goes on from 11
+    assert "8-3=11\n### Step 2\n11*2=22\n### Step 3\n22-1=21\n" in slipped
+    assert slipped.endswith("<answer>11 22 21</answer>")
+    assert problem.worked_solution(slips=(False, True, True)).endswith("<answer>5 10 11</answer>")  # '*' can't slip
+    assert problem.worked_solution(slips=(False,) * 3) == problem.worked_solution()
+
+    warm = BuiltinArguments(warmstart_slip_rate=0.6).warmstart_config()
+    assert warm.slip_rate == 0.6
+    lines = [line for row in sft_rows(SMALL, 300, seed=0, slip_rate=0.6) for line in row["completion"].splitlines()]
+    subtractions = [re.fullmatch(r"(\d+)-(\d+)=(\d+)", line) for line in lines]
+    subtractions = [tuple(map(int, m.groups())) for m in subtractions if m]
+    added = sum(c == a + b for a, b, c in subtractions)
+    assert sum(c == a - b for a, b, c in subtractions) + added == len(subtractions) > 100
+    assert 0.5 < added / len(subtractions) < 0.7
+    assert all(c == a - b for row in sft_rows(SMALL, 50, seed=0) for line in row["completion"].splitlines()
+               for a, b, c in [map(int, m.groups()) for m in [re.fullmatch(r"(\d+)-(\d+)=(\d+)", line)] if m])
+    with pytest.raises(ValueError, match="warmstart_slip_rate"):
+        sft_rows(SMALL, 10, seed=0, slip_rate=-0.1)
+    # a slip rate is part of the warm start's cache key; the default leaves earlier keys unchanged
+    assert cache_key(TinyModelSpec(), warm, ArithmeticTaskConfig()) != cache_key(
+        TinyModelSpec(), WarmStartConfig(), ArithmeticTaskConfig()) == "76caabb85ada"
+
+
 def test_dataset_dict_and_task_validation():
     data = load_builtin_dataset("builtin:arithmetic", BuiltinArguments(task_train_size=10, task_validation_size=4,
                                                                        task_test_size=5, task_ood_size=3))

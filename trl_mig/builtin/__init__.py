@@ -181,6 +181,14 @@ class BuiltinArguments:
             "instead of '4*2=8'): a demonstrator with a habit that RL can unlearn."
         },
     )
+    warmstart_slip_rate: float = field(
+        default=_WARM.slip_rate,
+        metadata={
+            "help": "Probability that a subtraction in a warm-start demonstration is added instead ('8-3=11', the "
+            "solution going on from 11): a demonstrator's systematic slip. Above 0.5 the warm-started model's greedy "
+            "answer copies the slip while its samples are often right, an error that RL can unlearn."
+        },
+    )
     tools_warmstart_max_steps: int = field(
         default=_TOOLS_WARM.max_steps, metadata={"help": "SFT steps of the builtin:tiny-*-tools warm start (0: none)."}
     )
@@ -261,6 +269,7 @@ class BuiltinArguments:
             min_ops=self.warmstart_min_ops,
             max_ops=self.warmstart_max_ops,
             shortcut_rate=self.warmstart_shortcut_rate,
+            slip_rate=self.warmstart_slip_rate,
         )
 
 

@@ -70,6 +70,7 @@ class WarmStartConfig:
     min_ops: int | None = None
     max_ops: int | None = None
     shortcut_rate: float = 0.0  # probability that a demonstrated step skips writing its calculation
+    slip_rate: float = 0.0  # probability that a demonstrated subtraction is added instead (`8-3=11`)
 
     def __post_init__(self):
         if self.max_steps < 0:
@@ -96,7 +97,7 @@ def default_cache_dir() -> Path:
 def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
     payload = {"spec": asdict_without_defaults(spec, ("step_token",)), "version": WARMSTART_VERSION}
     if warm is not None:
-        payload["warm"] = asdict(warm)
+        payload["warm"] = asdict_without_defaults(warm, ("slip_rate",))
         payload["task"] = task.to_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -268,7 +269,8 @@ def _warm_start(model, tokenizer, warm: WarmStartConfig, task: ArithmeticTaskCon
     per_device = max(1, -(-warm.batch_size // num_processes))
     count = warm.max_steps * per_device * num_processes
     if make_rows is None:
-        rows = sft_rows(task, count, warm.seed, warm.min_ops, warm.max_ops, warm.shortcut_rate)
+        rows = sft_rows(task, count, warm.seed, warm.min_ops, warm.max_ops, warm.shortcut_rate,
+                       warm.slip_rate)
     else:
         rows = make_rows(count)
 

@@ -108,33 +108,40 @@ class Problem:
             text = f"{text}{op}{operand}"
         return text
 
-    def steps(self) -> list[tuple[int, str, int, int]]:
-        """(left, op, operand, result) for each operation, in order."""
+    def steps(self, slips: tuple[bool, ...] = ()) -> list[tuple[int, str, int, int]]:
+        """
+        (left, op, operand, result) for each operation, in order. A subtraction marked in `slips` is carried out as an
+        addition (`8-3=11`) and the chain goes on from that result: a demonstrator's slip (`WarmStartConfig.slip_rate`).
+        """
         out, value = [], self.start
-        for op, operand in self.ops:
-            result = apply(value, op, operand)
+        for index, (op, operand) in enumerate(self.ops):
+            slipped = op == "-" and index < len(slips) and slips[index]
+            result = apply(value, "+" if slipped else op, operand)
             out.append((value, op, operand, result))
             value = result
         return out
 
-    def answer(self, answer_format: str = "running") -> str:
-        """The ground truth: every step's result in order (`"running"`), or the last one (`"final"`)."""
-        results = [str(c) for *_, c in self.steps()]
+    def answer(self, answer_format: str = "running", slips: tuple[bool, ...] = ()) -> str:
+        """The ground truth (without `slips`): every step's result in order (`"running"`), or the last one
+        (`"final"`)."""
+        results = [str(c) for *_, c in self.steps(slips)]
         return " ".join(results) if answer_format == "running" else results[-1]
 
     def prompt(self, style: str = "instructions") -> str:
         return PROMPT_TEMPLATES[style].format(expression=self.expression)
 
-    def worked_solution(self, answer_format: str = "running", shortcuts: tuple[bool, ...] = ()) -> str:
+    def worked_solution(self, answer_format: str = "running", shortcuts: tuple[bool, ...] = (),
+                        slips: tuple[bool, ...] = ()) -> str:
         """
         The solution text. A step marked in `shortcuts` is written without its calculation (`=57` instead of
-        `19*3=57`): a demonstrator that skips writing the work down (see `WarmStartConfig.shortcut_rate`).
+        `19*3=57`): a demonstrator that skips writing the work down (see `WarmStartConfig.shortcut_rate`). A
+        subtraction marked in `slips` is added instead, and the answer follows the slipped chain (see `steps`).
         """
         lines = [
             f"### Step {i}\n" + (f"={c}\n" if i <= len(shortcuts) and shortcuts[i - 1] else f"{a}{op}{b}={c}\n")
-            for i, (a, op, b, c) in enumerate(self.steps(), start=1)
+            for i, (a, op, b, c) in enumerate(self.steps(slips), start=1)
         ]
-        return "<think>" + "".join(lines) + f"{SCAFFOLD}{self.answer(answer_format)}</answer>"
+        return "<think>" + "".join(lines) + f"{SCAFFOLD}{self.answer(answer_format, slips)}</answer>"
 
     def row(self, answer_format: str = "running", prompt_style: str = "instructions") -> dict:
         return {
@@ -251,20 +258,23 @@ def warmstart_problems(config: ArithmeticTaskConfig, rng: random.Random, min_ops
 
 
 def sft_rows(config: ArithmeticTaskConfig, count: int, seed: int, min_ops: int | None = None,
-             max_ops: int | None = None, shortcut_rate: float = 0.0) -> list[dict]:
+             max_ops: int | None = None, shortcut_rate: float = 0.0, slip_rate: float = 0.0) -> list[dict]:
     """
     `count` prompt/completion rows for the warm-start SFT (`warmstart_problems`, with their own stream). Each step is
-    written without its calculation with probability `shortcut_rate`.
+    written without its calculation with probability `shortcut_rate`; each subtraction is added instead with
+    probability `slip_rate`.
     """
-    if not 0.0 <= shortcut_rate <= 1.0:
-        raise ValueError(f"warmstart_shortcut_rate must be in [0, 1], got {shortcut_rate}.")
+    for name, rate in (("warmstart_shortcut_rate", shortcut_rate), ("warmstart_slip_rate", slip_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}.")
     rng = random.Random(f"trl-mig/{config.seed}/sft/{seed}")
     rows = []
     for problem in warmstart_problems(config, rng, min_ops, max_ops):
         if len(rows) == count:
             break
         shortcuts = tuple(rng.random() < shortcut_rate for _ in problem.ops) if shortcut_rate > 0 else ()
-        completion = problem.worked_solution(config.answer, shortcuts)
+        slips = tuple(rng.random() < slip_rate for _ in problem.ops) if slip_rate > 0 else ()
+        completion = problem.worked_solution(config.answer, shortcuts, slips)
         rows.append({"prompt": problem.prompt(config.prompt), "completion": completion})
     return rows
 
