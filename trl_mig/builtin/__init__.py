@@ -186,7 +186,7 @@ class BuiltinArguments:
         metadata={
             "help": "Probability that a subtraction in a warm-start demonstration is added instead ('8-3=11', the "
             "solution going on from 11): a demonstrator's systematic slip. Above 0.5 the warm-started model's greedy "
-            "answer copies the slip while its samples are often right, an error that RL can unlearn."
+            "answer copies the slip while its samples are sometimes right: an error that RL can unlearn."
         },
     )
     tools_warmstart_max_steps: int = field(

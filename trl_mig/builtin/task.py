@@ -122,8 +122,10 @@ class Problem:
         return out
 
     def answer(self, answer_format: str = "running", slips: tuple[bool, ...] = ()) -> str:
-        """The ground truth (without `slips`): every step's result in order (`"running"`), or the last one
-        (`"final"`)."""
+        """
+        The ground truth: every step's result in order (`"running"`), or the last one (`"final"`); with `slips`, those
+        of the slipped chain (a sloppy demonstration's answer).
+        """
         results = [str(c) for *_, c in self.steps(slips)]
         return " ".join(results) if answer_format == "running" else results[-1]
 
