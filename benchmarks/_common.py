@@ -26,8 +26,8 @@ def recipe_and_model(config_path: str, model_path: str | None = None):
     from transformers import AutoModelForCausalLM
 
     from trl_mig.builtin import resolve_builtin_model
-    from trl_mig.cli import make_train_parser, parse_recipe_args
-    from trl_mig.tokenizer_utils import load_generic_tokenizer
+    from trl_mig.cli.recipes import make_train_parser, parse_recipe_args
+    from trl_mig.cli.models import load_generic_tokenizer
 
     (script, builtin, config, model_args, _), _ = parse_recipe_args(
         make_train_parser(), ["--config", config_path], "the recipe"

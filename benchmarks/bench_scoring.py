@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _common import machine  # noqa: E402
 from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, encode_answer  # noqa: E402
-from trl_mig.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
+from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
 
 SCAFFOLD = "\n</think>\n<answer>"
 

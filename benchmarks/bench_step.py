@@ -164,7 +164,7 @@ def build_trainer(variant, args, output_dir):
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_mig import MIGConfig, MIGGRPOTrainer
-    from trl_mig.tiny import build_char_tokenizer, build_tiny_model
+    from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, "qwen2", args.hidden, args.layers, args.heads, args.kv_heads, seed=0).float()

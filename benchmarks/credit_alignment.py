@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
 
     from _common import recipe_and_model
     from trl_mig.credit import hwm_gains, normalize_rewards, per_token_advantages, step_advantages
-    from trl_mig.data import load_dataset_dict
+    from trl_mig.cli.data import load_dataset_dict
     from trl_mig.evaluation import generate_completions
     from trl_mig.rewards import AnswerAccuracyReward
     from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, encode_answer

@@ -56,10 +56,10 @@ def oracle_trainer_class():
 
 def train_with_oracle(argv: list[str]) -> int:
     """`trl-mig train ARGV` with the oracle trainer in place of `MIGGRPOTrainer`."""
-    import trl_mig.trainer
-    from trl_mig.cli import main
+    import trl_mig.cli.train
+    from trl_mig.cli.main import main
 
-    trl_mig.trainer.MIGGRPOTrainer = oracle_trainer_class()  # `build_trainer` looks the class up at call time
+    trl_mig.cli.train.MIGGRPOTrainer = oracle_trainer_class()  # `build_trainer` looks the class up at call time
     return main(["train", *argv])
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
 
     from _common import every_step_right, grade_steps, recipe_and_model
     from trl_mig import inspect_completion
-    from trl_mig.data import load_dataset_dict
+    from trl_mig.cli.data import load_dataset_dict
     from trl_mig.evaluation import generate_completions
 
     torch.manual_seed(args.seed)

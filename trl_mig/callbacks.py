@@ -1,14 +1,18 @@
-"""`HeldOutAccuracyCallback`: learning curves of held-out accuracy, logged as ordinary Trainer metrics."""
+"""Trainer callbacks: `HeldOutAccuracyCallback` (learning curves of held-out accuracy, logged as ordinary Trainer
+metrics) and `CreditPageCallback` (the HTML credit pages of `mig_inspect_html`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .evaluation import evaluate_splits
+from .render import write_html
 from .segmentation import FormatSpec
 
 logger = logging.getLogger(__name__)
@@ -154,3 +158,30 @@ class HeldOutAccuracyCallback(TrainerCallback):
 
 def _rng_devices() -> list:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class CreditPageCallback(TrainerCallback):
+    """
+    Writes `OUTPUT_DIR/mig_inspect/step_<global step>.html` whenever the trainer logs (main process): the completions
+    of the latest generation batch, each prompt's group side by side, steps shaded by gain. Added by
+    `MIGGRPOTrainer` when `MIGConfig.mig_inspect_html` is set.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        trainer._mig_credit_log = deque(maxlen=trainer.args.generation_batch_size)
+
+    def on_log(self, args, state, control, **kwargs):
+        credits = list(self.trainer._mig_credit_log)
+        if not credits or not state.is_world_process_zero:
+            return
+        size = getattr(self.trainer, "num_generations", None) or len(credits)
+        groups = [credits[i : i + size] for i in range(0, len(credits), size)]
+        path = os.path.join(args.output_dir, "mig_inspect", f"step_{state.global_step:05d}.html")
+        write_html(path, groups, title=f"MIG credit of the completions at step {state.global_step}")
+
+
+def attach_credit_page(trainer) -> None:
+    """Add a [`CreditPageCallback`] to `trainer` when `mig_inspect_html` is set (from `MIGGRPOTrainer.__init__`)."""
+    if getattr(trainer.args, "mig_inspect_html", False):
+        trainer.add_callback(CreditPageCallback(trainer))

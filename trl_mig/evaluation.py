@@ -11,8 +11,6 @@ import json
 import math
 from pathlib import Path
 
-from .errors import CLIError
-
 
 def score_completions(completions, solutions, spec, solution_column: str = "solution"):
     """Per completion: (correct, well_formed) as floats, correct None when the row has no ground truth."""
@@ -87,16 +85,16 @@ def generate_completions(
         the samples of one prompt next to each other.
 
     Raises:
-        CLIError: when `batch_size`, `max_new_tokens` or `num_samples` is below 1, or `num_samples > 1` with greedy
+        ValueError: when `batch_size`, `max_new_tokens` or `num_samples` is below 1, or `num_samples > 1` with greedy
             decoding.
     """
     import torch
     from tqdm.auto import tqdm
 
     if batch_size < 1 or max_new_tokens < 1 or num_samples < 1:
-        raise CLIError("batch_size, max_new_tokens and num_samples must be >= 1.")
+        raise ValueError("batch_size, max_new_tokens and num_samples must be >= 1.")
     if num_samples > 1 and temperature <= 0:
-        raise CLIError("num_samples > 1 needs temperature > 0 (greedy decoding gives the same completion).")
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives the same completion).")
     texts = prompt_texts(prompts, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from transformers import TrainerCallback
 
 from .config import MIGConfig
 from .credit import hwm_gains, mig_advantages, normalize_rewards, per_token_advantages, step_gains
@@ -519,32 +516,3 @@ def record_completion_credit(trainer, inputs, prompt_rows, contents, segments, l
 
 def _finite_or_none(value: float):
     return value if math.isfinite(value) else None
-
-
-class CreditPageCallback(TrainerCallback):
-    """
-    Writes `OUTPUT_DIR/mig_inspect/step_<global step>.html` whenever the trainer logs (main process): the completions
-    of the latest generation batch, each prompt's group side by side, steps shaded by gain. Added by
-    `MIGGRPOTrainer` when `MIGConfig.mig_inspect_html` is set.
-    """
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        trainer._mig_credit_log = deque(maxlen=trainer.args.generation_batch_size)
-
-    def on_log(self, args, state, control, **kwargs):
-        credits = list(self.trainer._mig_credit_log)
-        if not credits or not state.is_world_process_zero:
-            return
-        from .render import write_html
-
-        size = getattr(self.trainer, "num_generations", None) or len(credits)
-        groups = [credits[i : i + size] for i in range(0, len(credits), size)]
-        path = os.path.join(args.output_dir, "mig_inspect", f"step_{state.global_step:05d}.html")
-        write_html(path, groups, title=f"MIG credit of the completions at step {state.global_step}")
-
-
-def attach_credit_page(trainer) -> None:
-    """Add a [`CreditPageCallback`] to `trainer` when `mig_inspect_html` is set (from `MIGGRPOTrainer.__init__`)."""
-    if getattr(trainer.args, "mig_inspect_html", False):
-        trainer.add_callback(CreditPageCallback(trainer))

@@ -31,7 +31,8 @@ from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
 from .credit import gated_sft_loss, hwm_gains, mig_advantages, per_token_advantages, step_gains
-from .inspection import attach_credit_page, record_completion_credit
+from .callbacks import attach_credit_page
+from .inspection import record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer

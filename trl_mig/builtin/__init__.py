@@ -158,7 +158,7 @@ class BuiltinArguments:
         default=False,
         metadata={
             "help": "Give the tiny model's char tokenizer one token for '### Step ' (the step header): the same text "
-            "in about 40 % fewer completion tokens, so faster generation and training on CPU."
+            "in about 40 percent fewer completion tokens, so faster generation and training on CPU."
         },
     )
     warmstart_max_steps: int = field(default=_WARM.max_steps, metadata={"help": "SFT steps of the warm start (0: none)."})

@@ -119,7 +119,7 @@ def trained_task_prompt(model_path) -> str | None:
 
 
 def build_model_and_tokenizer(spec: TinyModelSpec, max_length: int = 2048):
-    from ..tiny import build_char_tokenizer, build_tiny_model
+    from .tiny import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer(model_max_length=max_length, step_token=spec.step_token)
     model = build_tiny_model(
@@ -183,7 +183,7 @@ def prepare_tiny_vlm(
     Path of a saved, randomly initialised tiny vision-language model and its processor (`trl_mig.tiny.build_tiny_vlm`),
     built into the cache first if needed. For smoke tests of image training (`builtin:visual`): it has learned nothing.
     """
-    from ..tiny import build_tiny_vlm
+    from .tiny import build_tiny_vlm
 
     if architecture not in VLM_ARCHITECTURES:
         raise ValueError(f"Unknown built-in VLM architecture {architecture!r}; expected one of {VLM_ARCHITECTURES}.")
@@ -368,7 +368,7 @@ def prepare_tiny_tool_model(
     arithmetic warm start (`prepare_tiny_model`) that the SFT starts from; its folder name (which holds its cache key)
     is part of this model's key.
     """
-    from ..tiny import build_tiny_model, build_tool_char_tokenizer
+    from .tiny import build_tiny_model, build_tool_char_tokenizer
     from .tools import tool_sft_rows
 
     from_arithmetic = warm is not None and warm.base == "arithmetic"

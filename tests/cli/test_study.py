@@ -1,0 +1,194 @@
+"""`trl-mig study`: a tiny study (2 arms x 2 seeds x a few steps) writes its outputs and resumes without re-running."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_mig.cli.main import main
+from trl_mig.cli.errors import CLIError
+from trl_mig.study import StudyConfig, plan_runs, study_markdown, summarize_study
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDIES = sorted((ROOT / "recipes" / "study").glob("*.yaml"))
+# the demo recipe shrunk to seconds: tiny model, 3 warm-start steps, 2 training steps, a few eval prompts
+TINY = {
+    "tiny_hidden_size": 32, "tiny_num_layers": 1, "tiny_num_heads": 2, "tiny_num_kv_heads": 1,
+    "warmstart_max_steps": 3, "warmstart_batch_size": 4, "task_train_size": 64, "task_validation_size": 6,
+    "task_test_size": 6, "task_ood_size": 4, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
+    "max_completion_length": 16, "logging_steps": 1, "accuracy_eval_max_new_tokens": 16, "learning_rate": 1e-3,
+    "accuracy_eval_before": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_default_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "default-cache"))
+
+
+def write_study(tmp_path, **changes):
+    study = {
+        "recipe": str(ROOT / "recipes" / "demo" / "mig.yaml"),
+        "output_dir": str(tmp_path / "study"),
+        "overrides": {**TINY, "builtin_cache_dir": str(tmp_path / "cache")},
+        "arms": {"grpo": {"algorithm": "grpo"}, "mig": {"algorithm": "mig"}},
+        "seeds": [0, 1],
+        "sweep": {"learning_rate": [1e-3]},
+        "select_split": "validation",
+        "report_splits": ["test", "ood"],
+        "eval_steps": 1,
+        "reference_arm": "grpo",
+        "jobs": 2,
+        **changes,
+    }
+    path = tmp_path / "tiny_study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_tiny_study_writes_outputs_and_resumes(tmp_path, capsys):
+    path = write_study(tmp_path)
+    assert main(["study", "--config", str(path)]) == 0
+    out = tmp_path / "study"
+    results = json.loads((out / "study.json").read_text())
+    assert len(results["runs"]) == 4
+    for run in results["runs"]:
+        for split in ("validation", "test", "ood"):
+            assert [step for step, _ in run["curves"][split]] == [0, 1, 2]
+    assert set(results["summary"]) == {"grpo", "mig"}
+    markdown = (out / "study.md").read_text()
+    assert markdown.startswith("# Study: tiny_study\n")  # named after its YAML file, not its output folder
+    assert "## test: greedy pass@1" in markdown and "## ood: greedy pass@1" in markdown and "| mig |" in markdown
+    for name in ("pass_at_1_validation.png", "pass_at_1_test.png", "pass_at_1_ood.png", "train_reward.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # every run saved the recipe it ran with: seed, output folder and the held-out curve settings
+    recipe = yaml.safe_load((out / "runs" / "mig" / "learning_rate=0.001" / "seed1" / "recipe.yaml").read_text())
+    assert recipe["seed"] == 1 and recipe["accuracy_eval_steps"] == 1 and recipe["algorithm"] == "mig"
+    assert recipe["accuracy_eval_splits"] == ["validation", "test", "ood"]
+
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("run_summary.json")}
+    capsys.readouterr()
+    assert main(["study", "--config", str(path)]) == 0
+    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("run_summary.json")} == finished
+
+    # an interrupted study: one run lost its summary; only that run is run again
+    lost = out / "runs" / "grpo" / "learning_rate=0.001" / "seed0" / "run_summary.json"
+    lost.unlink()
+    assert main(["study", "--config", str(path), "--jobs", "1"]) == 0
+    assert "3 already finished, 1 to run" in capsys.readouterr().out
+    assert lost.exists()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("run_summary.json") if p != lost} == {
+        p: t for p, t in finished.items() if p != lost
+    }
+
+
+def test_selection_uses_the_validation_split_only(tmp_path):
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, sweep={"learning_rate": [1e-3, 1e-4]})))
+    runs = plan_runs(config)
+    assert len(runs) == 8
+
+    def fake_curves(run):
+        # validation prefers lr 1e-4 for both arms; test would prefer 1e-3 (it must not be looked at)
+        good = run.setting["learning_rate"] == 1e-4
+        validation = 0.6 if good else 0.2
+        test = 0.1 if good else 0.9
+        return {"validation": [[0, 0.1], [2, validation]], "test": [[0, 0.1], [2, test]], "ood": [[0, 0.0], [2, 0.0]]}
+
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        log = [{"step": s, f"heldout/{split}/pass@1": v} for split, pts in fake_curves(run).items() for s, v in pts]
+        log += [{"step": 2, "rewards/answer_accuracy_reward/mean": 0.5}]
+        (run.directory / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        (run.directory / "run_summary.json").write_text("{}")
+    results = summarize_study(config, runs)
+    for arm in ("grpo", "mig"):
+        assert results["selection"][arm]["setting"] == {"learning_rate": 1e-4}
+        assert results["summary"][arm]["splits"]["test"]["final_mean"] == pytest.approx(0.1)
+        assert results["summary"][arm]["splits"]["test"]["gain_per_seed"] == pytest.approx([0.0, 0.0])
+
+
+def _fake_finished_runs(runs, curves_of):
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        log = [{"step": s, f"heldout/{split}/pass@1": v} for split, pts in curves_of(run).items() for s, v in pts]
+        (run.directory / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        (run.directory / "run_summary.json").write_text("{}")
+
+
+def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, report_splits=["test"])))
+    runs = plan_runs(config)
+    # grpo rises to 0.5 at step 4 on test; mig gets there at step 2. On validation nobody beats the start.
+    test_curves = {"grpo": [[0, 0.3], [2, 0.4], [4, 0.5]], "mig": [[0, 0.3], [2, 0.5], [4, 0.6]]}
+    _fake_finished_runs(runs, lambda run: {"validation": [[0, 0.3], [2, 0.2], [4, 0.3]], "test": test_curves[run.arm]})
+    results = summarize_study(config, runs)
+    mig, grpo = results["summary"]["mig"]["splits"]["test"], results["summary"]["grpo"]["splits"]["test"]
+    assert grpo["reference_improved"] and grpo["reference_best"] == pytest.approx(0.5)
+    assert (grpo["steps_to_reference_best"], grpo["steps_ratio"]) == (4, 1.0)
+    assert (mig["steps_to_reference_best"], mig["steps_ratio"]) == (2, 0.5)
+    assert "| 2 (0.50x) |" in study_markdown(config, results)
+
+    (tmp_path / "flat").mkdir()
+    flat = StudyConfig.from_yaml(str(write_study(tmp_path / "flat", report_splits=["test"], seeds=[0])))
+    flat_runs = plan_runs(flat)
+    # grpo never beats its start: every arm "reaching" it at step 0 would be a meaningless 0x
+    _fake_finished_runs(flat_runs, lambda run: {"validation": [[0, 0.3], [2, 0.3]], "test": [[0, 0.3], [2, 0.25]]})
+    results = summarize_study(flat, flat_runs)
+    assert not results["summary"]["mig"]["splits"]["test"]["reference_improved"]
+    assert results["summary"]["mig"]["splits"]["test"]["steps_to_reference_best"] is None
+    markdown = study_markdown(flat, results)
+    assert "never above its start (30.0)" in markdown and "| n/a |" in markdown
+    assert "| 25.0 |" in markdown and "25.0 ±" not in markdown  # one seed: no spread to show
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"select_split": "test"}, "never on the test split"),
+        ({"arms": {}}, "at least one arm"),
+        ({"seeds": []}, "non-empty list of integers"),
+        ({"sweep": {"learning_rate": []}}, "non-empty lists"),
+        ({"reference_arm": "ppo"}, "'ppo' is not one of the arms"),
+        ({"overrides": {"seed": 3}}, "['seed']"),
+        ({"lr": 1}, "Unknown key(s) ['lr']"),
+        ({"recipe": "missing.yaml"}, "does not exist"),
+    ],
+)
+def test_bad_studies_name_the_problem(tmp_path, changes, message):
+    with pytest.raises(CLIError) as error:
+        StudyConfig.from_yaml(str(write_study(tmp_path, **changes)))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_plan_runs_whose_recipes_parse(study):
+    from trl_mig.study import parse_run_recipe
+
+    config = StudyConfig.from_yaml(str(study))
+    sweep = plan_runs(config)
+    assert len(sweep) == len(config.arms) * len(config.settings()) * len(config.selection_seeds)
+    chosen = {arm: config.settings()[-1] for arm in config.arms}
+    assert len(plan_runs(config, chosen)) == len(sweep) + len(config.arms) * len(config.other_seeds)
+    assert config.select_split not in config.report_splits
+    if study.name == "full.yaml":  # the study the README reports: at least 3 seeds, every arm sweeps lr x temperature
+        assert len(config.seeds) >= 3 and {"learning_rate", "temperature"} <= set(config.sweep)
+    for run in sweep[: len(config.arms)]:
+        script_args, _, training_args, _, _ = parse_run_recipe(run.recipe)
+        assert training_args.seed == run.seed and script_args.accuracy_eval_steps == config.eval_steps
+
+
+def test_other_seeds_run_only_at_the_chosen_setting(tmp_path):
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, seeds=[0, 1, 2], sweep_seeds=[0],
+                                                   sweep={"learning_rate": [1e-3, 1e-4]})))
+    runs = plan_runs(config, {"grpo": {"learning_rate": 1e-4}, "mig": {"learning_rate": 1e-3}})
+    assert len(runs) == 2 * 2 * 1 + 2 * 2
+    later = runs[4:]
+    assert {(r.arm, r.seed, r.setting["learning_rate"]) for r in later} == {
+        ("grpo", 1, 1e-4), ("grpo", 2, 1e-4), ("mig", 1, 1e-3), ("mig", 2, 1e-3)
+    }
+    with pytest.raises(CLIError, match="sweep_seeds"):
+        StudyConfig.from_yaml(str(write_study(tmp_path, sweep_seeds=[7])))

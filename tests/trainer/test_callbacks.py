@@ -1,0 +1,122 @@
+"""HeldOutAccuracyCallback: held-out accuracy logged as ordinary Trainer metrics at the right steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from helpers import cpu_config
+from trl_mig import HeldOutAccuracyCallback, MIGGRPOTrainer
+from trl_mig.rewards import default_reward_funcs
+from trl_mig.segmentation import FormatSpec
+from trl_mig.builtin.tiny import build_tiny_model
+
+
+def tasks(n, offset=0):
+    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(5) for b in range(5)]
+    return Dataset.from_list(rows[offset : offset + n])
+
+
+def mig_trainer(tmp_path, tokenizer, **overrides):
+    return MIGGRPOTrainer(
+        build_tiny_model(tokenizer),
+        args=cpu_config(tmp_path, max_completion_length=8, **overrides),
+        train_dataset=tasks(16),
+        processing_class=tokenizer,
+    )
+
+
+def heldout_entries(trainer):
+    return [entry for entry in trainer.state.log_history if "heldout/test/pass@1" in entry]
+
+
+def test_logs_heldout_accuracy_at_start_every_n_steps_and_at_the_end(tmp_path, char_tokenizer):
+    trainer = mig_trainer(tmp_path, char_tokenizer, max_steps=5, logging_steps=1, save_strategy="steps", save_steps=5)
+    callback = HeldOutAccuracyCallback(trainer, {"test": tasks(4, 16), "ood": tasks(3, 20)}, eval_steps=2,
+                                       batch_size=3, num_samples=2)
+    trainer.add_callback(callback)
+    trainer.train()
+
+    entries = heldout_entries(trainer)
+    assert [entry["step"] for entry in entries] == [0, 2, 4, 5]
+    for entry in entries:
+        for split in ("test", "ood"):
+            for metric in ("pass@1", "format_rate", "sampled_accuracy"):
+                assert 0.0 <= entry[f"heldout/{split}/{metric}"] <= 1.0
+        assert entry["heldout/seconds"] > 0
+    assert [e["step"] for e in callback.history] == [0, 2, 4, 5]
+    # the training metrics of GRPO/MIG are still logged every step, in entries of their own
+    assert sum("mig/gain_sum" in entry for entry in trainer.state.log_history) == 5
+    # and they reach trainer_state.json like any metric
+    state = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "heldout/ood/pass@1" in e] == [0, 2, 4, 5]
+
+
+def test_a_model_that_learned_the_answers_scores_full_marks(tmp_path, char_tokenizer):
+    """pass@1 is measured, not assumed: a model trained (by SFT) on the held-out answers gets them right."""
+    trainer = mig_trainer(tmp_path, char_tokenizer, max_steps=1)
+    held_out = Dataset.from_list([{"prompt": f"Compute 3+{b}.\n", "solution": str(3 + b)} for b in (1, 2)])
+    model = trainer.model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    texts = [f"Compute 3+{b}.\n<think>### Step 1\n3+{b}={3 + b}\n</think>\n<answer>{3 + b}</answer>" for b in (1, 2)]
+    prompts = [len(char_tokenizer(row["prompt"])["input_ids"]) for row in held_out]
+    for _ in range(1000):  # until the two answers are memorised
+        losses = []
+        for text, start in zip(texts, prompts):
+            ids = torch.tensor([char_tokenizer(text)["input_ids"] + [char_tokenizer.eos_token_id]])
+            labels = ids.clone()
+            labels[:, :start] = -100
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        if max(losses) < 1e-3:
+            break
+    callback = HeldOutAccuracyCallback(trainer, {"test": held_out}, eval_steps=1, max_new_tokens=40)
+    metrics = callback.measure()
+    assert metrics["heldout/test/pass@1"] == 1.0 and metrics["heldout/test/format_rate"] == 1.0
+    untrained = mig_trainer(tmp_path / "other", char_tokenizer, max_steps=1)
+    assert HeldOutAccuracyCallback(untrained, {"test": held_out}, eval_steps=1).measure()["heldout/test/pass@1"] == 0.0
+
+
+def test_sampled_accuracy_does_not_change_the_training_run(tmp_path, char_tokenizer):
+    def final_parameters(num_samples):
+        trainer = mig_trainer(tmp_path / str(num_samples), char_tokenizer, max_steps=3)
+        trainer.add_callback(HeldOutAccuracyCallback(trainer, {"test": tasks(3, 16)}, eval_steps=1,
+                                                     num_samples=num_samples, temperature=1.0))
+        trainer.train()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    for with_sampling, without in zip(final_parameters(3), final_parameters(0)):
+        assert torch.equal(with_sampling, without)
+
+
+def test_works_with_plain_grpo_trainer(tmp_path, char_tokenizer):
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                      max_steps=2, report_to="none", save_strategy="no", use_cpu=True, bf16=False, logging_steps=1)
+    trainer = GRPOTrainer(build_tiny_model(char_tokenizer), reward_funcs=default_reward_funcs(FormatSpec()), args=args,
+                          train_dataset=tasks(8), processing_class=char_tokenizer)
+    trainer.add_callback(HeldOutAccuracyCallback(trainer, {"test": tasks(2, 16)}, eval_steps=1))
+    trainer.train()
+    assert [entry["step"] for entry in heldout_entries(trainer)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(splits={}), "at least one held-out split"),
+        (dict(eval_steps=0), "eval_steps"),
+        (dict(splits={"test": Dataset.from_list([{"prompt": "x", "answer": "1"}])}), "no column(s) ['solution']"),
+        (dict(num_samples=2, temperature=0.0), "temperature > 0"),
+    ],
+)
+def test_bad_settings_name_the_problem(tmp_path, char_tokenizer, kwargs, message):
+    trainer = mig_trainer(tmp_path, char_tokenizer, max_steps=1)
+    settings = dict(splits={"test": tasks(2, 16)}, eval_steps=2) | kwargs
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        HeldOutAccuracyCallback(trainer, settings.pop("splits"), **settings)

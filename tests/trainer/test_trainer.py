@@ -1,0 +1,312 @@
+"""MIGGRPOTrainer: per-token advantages and gates checked against an independent computation, and real training."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOTrainer
+
+from helpers import cpu_config, scripted_rollout
+from trl_mig import MIGGRPOTrainer
+from trl_mig.builtin.tiny import build_tiny_model
+
+os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+
+SCAFFOLD = "\n</think>\n<answer>"
+PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
+SOLUTIONS = ["20", "6"]
+# four scripted completions per prompt: correct with steps, wrong, truncated, correct without step headers
+SCRIPT = {
+    PROMPTS[0]: [
+        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=20\n</think>\n<answer>20</answer>",
+        "<think>### Step 1\n2+3=6\n### Step 2\n6*4=24\n</think>\n<answer>24</answer>",
+        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=",
+        "<think>2+3=5\n\n5*4=20</think>\n<answer>20</answer>",
+    ],
+    # identical completions: zero spread in both rewards, so zero advantages
+    PROMPTS[1]: ["<think>### Step 1\n7-1=6\n</think>\n<answer>6</answer>"] * 4,
+}
+OUTCOME = {PROMPTS[0]: [2.0, 1.0, 0.0, 1.0], PROMPTS[1]: [2.0] * 4}  # accuracy + step format
+
+
+def scripted_batch():
+    return [{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS) for _ in range(4)]
+
+
+def make_trainer(tmp_path, tokenizer, model=None, rollout=None, dataset=None, **overrides):
+    model = model if model is not None else build_tiny_model(tokenizer).float()
+    dataset = dataset if dataset is not None else Dataset.from_list(scripted_batch())
+    trainer = MIGGRPOTrainer(
+        model,
+        args=cpu_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        rollout_func=rollout or scripted_rollout(SCRIPT),
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def reference_logliks(model, tokenizer, prompt, completion, solution):
+    """l_0..l_K by separate plain forwards over each prefix; step boundaries found by hand from the text."""
+    cot_start = completion.index("<think>") + len("<think>")
+    cot_end = completion.index("</think>") if "</think>" in completion else len(completion)
+    cot = completion[cot_start:cot_end]
+    headers = [i for i in range(len(cot)) if cot.startswith("### Step", i)]
+    if headers:
+        cuts = [cot_start] + [cot_start + h for h in headers[1:]] + [cot_end]
+    else:
+        paragraphs = [i + 2 for i in range(len(cot) - 1) if cot[i : i + 2] == "\n\n"]
+        cuts = [cot_start] + [cot_start + p for p in paragraphs] + [cot_end]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids, answer_ids, scaffold_ids = encode(prompt), encode(SCAFFOLD + solution), encode(SCAFFOLD)
+    values = []
+    for cut in cuts:
+        ids = prompt_ids + encode(completion[:cut]) + answer_ids
+        with torch.no_grad():
+            logps = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        start = len(ids) - len(answer_ids) + len(scaffold_ids)
+        values.append(sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start))
+    return values, [len(encode(completion[:cut])) for cut in cuts]
+
+
+def watermark_sum(values):
+    best, total = values[0], 0.0
+    for value in values[1:]:
+        total += max(0.0, value - best)
+        best = max(best, value)
+    return total
+
+
+def progress(values):
+    """Watermark lift after each step: [h_1 - h_0, h_2 - h_0, ...]."""
+    return [max(values[: k + 1]) - values[0] for k in range(1, len(values))]
+
+
+def group_normalise(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
+
+
+@pytest.mark.parametrize("architecture, credit", [("qwen2", "trajectory"), ("qwen2", "step"), ("llama", "trajectory")])
+def test_per_token_advantages_match_an_independent_computation(tmp_path, char_tokenizer, architecture, credit):
+    model = build_tiny_model(char_tokenizer, architecture).float()
+    trainer = make_trainer(tmp_path, char_tokenizer, model=model, mig_weight=0.7, outcome_weight=1.3, mig_credit=credit)
+    output = trainer._generate_and_score_completions(scripted_batch())
+    advantages = output["advantages"]
+    assert advantages.shape == output["completion_ids"].shape
+
+    for group, prompt in enumerate(PROMPTS):
+        expected_outcome = group_normalise(OUTCOME[prompt])
+        logliks = [reference_logliks(trainer.model, char_tokenizer, prompt, c, SOLUTIONS[group]) for c in SCRIPT[prompt]]
+        gains = [watermark_sum(values) for values, _ in logliks]
+        expected_mig = group_normalise(gains)
+        for j, (values, bounds) in enumerate(logliks):
+            row = group * 4 + j
+            length = int(output["completion_mask"][row].sum())
+            tokens = advantages[row, :length]
+            outcome_part = 1.3 * expected_outcome[j]
+            # tokens outside the thought (tags, answer, EOS) carry only the outcome advantage
+            assert tokens[: bounds[0]].tolist() == pytest.approx([outcome_part] * bounds[0], abs=1e-4)
+            assert tokens[bounds[-1] :].tolist() == pytest.approx([outcome_part] * (length - bounds[-1]), abs=1e-4)
+            for k in range(len(bounds) - 1):
+                step_tokens = tokens[bounds[k] : bounds[k + 1]]
+                if credit == "trajectory":
+                    mig = expected_mig[j]
+                else:
+                    # progress by step k (watermark lift so far) against the group's completions that reached step k
+                    reached = [progress(v)[k] for v, b in logliks if len(b) - 1 > k]
+                    spread = torch.tensor(reached, dtype=torch.float64)
+                    mig = 0.0
+                    if len(reached) >= 2:
+                        mig = (progress(values)[k] - spread.mean().item()) / (spread.std().item() + 1e-4)
+                expected = outcome_part + 0.7 * mig
+                assert step_tokens.tolist() == pytest.approx([expected] * len(step_tokens), abs=2e-3), (row, k)
+    assert (advantages[4:] == 0).all(), "a group of identical completions has zero advantage everywhere"
+
+
+def test_ablations_raw_differences_on_every_token_match_an_independent_computation(tmp_path, char_tokenizer):
+    """mig_gain='difference' pays l_K - l_0 (a drop and its recovery both count); mig_token_scope='all' puts the MIG
+    advantage on the answer and tag tokens too."""
+    model = build_tiny_model(char_tokenizer).float()
+    trainer = make_trainer(tmp_path, char_tokenizer, model=model, mig_weight=0.7, outcome_weight=1.3,
+                           mig_gain="difference", mig_token_scope="all")
+    output = trainer._generate_and_score_completions(scripted_batch())
+    advantages = output["advantages"]
+    prompt = PROMPTS[0]
+    logliks = [reference_logliks(trainer.model, char_tokenizer, prompt, c, SOLUTIONS[0]) for c in SCRIPT[prompt]]
+    expected_mig = group_normalise([values[-1] - values[0] for values, _ in logliks])
+    expected_outcome = group_normalise(OUTCOME[prompt])
+    for j in range(4):
+        length = int(output["completion_mask"][j].sum())
+        expected = 1.3 * expected_outcome[j] + 0.7 * expected_mig[j]
+        assert advantages[j, :length].tolist() == pytest.approx([expected] * length, abs=2e-3), j
+
+
+def test_gated_sft_gate_and_loss(tmp_path, char_tokenizer):
+    trainer = make_trainer(tmp_path, char_tokenizer, sft_weight=0.5)
+    inputs = trainer._generate_and_score_completions(scripted_batch())
+    gate = inputs["sft_gate"]
+
+    for group, prompt in enumerate(PROMPTS):
+        for j, completion in enumerate(SCRIPT[prompt]):
+            values, _ = reference_logliks(trainer.model, char_tokenizer, prompt, completion, SOLUTIONS[group])
+            structural = "</think>" in completion and "### Step" in completion and "<answer>" in completion
+            correct = completion.endswith(f"<answer>{SOLUTIONS[group]}</answer>")
+            assert gate[group * 4 + j].item() == float(structural and correct and watermark_sum(values) > 0)
+    assert gate[1:4].tolist() == [0.0, 0.0, 0.0], "wrong, truncated and header-less completions never pass"
+
+    base = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    total = trainer._compute_loss(trainer.model, inputs)
+    # independent NLL over the gated completions, temperature 1 (the config's sampling temperature)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    width = inputs["completion_ids"].shape[1]
+    logps = logits.log_softmax(-1)[:, -width:].gather(2, inputs["completion_ids"].unsqueeze(2)).squeeze(2)
+    weights = inputs["completion_mask"] * gate.unsqueeze(1)
+    nll = -(logps * weights).sum() / weights.sum().clamp(min=1)
+    assert (total - base).item() == pytest.approx(0.5 * nll.item(), rel=1e-4, abs=1e-6)
+    assert gate.sum() > 0, "the scripted batch should have at least one gated completion"
+
+
+def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
+    model = build_tiny_model(char_tokenizer).float()
+    with_sft = make_trainer(tmp_path / "a", char_tokenizer, model=model, sft_weight=0.5)
+    without = make_trainer(tmp_path / "b", char_tokenizer, model=model, sft_weight=0.0)
+    out_with = with_sft._generate_and_score_completions(scripted_batch())
+    out_without = without._generate_and_score_completions(scripted_batch())
+    assert "sft_gate" not in out_without
+    assert torch.equal(out_with["advantages"], out_without["advantages"])
+    loss = without._compute_loss(without.model, out_without)
+    assert loss.item() == GRPOTrainer._compute_loss(without, without.model, out_without).item()
+
+
+def test_sft_without_a_correctness_reward_is_off_with_one_warning(tmp_path, char_tokenizer, caplog):
+    model = build_tiny_model(char_tokenizer)
+    dataset = Dataset.from_list(scripted_batch())
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    with caplog.at_level("WARNING", logger="trl_mig.trainer"):
+        trainer = MIGGRPOTrainer(model, reward_funcs=[length_reward], args=cpu_config(tmp_path, sft_weight=0.5),
+                                 train_dataset=dataset, processing_class=char_tokenizer,
+                                 rollout_func=scripted_rollout(SCRIPT))
+    warnings = [r.getMessage() for r in caplog.records if "Gated SFT is off" in r.getMessage()]
+    assert len(warnings) == 1 and "sft_correctness_reward=" in warnings[0] and "length_reward" in warnings[0]
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(scripted_batch())
+    assert "sft_gate" not in output
+    assert trainer._metrics["train"]["sft/enabled"] == [0.0]
+    # MIG credit is still there: thought tokens carry a MIG advantage that the answer tokens of the row do not
+    length = int(output["completion_mask"][0].sum())
+    assert output["advantages"][0, :length].unique().numel() > 1
+
+    with pytest.raises(ValueError, match="'exact_match' is not one of the reward functions"):
+        MIGGRPOTrainer(model, args=cpu_config(tmp_path, sft_correctness_reward="exact_match"),
+                       train_dataset=dataset, processing_class=char_tokenizer)
+    named = MIGGRPOTrainer(model, reward_funcs=[length_reward],
+                           args=cpu_config(tmp_path, sft_correctness_reward="length_reward"),
+                           train_dataset=dataset, processing_class=char_tokenizer)
+    assert named._sft_reward_index == 0
+
+
+def test_missing_solution_column_fails_at_construction(tmp_path, char_tokenizer):
+    dataset = Dataset.from_list([{"prompt": "1+1=", "answer": "2"}] * 8)
+    with pytest.raises(ValueError, match=r"no ground-truth column 'solution'.*\['prompt', 'answer'\]"):
+        MIGGRPOTrainer(build_tiny_model(char_tokenizer), args=cpu_config(tmp_path), train_dataset=dataset,
+                       processing_class=char_tokenizer)
+
+
+def test_grpo_config_is_rejected(tmp_path, char_tokenizer):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="MIGConfig"):
+        MIGGRPOTrainer(build_tiny_model(char_tokenizer), args=GRPOConfig(str(tmp_path), use_cpu=True, bf16=False),
+                       train_dataset=Dataset.from_list(scripted_batch()), processing_class=char_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ real training
+def arithmetic_dataset(n=16):
+    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)]
+    return Dataset.from_list(rows[:n])
+
+
+def train_and_check(trainer):
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert changed, "no trainable parameter changed"
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    for metric in ("mig/loglik_prompt_only", "mig/loglik_best", "mig/gain_sum", "mig/steps", "mig/breakthrough_frac",
+                   "mig/no_step_frac", "sft/gated_frac"):
+        assert metric in logged, metric
+    return changed
+
+
+@pytest.mark.parametrize("loss_type, credit", [("grpo", "trajectory"), ("dapo", "step"), ("bnpo", "trajectory")])
+def test_training_updates_parameters_and_logs_mig_metrics(tmp_path, char_tokenizer, loss_type, credit):
+    trainer = MIGGRPOTrainer(
+        build_tiny_model(char_tokenizer),
+        args=cpu_config(tmp_path, loss_type=loss_type, mig_credit=credit),
+        train_dataset=arithmetic_dataset(),
+        processing_class=char_tokenizer,
+    )
+    changed = train_and_check(trainer)
+    assert len(changed) == len(list(trainer.model.parameters()))
+
+
+def test_training_with_iterations_and_gradient_accumulation(tmp_path, char_tokenizer):
+    trainer = MIGGRPOTrainer(
+        build_tiny_model(char_tokenizer),
+        args=cpu_config(tmp_path, num_iterations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                        max_steps=2, sft_weight=1.0),
+        train_dataset=arithmetic_dataset(),
+        processing_class=char_tokenizer,
+    )
+    train_and_check(trainer)
+    assert trainer.state.global_step == 2
+
+
+def test_lora_training_and_reference_scoring(tmp_path, char_tokenizer):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = MIGGRPOTrainer(
+        build_tiny_model(char_tokenizer),
+        args=cpu_config(tmp_path, learning_rate=5e-2, beta=0.1),
+        train_dataset=arithmetic_dataset(),
+        processing_class=char_tokenizer,
+        peft_config=peft_config,
+    )
+    changed = train_and_check(trainer)
+    assert changed and all("lora" in name for name in changed)
+    assert any("kl" in entry for entry in trainer.state.log_history)
+
+    # the reference likelihood is the adapter-free base; the policy's is not
+    from trl_mig.scoring import ScoringItem, encode_answer
+
+    prompt = char_tokenizer("Compute 2+3.\n", add_special_tokens=False)["input_ids"]
+    completion = char_tokenizer("<think>### Step 1\n2+3=5\n</think>", add_special_tokens=False)["input_ids"]
+    item = ScoringItem(prompt, completion, (1, len(completion) - 1), [encode_answer(char_tokenizer, SCAFFOLD, "5")])
+    trainer.args.mig_likelihood_model = "reference"
+    model, context = trainer._scoring_model_context()
+    with torch.no_grad(), context:
+        reference = trainer.mig_scorer.score(model, [item])[0]
+    with torch.no_grad(), trainer.model.disable_adapter():
+        base = trainer.mig_scorer.score(trainer.model, [item])[0]
+    policy = trainer.mig_scorer.score(trainer.model, [item])[0]
+    assert torch.allclose(reference, base, atol=1e-6)
+    assert not torch.allclose(policy, base, atol=1e-6), "trained adapters change the policy's likelihoods"
+
+
+def test_reference_scoring_without_reference_model_is_an_error(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="mig_likelihood_model='reference' needs a reference model"):
+        MIGGRPOTrainer(build_tiny_model(char_tokenizer), args=cpu_config(tmp_path, mig_likelihood_model="reference"),
+                       train_dataset=arithmetic_dataset(), processing_class=char_tokenizer)

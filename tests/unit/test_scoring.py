@@ -1,0 +1,424 @@
+"""The step-likelihood scorer against plain per-prefix teacher forcing.
+
+The reference (`reference_scores`) is written here with nothing but `model(input_ids=...)` and a log-softmax: one
+forward per (prefix, answer variant), mean log-prob of the answer's tokens, max over variants.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from trl_mig.scoring import (
+    AnswerBlock,
+    ScoringItem,
+    StepLikelihoodScorer,
+    block_mask_unsupported_reason,
+    encode_answer,
+)
+from trl_mig.builtin.tiny import build_tiny_model
+
+from helpers import build_bpe_tokenizer, build_metaspace_tokenizer
+
+SCAFFOLD = "\n</think>\n<answer>"
+ATOL = 1e-4
+
+PROMPTS = ["Compute (12+7)*3.", "5-2?", "Q"]
+STEP_TEXTS = ["### Step 1\n12+7=19\n", "### Step 2\n19*3=57\n", "### Step 3\nso 57\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(char_tokenizer):
+    return {"char": char_tokenizer, "bpe": build_bpe_tokenizer(), "metaspace": build_metaspace_tokenizer()}
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def make_item(tokenizer, prompt: str, steps: list[str], answers: list[str], head="<think>", tail=SCAFFOLD + "57"):
+    """Tokenise head, each step and tail apart and concatenate them, so the step boundaries are known exactly."""
+    completion = encode(tokenizer, head) if head else []
+    boundaries = [len(completion)]
+    for step in steps:
+        completion += encode(tokenizer, step)
+        boundaries.append(len(completion))
+    completion += encode(tokenizer, tail) if tail else []
+    blocks = [encode_answer(tokenizer, SCAFFOLD, answer) for answer in answers]
+    return ScoringItem(encode(tokenizer, prompt), completion, boundaries, blocks)
+
+
+def sample_items(tokenizer) -> list[ScoringItem]:
+    """Different prompt lengths (padding), K = 0..3, a truncated completion, one to three answer variants."""
+    return [
+        make_item(tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"]),
+        make_item(tokenizer, PROMPTS[1], STEP_TEXTS[:1], ["3", "57", "3.0"]),
+        make_item(tokenizer, PROMPTS[2], [], ["57"]),  # K = 0
+        make_item(tokenizer, PROMPTS[0], STEP_TEXTS, ["57", "fifty-seven"], tail=""),  # truncated: no close tag
+        make_item(tokenizer, PROMPTS[1], STEP_TEXTS[1:], ["57"], head="", tail="junk after the thought"),  # b_0 = 0
+    ]
+
+
+@torch.no_grad()
+def reference_scores(model, item: ScoringItem) -> torch.Tensor:
+    """l_0..l_K by one plain forward per prefix and variant; (K+1,) float32."""
+    per_variant = []
+    for block in item.answers:
+        values = []
+        for boundary in item.boundaries:
+            prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
+            logps = model(input_ids=torch.tensor([prefix + list(block.ids)])).logits[0].float().log_softmax(-1)
+            scored = range(*block.scored)
+            values.append(sum(logps[len(prefix) + m - 1, block.ids[m]].item() for m in scored) / len(scored))
+        per_variant.append(values)
+    return torch.tensor(per_variant).max(dim=0).values
+
+
+def assert_scores_close(got, expected):
+    assert len(got) == len(expected)
+    for value, ref in zip(got, expected):
+        assert value.shape == ref.shape
+        torch.testing.assert_close(value, ref, atol=ATOL, rtol=0)
+
+
+def scorers():
+    """Every exact path: block with split attention (sdpa only), block with the full mask, prefix."""
+    return {
+        "block-split": StepLikelihoodScorer("block", batch_size=2),
+        "block-full": StepLikelihoodScorer("block", batch_size=2, split_attention=False),
+        "prefix": StepLikelihoodScorer("prefix", batch_size=3),
+    }
+
+
+def assert_every_path_matches(model, items, expected):
+    """All three paths equal the reference; with sdpa the split path really ran (no silent fall-back)."""
+    paths = scorers()
+    for scorer in paths.values():
+        assert_scores_close(scorer.score(model, items), expected)
+    sdpa = model.config._attn_implementation == "sdpa"
+    assert paths["block-split"]._split_verified == sdpa and paths["block-split"].split_attention
+    assert not paths["block-full"]._split_verified
+
+
+class ForwardCounter:
+    """Counts the model's top-level forwards and records the shape of each `input_ids`."""
+
+    def __init__(self, model):
+        self.shapes = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shapes.append(tuple(ids.shape))
+
+    @property
+    def count(self):
+        return len(self.shapes)
+
+
+# --------------------------------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("tokenizer_name", ["char", "bpe", "metaspace"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_scores_equal_per_prefix_teacher_forcing(tokenizers, architecture, attention, tokenizer_name):
+    tokenizer = tokenizers[tokenizer_name]
+    model = build_tiny_model(tokenizer, architecture, attn_implementation=attention).float().eval()
+    items = sample_items(tokenizer)
+    expected = [reference_scores(model, item) for item in items]
+    assert_every_path_matches(model, items, expected)
+    assert model.config._attn_implementation == attention  # restored after the split forwards
+
+
+@pytest.mark.parametrize("architecture, attention", [("qwen2", "sdpa"), ("llama", "eager")])
+def test_k_at_the_step_cap(char_tokenizer, architecture, attention):
+    model = build_tiny_model(char_tokenizer, architecture, attn_implementation=attention).float().eval()
+    steps = [f"### Step {k}\n{k}+1={k + 1}\n" for k in range(1, 17)]  # K = 16, MIGConfig's default cap
+    items = [
+        make_item(char_tokenizer, PROMPTS[0], steps, ["17", "seventeen"]),
+        make_item(char_tokenizer, "Q", [], ["1"]),
+    ]
+    assert items[0].num_prefixes == 17
+    expected = [reference_scores(model, item) for item in items]
+    assert_every_path_matches(model, items, expected)
+
+
+def test_variants_take_the_max(char_tokenizer, tiny_model):
+    model = tiny_model.eval()
+    single = [make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS, [answer]) for answer in ("57", "3", "57.0")]
+    both = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS, ["57", "3", "57.0"])
+    scorer = StepLikelihoodScorer("block")
+    separate = torch.stack(scorer.score(model, single))
+    (joint,) = scorer.score(model, [both])
+    torch.testing.assert_close(joint, separate.max(dim=0).values, atol=ATOL, rtol=0)
+    assert not torch.equal(separate[0], separate[1])  # the variants do differ, so the max is exercised
+
+
+def test_tokens_after_the_last_boundary_are_ignored(char_tokenizer, tiny_model):
+    model = tiny_model.eval()
+    item = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"])
+    longer = list(item.completion_ids) + encode(char_tokenizer, "xyz" * 5)
+    other = ScoringItem(item.prompt_ids, longer, item.boundaries, item.answers)
+    scorer = StepLikelihoodScorer("block")
+    torch.testing.assert_close(scorer.score(model, [item])[0], scorer.score(model, [other])[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["char", "bpe"])
+def test_left_padded_prompts(tokenizers, tokenizer_name):
+    """The trainer strips left padding: the scores equal teacher forcing on the padded rows under their mask."""
+    tokenizer = tokenizers[tokenizer_name]
+    model = build_tiny_model(tokenizer, "qwen2").float().eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(PROMPTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    tokenizer.padding_side = side
+    assert (batch["attention_mask"] == 0).any()
+    items = []
+    for ids, mask, prompt in zip(batch["input_ids"], batch["attention_mask"], PROMPTS):
+        item = make_item(tokenizer, prompt, STEP_TEXTS[:2], ["57", "3"])
+        stripped = ids[mask.bool()].tolist()
+        assert stripped == list(item.prompt_ids)
+        items.append(item)
+    expected = []
+    with torch.no_grad():
+        for item, ids, mask in zip(items, batch["input_ids"], batch["attention_mask"]):
+            per_variant = []
+            for block in item.answers:
+                values = []
+                for boundary in item.boundaries:
+                    tail = list(item.completion_ids[:boundary]) + list(block.ids)
+                    row = torch.tensor([ids.tolist() + tail])
+                    row_mask = torch.tensor([mask.tolist() + [1] * len(tail)])
+                    logps = model(input_ids=row, attention_mask=row_mask).logits[0].float().log_softmax(-1)
+                    start = ids.numel() + boundary
+                    scored = range(*block.scored)
+                    values.append(sum(logps[start + m - 1, block.ids[m]].item() for m in scored) / len(scored))
+                per_variant.append(values)
+            expected.append(torch.tensor(per_variant).max(dim=0).values)
+    assert_every_path_matches(model, items, expected)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_lora_adapters_are_active(char_tokenizer, architecture):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(char_tokenizer, architecture).float()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                        init_lora_weights=False)  # random, non-zero B: the adapters change the model
+    model = get_peft_model(base, config).eval()
+    items = sample_items(char_tokenizer)[:3]
+    expected = [reference_scores(model, item) for item in items]
+    with model.disable_adapter():
+        without = [reference_scores(model, item) for item in items]
+    assert max((a - b).abs().max().item() for a, b in zip(expected, without)) > 1e-3
+    assert_every_path_matches(model, items, expected)
+
+
+def test_encode_answer_scores_the_answer_tokens(tokenizers):
+    for tokenizer in tokenizers.values():
+        block = encode_answer(tokenizer, SCAFFOLD, "57")
+        assert tokenizer.decode(list(block.ids)) == SCAFFOLD + "57"
+        start, end = block.scored
+        assert end == len(block.ids) and 0 < start < end
+        assert tokenizer.decode(list(block.ids[start:])).endswith("57")
+        assert "57" not in tokenizer.decode(list(block.ids[:start]))
+
+
+# ------------------------------------------------------------------------------------------------------ fallback
+def _register_mask_free_attention(name: str):
+    """An attention implementation other than sdpa/eager (as flash-attention-2 is), runnable on the CPU."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(name, sdpa_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def test_fallback_for_an_attention_implementation_without_4d_masks(char_tokenizer, caplog):
+    model = build_tiny_model(char_tokenizer, "llama").float().eval()
+    items = sample_items(char_tokenizer)
+    expected = [reference_scores(model, item) for item in items]
+    _register_mask_free_attention("varlen_only_test_attention")
+    model.config._attn_implementation = "varlen_only_test_attention"
+    scorer = StepLikelihoodScorer("auto", batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="trl_mig.scoring"):
+        first = scorer.score(model, items)
+        second = scorer.score(model, items)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "trl_mig.scoring"]
+    assert len(warnings) == 1 and "varlen_only_test_attention" in warnings[0] and "prefix" in warnings[0]
+    assert_scores_close(first, expected)
+    assert_scores_close(second, expected)
+    with pytest.raises(ValueError, match="varlen_only_test_attention"):
+        StepLikelihoodScorer("block").score(model, items)
+
+
+def test_flash_attention_and_hybrid_layers_cannot_take_the_block_mask(char_tokenizer):
+    model = build_tiny_model(char_tokenizer, "qwen2")
+    assert block_mask_unsupported_reason(model) is None
+    model.config._attn_implementation_internal = "flash_attention_2"
+    assert "flash_attention_2" in block_mask_unsupported_reason(model)
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        StepLikelihoodScorer("block").resolve_method(model)
+    model.config._attn_implementation_internal = "sdpa"
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "linear_attention" in block_mask_unsupported_reason(model)
+
+
+def test_fallback_for_sliding_window_attention(char_tokenizer, caplog, monkeypatch):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0,
+        pad_token_id=char_tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    items = sample_items(char_tokenizer)
+    expected = [reference_scores(model, item) for item in items]  # the window is real: prefixes exceed 8 tokens
+    with caplog.at_level(logging.WARNING, logger="trl_mig.scoring"):
+        got = StepLikelihoodScorer("auto").score(model, items)
+    assert any("sliding-window" in record.getMessage() for record in caplog.records)
+    assert_scores_close(got, expected)
+    with pytest.raises(ValueError, match="sliding-window"):
+        StepLikelihoodScorer("block").score(model, items)
+    # the fallback matters: a block mask would bypass the window and give other numbers
+    monkeypatch.setattr("trl_mig.scoring.block_mask_unsupported_reason", lambda model: None)
+    wrong = StepLikelihoodScorer("block").score(model, items)
+    assert max((a - b).abs().max().item() for a, b in zip(wrong, expected)) > 1e-3
+
+
+def test_split_attention_not_routed_falls_back_to_the_full_mask(char_tokenizer, monkeypatch, caplog):
+    """A model whose attention ignores `config._attn_implementation` fails loudly on the split mask, then is exact."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.qwen2 import modeling_qwen2
+
+    model = build_tiny_model(char_tokenizer, "qwen2").float().eval()
+    items = sample_items(char_tokenizer)
+    expected = [reference_scores(model, item) for item in items]
+    monkeypatch.setattr(modeling_qwen2.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *_: sdpa_attention_forward)
+    asked = []
+    scorer = StepLikelihoodScorer("block", batch_size=8, sync_forward_count=lambda n: asked.append(n) or n)
+    counter = ForwardCounter(model)
+    with caplog.at_level(logging.WARNING, logger="trl_mig.scoring"):
+        got = scorer.score(model, items)
+    counter.handle.remove()
+    assert any("cannot split attention" in record.getMessage() for record in caplog.records)
+    assert_scores_close(got, expected)
+    assert model.config._attn_implementation == "sdpa" and not scorer.split_attention
+    # the failed forward counts: the other ranks are told about every forward this one started
+    assert counter.count == 2 and asked == [2] and scorer.forward_count == 2
+
+
+def test_split_attention_mask_covers_only_the_copies(char_tokenizer, tiny_model):
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer)
+    seen = []
+    layer = model.model.layers[0].self_attn
+    handle = layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            (tuple(kwargs["attention_mask"].shape), kwargs["hidden_states"].shape[1])
+        ),
+        with_kwargs=True,
+    )
+    StepLikelihoodScorer("block", batch_size=8).score(model, items)
+    StepLikelihoodScorer("block", batch_size=8, split_attention=False).score(model, items)
+    handle.remove()
+    (split_mask, width), (full_mask, full_width) = seen
+    assert width == full_width and full_mask[-2:] == (width, width)
+    # the split mask covers only the copy queries: all but the shared part (longest prompt + completion[:b_K])
+    shared = max(len(item.prompt_ids) + item.boundaries[-1] for item in items)
+    assert split_mask == (len(items), 1, width - shared, width)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_implementation_restored_after_an_error(tiny_model, char_tokenizer):
+    model = tiny_model.eval()
+
+    def boom(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.model.norm.register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        StepLikelihoodScorer("block").score(model, sample_items(char_tokenizer))
+    handle.remove()
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------------- forward count and memory
+@pytest.mark.parametrize("method", ["block", "prefix"])
+def test_forward_count_is_planned_and_synchronised(char_tokenizer, tiny_model, method):
+    """Under ZeRO-3 every rank must run the same number of forwards: the scorer pads up to the synchronised count."""
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer)
+    rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
+    asked = []
+
+    def sync(count):
+        asked.append(count)
+        return count + 3  # another rank has more rows
+
+    scorer = StepLikelihoodScorer(method, batch_size=2, sync_forward_count=sync)
+    counter = ForwardCounter(model)
+    expected = -(-rows // 2)
+    scores = scorer.score(model, items)
+    assert asked == [expected] and counter.count == expected + 3 and scorer.forward_count == expected + 3
+    # deterministic given the items: same plan whatever the order, and the same scores
+    reordered = scorer.score(model, items[::-1])
+    assert asked == [expected, expected] and counter.count == 2 * (expected + 3)
+    assert_scores_close(reordered[::-1], scores)
+    # a rank with nothing to score still runs the synchronised count
+    assert scorer.score(model, []) == [] and asked[-1] == 0 and counter.count == 2 * (expected + 3) + 3
+    counter.handle.remove()
+
+
+def test_no_sync_runs_exactly_the_plan(char_tokenizer, tiny_model):
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer) * 3
+    scorer = StepLikelihoodScorer("block", batch_size=4)
+    counter = ForwardCounter(model)
+    scorer.score(model, items)
+    counter.handle.remove()
+    assert counter.count == scorer.plan(items, "block") == 4
+
+
+def test_rows_per_forward_bounded_by_the_batch_size(char_tokenizer, tiny_model):
+    """The largest input a forward sees does not grow with the number of completions scored in one call."""
+    model = tiny_model.eval()
+    item = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS, ["57", "3"])
+    largest = {}
+    for n in (2, 12):
+        for method in ("block", "prefix"):
+            counter = ForwardCounter(model)
+            StepLikelihoodScorer(method, batch_size=2).score(model, [item] * n)
+            counter.handle.remove()
+            assert all(rows <= 2 for rows, _ in counter.shapes)
+            largest[n, method] = max(rows * width for rows, width in counter.shapes)
+    assert largest[2, "block"] == largest[12, "block"] and largest[2, "prefix"] == largest[12, "prefix"]
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def test_invalid_inputs(char_tokenizer, tiny_model):
+    block = AnswerBlock((5, 6), (1, 2))
+    with pytest.raises(ValueError, match="answer variant"):
+        StepLikelihoodScorer().score(tiny_model, [ScoringItem([3], [4], [0], [])])
+    with pytest.raises(ValueError, match="empty prompt"):
+        StepLikelihoodScorer().score(tiny_model, [ScoringItem([], [4], [0], [block])])
+    with pytest.raises(ValueError, match="must lie in"):
+        StepLikelihoodScorer().score(tiny_model, [ScoringItem([3], [4, 5], [0, 3], [block])])
+    with pytest.raises(ValueError, match="scoring method"):
+        StepLikelihoodScorer("fast")
+    with pytest.raises(ValueError, match="batch size"):
+        StepLikelihoodScorer(batch_size=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        encode_answer(char_tokenizer, SCAFFOLD, "  ")
+
+
+def test_first_answer_token_predicted_from_the_prefix(char_tokenizer, tiny_model):
+    """Empty scaffold: the first answer token is predicted by the last token of the prefix itself."""
+    model = tiny_model.eval()
+    block = encode_answer(char_tokenizer, "", "57")
+    assert block.scored == (0, 2)
+    item = ScoringItem(encode(char_tokenizer, "Q"), encode(char_tokenizer, "<think>ab"), [0, 1, 3], [block])
+    assert_every_path_matches(model, [item], [reference_scores(model, item)])
