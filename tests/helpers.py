@@ -3,7 +3,12 @@ The fixtures that wrap them live in conftest.py."""
 
 from __future__ import annotations
 
-from trl_mig import MIGConfig
+import torch
+from datasets import Dataset
+
+from trl_mig import MIGConfig, MIGGRPOTrainer
+from trl_mig.builtin.tiny import build_tiny_model
+from trl_mig.scoring import ScoringItem, StepLikelihoodScorer
 
 BPE_CORPUS = [
     "<think>### Step 1\n12+7=19\n### Step 2\n19*3=57\n</think>\n<answer>57</answer>",
@@ -112,3 +117,85 @@ def multiply_tool(a: int, b: int) -> int:
         The product of the two integers.
     """
     return a * b
+
+
+# ------------------------------------------------------------------------------ a trainer on scripted completions
+SCAFFOLD = "\n</think>\n<answer>"
+PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
+SOLUTIONS = ["20", "6"]
+# four scripted completions per prompt: correct with steps, wrong, truncated, correct without step headers
+SCRIPT = {
+    PROMPTS[0]: [
+        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=20\n</think>\n<answer>20</answer>",
+        "<think>### Step 1\n2+3=6\n### Step 2\n6*4=24\n</think>\n<answer>24</answer>",
+        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=",
+        "<think>2+3=5\n\n5*4=20</think>\n<answer>20</answer>",
+    ],
+    # identical completions: zero spread in both rewards, so zero advantages
+    PROMPTS[1]: ["<think>### Step 1\n7-1=6\n</think>\n<answer>6</answer>"] * 4,
+}
+OUTCOME = {PROMPTS[0]: [2.0, 1.0, 0.0, 1.0], PROMPTS[1]: [2.0] * 4}  # accuracy + step format
+
+
+def scripted_batch():
+    return [{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS) for _ in range(4)]
+
+
+def make_trainer(tmp_path, tokenizer, model=None, rollout=None, dataset=None, **overrides):
+    model = model if model is not None else build_tiny_model(tokenizer).float()
+    dataset = dataset if dataset is not None else Dataset.from_list(scripted_batch())
+    trainer = MIGGRPOTrainer(
+        model,
+        args=cpu_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        rollout_func=rollout or scripted_rollout(SCRIPT),
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+# ----------------------------------------------------------- the scorer against plain per-prefix teacher forcing
+ATOL = 1e-4
+
+
+@torch.no_grad()
+def reference_scores(model, item: ScoringItem) -> torch.Tensor:
+    """l_0..l_K by one plain forward per prefix and variant; (K+1,) float32."""
+    per_variant = []
+    for block in item.answers:
+        values = []
+        for boundary in item.boundaries:
+            prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
+            logps = model(input_ids=torch.tensor([prefix + list(block.ids)])).logits[0].float().log_softmax(-1)
+            scored = range(*block.scored)
+            values.append(sum(logps[len(prefix) + m - 1, block.ids[m]].item() for m in scored) / len(scored))
+        per_variant.append(values)
+    return torch.tensor(per_variant).max(dim=0).values
+
+
+def assert_scores_close(got, expected):
+    assert len(got) == len(expected)
+    for value, ref in zip(got, expected):
+        assert value.shape == ref.shape
+        torch.testing.assert_close(value, ref, atol=ATOL, rtol=0)
+
+
+def scorers():
+    """Every exact path: block with split attention (sdpa only), block with the full mask, prefix."""
+    return {
+        "block-split": StepLikelihoodScorer("block", batch_size=2),
+        "block-full": StepLikelihoodScorer("block", batch_size=2, split_attention=False),
+        "prefix": StepLikelihoodScorer("prefix", batch_size=3),
+    }
+
+
+def assert_every_path_matches(model, items, expected):
+    """All three paths equal the reference; with sdpa the split path really ran (no silent fall-back)."""
+    paths = scorers()
+    for scorer in paths.values():
+        assert_scores_close(scorer.score(model, items), expected)
+    sdpa = model.config._attn_implementation == "sdpa"
+    assert paths["block-split"]._split_verified == sdpa and paths["block-split"].split_attention
+    assert not paths["block-full"]._split_verified

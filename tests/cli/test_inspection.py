@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer import PROMPTS, SCRIPT, SOLUTIONS, make_trainer, scripted_batch
+from helpers import PROMPTS, SCRIPT, SOLUTIONS, make_trainer, scripted_batch
 from trl_mig import hwm_gains, inspect_completion
 from trl_mig.cli.main import main
 from trl_mig.render import render_html, render_png, write_html

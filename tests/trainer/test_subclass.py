@@ -9,8 +9,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from helpers import cpu_config, scripted_rollout
-from test_trainer import SCRIPT, make_trainer, scripted_batch
+from helpers import SCRIPT, cpu_config, make_trainer, scripted_batch, scripted_rollout
 from trl_mig import MIGConfig, MIGGRPOTrainer, MIGMixin, mig_config_class, mig_trainer_class
 from trl_mig.builtin.tiny import build_tiny_model
 

@@ -9,47 +9,21 @@ import torch
 from datasets import Dataset
 from trl import GRPOTrainer
 
-from helpers import cpu_config, scripted_rollout
+from helpers import (
+    OUTCOME,
+    PROMPTS,
+    SCAFFOLD,
+    SCRIPT,
+    SOLUTIONS,
+    cpu_config,
+    make_trainer,
+    scripted_batch,
+    scripted_rollout,
+)
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-
-SCAFFOLD = "\n</think>\n<answer>"
-PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
-SOLUTIONS = ["20", "6"]
-# four scripted completions per prompt: correct with steps, wrong, truncated, correct without step headers
-SCRIPT = {
-    PROMPTS[0]: [
-        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=20\n</think>\n<answer>20</answer>",
-        "<think>### Step 1\n2+3=6\n### Step 2\n6*4=24\n</think>\n<answer>24</answer>",
-        "<think>### Step 1\n2+3=5\n### Step 2\n5*4=",
-        "<think>2+3=5\n\n5*4=20</think>\n<answer>20</answer>",
-    ],
-    # identical completions: zero spread in both rewards, so zero advantages
-    PROMPTS[1]: ["<think>### Step 1\n7-1=6\n</think>\n<answer>6</answer>"] * 4,
-}
-OUTCOME = {PROMPTS[0]: [2.0, 1.0, 0.0, 1.0], PROMPTS[1]: [2.0] * 4}  # accuracy + step format
-
-
-def scripted_batch():
-    return [{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS) for _ in range(4)]
-
-
-def make_trainer(tmp_path, tokenizer, model=None, rollout=None, dataset=None, **overrides):
-    model = model if model is not None else build_tiny_model(tokenizer).float()
-    dataset = dataset if dataset is not None else Dataset.from_list(scripted_batch())
-    trainer = MIGGRPOTrainer(
-        model,
-        args=cpu_config(tmp_path, **overrides),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        rollout_func=rollout or scripted_rollout(SCRIPT),
-    )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
-
 
 def reference_logliks(model, tokenizer, prompt, completion, solution):
     """l_0..l_K by separate plain forwards over each prefix; step boundaries found by hand from the text."""

@@ -20,10 +20,9 @@ from trl_mig.scoring import (
 )
 from trl_mig.builtin.tiny import build_tiny_model
 
-from helpers import build_bpe_tokenizer, build_metaspace_tokenizer
+from helpers import build_bpe_tokenizer, build_metaspace_tokenizer, ATOL, reference_scores, assert_scores_close, assert_every_path_matches
 
 SCAFFOLD = "\n</think>\n<answer>"
-ATOL = 1e-4
 
 PROMPTS = ["Compute (12+7)*3.", "5-2?", "Q"]
 STEP_TEXTS = ["### Step 1\n12+7=19\n", "### Step 2\n19*3=57\n", "### Step 3\nso 57\n"]
@@ -59,47 +58,6 @@ def sample_items(tokenizer) -> list[ScoringItem]:
         make_item(tokenizer, PROMPTS[0], STEP_TEXTS, ["57", "fifty-seven"], tail=""),  # truncated: no close tag
         make_item(tokenizer, PROMPTS[1], STEP_TEXTS[1:], ["57"], head="", tail="junk after the thought"),  # b_0 = 0
     ]
-
-
-@torch.no_grad()
-def reference_scores(model, item: ScoringItem) -> torch.Tensor:
-    """l_0..l_K by one plain forward per prefix and variant; (K+1,) float32."""
-    per_variant = []
-    for block in item.answers:
-        values = []
-        for boundary in item.boundaries:
-            prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
-            logps = model(input_ids=torch.tensor([prefix + list(block.ids)])).logits[0].float().log_softmax(-1)
-            scored = range(*block.scored)
-            values.append(sum(logps[len(prefix) + m - 1, block.ids[m]].item() for m in scored) / len(scored))
-        per_variant.append(values)
-    return torch.tensor(per_variant).max(dim=0).values
-
-
-def assert_scores_close(got, expected):
-    assert len(got) == len(expected)
-    for value, ref in zip(got, expected):
-        assert value.shape == ref.shape
-        torch.testing.assert_close(value, ref, atol=ATOL, rtol=0)
-
-
-def scorers():
-    """Every exact path: block with split attention (sdpa only), block with the full mask, prefix."""
-    return {
-        "block-split": StepLikelihoodScorer("block", batch_size=2),
-        "block-full": StepLikelihoodScorer("block", batch_size=2, split_attention=False),
-        "prefix": StepLikelihoodScorer("prefix", batch_size=3),
-    }
-
-
-def assert_every_path_matches(model, items, expected):
-    """All three paths equal the reference; with sdpa the split path really ran (no silent fall-back)."""
-    paths = scorers()
-    for scorer in paths.values():
-        assert_scores_close(scorer.score(model, items), expected)
-    sdpa = model.config._attn_implementation == "sdpa"
-    assert paths["block-split"]._split_verified == sdpa and paths["block-split"].split_attention
-    assert not paths["block-full"]._split_verified
 
 
 class ForwardCounter:

@@ -14,8 +14,7 @@ from trl_mig.scoring import ScoringItem, encode_answer
 from trl_mig.segmentation import FormatSpec, Turn, segment_completion, segment_turns, split_turns, step_ids_tensor
 from trl_mig.builtin.tiny import build_tiny_model
 
-from helpers import build_bpe_tokenizer, cpu_config
-from test_scoring import SCAFFOLD, assert_every_path_matches, reference_scores
+from helpers import SCAFFOLD, assert_every_path_matches, build_bpe_tokenizer, cpu_config, reference_scores
 
 MODEL, TOOL = 1, 0
 

@@ -32,6 +32,9 @@ from .train import train_command
 
 
 def builtins_command(argv: list[str]) -> int:
+    if argv:
+        print("usage: trl-mig builtins\n\nLists the builtin: datasets and models, and the cache of built-in models.")
+        return 0 if argv[0] in ("-h", "--help") else 2
     print("Built-in datasets (dataset_name / --dataset):")
     for name, text in BUILTIN_DATASETS.items():
         print(f"  {BUILTIN_PREFIX}{name:<22} {text}")
