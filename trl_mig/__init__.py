@@ -1,7 +1,7 @@
 """trl-mig: Step-wise Marginal Information Gain (MIG) process credit for TRL's GRPOTrainer."""
 
 from .callbacks import HeldOutAccuracyCallback
-from .config import MIGConfig, mig_config_class
+from .config import MIGConfig, MIGSettings, mig_config_class
 from .credit import (
     gated_sft_loss,
     hwm_gains,
@@ -28,6 +28,7 @@ __all__ = [
     "MIGConfig",
     "MIGGRPOTrainer",
     "MIGMixin",
+    "MIGSettings",
     "StepCredit",
     "StepFormatReward",
     "StepLikelihoodScorer",

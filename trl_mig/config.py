@@ -1,11 +1,11 @@
-"""`MIGConfig`: every `GRPOConfig` option, plus the MIG fields."""
+"""`MIGSettings`: every MIG setting, declared and validated once; `MIGConfig`: every `GRPOConfig` option plus them."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -18,12 +18,16 @@ STEP_FALLBACKS = ("paragraph", "line", "none")
 SCORING_METHODS = ("auto", "block", "prefix")
 ANSWER_MATCHES = ("math", "exact")
 TURN_STEP_MODES = ("auto", "always", "never")
+# a Markdown step header: "### Step 1", "## Step 2", "#Step3"
+DEFAULT_STEP_PATTERN = r"#+[ \t]*Step[ \t]*\d+"
 
 
 @dataclass
-class MIGConfig(GRPOConfig):
+class MIGSettings:
     r"""
-    Configuration of [`MIGGRPOTrainer`]. It accepts every [`~trl.GRPOConfig`] option and adds the fields below.
+    Every MIG setting, declared once: [`MIGConfig`] adds these fields to [`~trl.GRPOConfig`], and [`FormatSpec`],
+    [`CreditSettings`] and the `trl-mig eval` / `trl-mig inspect` arguments are derived from them. Construction
+    validates every field (`ValueError` naming the field).
 
     Ground truth and format:
         solution_column (`str`, defaults to `"solution"`): dataset column holding the ground-truth answer `y*`,
@@ -98,7 +102,7 @@ class MIGConfig(GRPOConfig):
     )
     think_close_tag: str = field(default="</think>", metadata={"help": "Tag that closes the chain of thought."})
     step_pattern: str = field(
-        default=r"#+[ \t]*Step[ \t]*\d+",
+        default=DEFAULT_STEP_PATTERN,
         metadata={"help": "Regular expression of a step header; each match starts a new step."},
     )
     step_fallback: str = field(
@@ -216,89 +220,129 @@ class MIGConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        validate_mig_fields(self)
+        # cooperative: in MIGConfig the next class is GRPOConfig, whose own checks run before the MIG ones
+        next_post_init = getattr(super(), "__post_init__", None)
+        if next_post_init is not None:
+            next_post_init()
+        self.validate()
+
+    @classmethod
+    def from_config(cls, config=None, **overrides):
+        """
+        The settings of `config`: a `MIGConfig`, another settings object, the arguments of a command, or any object
+        with some of the field names (the others keep their defaults); None gives the defaults. `overrides` win.
+        Validated like a `MIGConfig`.
+        """
+        names = [f.name for f in fields(cls) if f.init]
+        values = {name: getattr(config, name) for name in names if config is not None and hasattr(config, name)}
+        return cls(**{**values, **overrides})
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the field (`<class>.<field>`) for the first invalid setting."""
+        owner = type(self).__name__
+        for name in ("mig_weight", "outcome_weight", "sft_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+        if self.mig_weight == 0 and self.outcome_weight == 0:
+            raise ValueError(f"{owner}.mig_weight and {owner}.outcome_weight are both 0: no token gets an advantage.")
+        for name, choices in (
+            ("mig_credit", CREDIT_MODES),
+            ("mig_gain", GAIN_KINDS),
+            ("mig_token_scope", TOKEN_SCOPES),
+            ("mig_scale_rewards", MIG_SCALINGS),
+            ("mig_likelihood_model", LIKELIHOOD_MODELS),
+            ("step_fallback", STEP_FALLBACKS),
+            ("mig_scoring_method", SCORING_METHODS),
+            ("answer_match", ANSWER_MATCHES),
+            ("mig_turn_steps", TURN_STEP_MODES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{owner}.{name}={value!r} is not one of {list(choices)}.")
+        self._compiled_pattern("step_pattern")
+        if self._compiled_pattern("answer_pattern").groups < 1:
+            raise ValueError(
+                f"{owner}.answer_pattern={self.answer_pattern!r} needs a capture group around the answer, "
+                r"e.g. r'<answer>(.*?)</answer>'."
+            )
+        for name in ("think_close_tag", "solution_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{owner}.{name} must be a non-empty string, got {getattr(self, name)!r}.")
+        if not isinstance(self.think_open_tag, str):
+            raise ValueError(f"{owner}.think_open_tag must be a string, got {self.think_open_tag!r}.")
+        if not isinstance(self.mig_scaffold, str) or not self.mig_scaffold:
+            raise ValueError(
+                f"{owner}.mig_scaffold must be a non-empty string (it closes the thought and opens the answer), "
+                f"got {self.mig_scaffold!r}."
+            )
+        if "{answer}" in self.mig_scaffold:
+            raise ValueError(
+                f"{owner}.mig_scaffold is the text placed before the answer and has no answer slot: remove "
+                f"'{{answer}}' from {self.mig_scaffold!r}."
+            )
+        for name in ("mig_max_steps", "mig_scoring_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{owner}.{name} must be an integer >= 1, got {value!r}.")
+        threshold = self.sft_correctness_threshold
+        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"{owner}.sft_correctness_threshold must be a finite number, got {threshold!r}.")
+
+    def _compiled_pattern(self, name: str) -> re.Pattern:
+        pattern = getattr(self, name)
+        owner = type(self).__name__
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{owner}.{name} must be a non-empty regular expression, got {pattern!r}.")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{owner}.{name}={pattern!r} is not a valid regular expression: {err}.") from None
+        if compiled.fullmatch(""):
+            raise ValueError(f"{owner}.{name}={pattern!r} matches the empty string, so it would match everywhere.")
+        return compiled
+
+
+@dataclass
+class MIGConfig(MIGSettings, GRPOConfig):
+    """
+    Configuration of [`MIGGRPOTrainer`]: every [`~trl.GRPOConfig`] option plus the MIG settings, whose fields,
+    defaults and validation are those of [`MIGSettings`] (documented there). The GRPO fields come first, as in
+    `--help`.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()  # GRPOConfig's checks, then MIGSettings.validate
+        if self.remove_unused_columns:  # a GRPOConfig field, so checked here
+            raise ValueError(
+                f"{type(self).__name__}.remove_unused_columns=True would drop the ground-truth column "
+                f"{self.solution_column!r} that MIG scores; set it to False."
+            )
 
 
 def mig_field_names() -> tuple[str, ...]:
-    """The fields MIGConfig adds to GRPOConfig."""
-    inherited = {f.name for f in fields(GRPOConfig)}
-    return tuple(f.name for f in fields(MIGConfig) if f.name not in inherited)
+    """The MIG settings: the fields [`MIGSettings`] declares and MIGConfig adds to GRPOConfig."""
+    return tuple(f.name for f in fields(MIGSettings))
 
 
-def _choice(config, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise ValueError(f"MIGConfig.{name}={value!r} is not one of {list(choices)}.")
-
-
-def _compile(config, name: str) -> re.Pattern:
-    pattern = getattr(config, name)
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"MIGConfig.{name} must be a non-empty regular expression, got {pattern!r}.")
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"MIGConfig.{name}={pattern!r} is not a valid regular expression: {err}.") from None
-    if compiled.fullmatch(""):
-        raise ValueError(f"MIGConfig.{name}={pattern!r} matches the empty string, so it would match everywhere.")
-    return compiled
-
-
-def validate_mig_fields(config) -> None:
-    """Raise a `ValueError` naming the field for every invalid MIG setting."""
-    for name in ("mig_weight", "outcome_weight", "sft_weight"):
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"MIGConfig.{name} must be a finite number >= 0, got {value!r}.")
-    if config.mig_weight == 0 and config.outcome_weight == 0:
-        raise ValueError("MIGConfig.mig_weight and MIGConfig.outcome_weight are both 0: no token gets an advantage.")
-    _choice(config, "mig_credit", CREDIT_MODES)
-    _choice(config, "mig_gain", GAIN_KINDS)
-    _choice(config, "mig_token_scope", TOKEN_SCOPES)
-    _choice(config, "mig_scale_rewards", MIG_SCALINGS)
-    _choice(config, "mig_likelihood_model", LIKELIHOOD_MODELS)
-    _choice(config, "step_fallback", STEP_FALLBACKS)
-    _choice(config, "mig_scoring_method", SCORING_METHODS)
-    _choice(config, "answer_match", ANSWER_MATCHES)
-    if hasattr(config, "mig_turn_steps"):  # the settings of `trl-mig inspect`, which reads text only, have none
-        _choice(config, "mig_turn_steps", TURN_STEP_MODES)
-    _compile(config, "step_pattern")
-    if _compile(config, "answer_pattern").groups < 1:
-        raise ValueError(
-            f"MIGConfig.answer_pattern={config.answer_pattern!r} needs a capture group around the answer, "
-            r"e.g. r'<answer>(.*?)</answer>'."
-        )
-    for name in ("think_close_tag", "solution_column"):
-        if not isinstance(getattr(config, name), str) or not getattr(config, name):
-            raise ValueError(f"MIGConfig.{name} must be a non-empty string, got {getattr(config, name)!r}.")
-    if not isinstance(config.think_open_tag, str):
-        raise ValueError(f"MIGConfig.think_open_tag must be a string, got {config.think_open_tag!r}.")
-    if not isinstance(config.mig_scaffold, str) or not config.mig_scaffold:
-        raise ValueError(
-            f"MIGConfig.mig_scaffold must be a non-empty string (it closes the thought and opens the answer), "
-            f"got {config.mig_scaffold!r}."
-        )
-    if "{answer}" in config.mig_scaffold:
-        raise ValueError(
-            "MIGConfig.mig_scaffold is the text placed before the answer and has no answer slot: remove '{answer}' "
-            f"from {config.mig_scaffold!r}."
-        )
-    for name in ("mig_max_steps", "mig_scoring_batch_size"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"MIGConfig.{name} must be an integer >= 1, got {value!r}.")
-    if not isinstance(config.sft_correctness_threshold, (int, float)) or not math.isfinite(
-        config.sft_correctness_threshold
-    ):
-        raise ValueError(
-            f"MIGConfig.sft_correctness_threshold must be a finite number, got {config.sft_correctness_threshold!r}."
-        )
-    if config.remove_unused_columns:
-        raise ValueError(
-            "MIGConfig.remove_unused_columns=True would drop the ground-truth column "
-            f"{config.solution_column!r} that MIG scores; set it to False."
-        )
+def field_like(owner: type, name: str, *, default=MISSING, help: str | None = None) -> Field:
+    """
+    A new dataclass field declared like the field `name` of the dataclass `owner` (e.g. [`MIGSettings`] or
+    `GRPOConfig`): same default and the same `help` and `choices` metadata, so that the arguments of a command carry
+    the declaration instead of a copy of it. `default` and `help` replace the owner's.
+    """
+    declared = {f.name: f for f in fields(owner)}
+    if name not in declared:
+        raise ValueError(f"{owner.__name__} has no field {name!r}.")
+    source = declared[name]
+    metadata = {key: value for key, value in source.metadata.items() if key in ("help", "choices")}
+    if help is not None:
+        metadata["help"] = help
+    if default is not MISSING:
+        return field(default=default, metadata=metadata)
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=source.default, metadata=metadata)
 
 
 @functools.lru_cache(maxsize=None)

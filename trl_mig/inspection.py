@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
+from trl import GRPOConfig
 
-from .config import MIGConfig
+from .config import MIG_SCALINGS, MIGSettings, field_like
 from .credit import hwm_gains, mig_advantages, normalize_rewards, per_token_advantages, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
@@ -131,53 +132,52 @@ def _num(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- settings
-# the MIGConfig / GRPOConfig settings the credit depends on besides the format, with MIGConfig's defaults
-_SETTING_NAMES = (
-    "solution_column", "mig_scaffold", "mig_gain", "mig_credit", "mig_token_scope", "mig_scale_rewards", "mig_weight",
-    "outcome_weight", "mig_max_steps", "mig_scoring_method", "mig_scoring_batch_size", "scale_rewards",
-    "reward_weights", "sft_weight", "sft_correctness_threshold", "mig_turn_steps",
-)
-_MIG_DEFAULTS = {f.name: f.default for f in fields(MIGConfig) if f.name in _SETTING_NAMES}
+# TRL's ways of combining several reward functions (GRPOConfig.multi_objective_aggregation)
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
-@dataclass(frozen=True)
-class CreditSettings:
-    """What `inspect_completion` reads from a `MIGConfig` (or from any object with those attributes)."""
+@dataclass
+class CreditSettings(MIGSettings):
+    """
+    What `inspect_completion` reads: every [`MIGSettings`] field plus the `GRPOConfig` fields that change the
+    advantages (`scale_rewards`, `reward_weights`, `multi_objective_aggregation`, with GRPOConfig's defaults).
+    `spec` is the [`FormatSpec`] of the format fields. Validated like a `MIGConfig`.
+    """
 
-    spec: FormatSpec
-    solution_column: str
-    mig_scaffold: str
-    mig_gain: str
-    mig_credit: str
-    mig_token_scope: str
-    mig_scale_rewards: str
-    mig_weight: float
-    outcome_weight: float
-    mig_scoring_method: str
-    mig_scoring_batch_size: int
-    scale_rewards: str
-    reward_weights: tuple[float, ...] | None
-    sft_weight: float
-    sft_correctness_threshold: float
-    mig_turn_steps: str = "auto"
+    scale_rewards: str = field_like(GRPOConfig, "scale_rewards")
+    reward_weights: tuple[float, ...] | None = field_like(GRPOConfig, "reward_weights")
+    multi_objective_aggregation: str = field_like(GRPOConfig, "multi_objective_aggregation")
+
+    def __post_init__(self):
+        # as GRPOConfig reads them: True / False mean "group" / "none", weights are floats
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.reward_weights is not None:
+            self.reward_weights = tuple(float(w) for w in self.reward_weights)
+        super().__post_init__()
+        owner = type(self).__name__
+        if self.scale_rewards not in MIG_SCALINGS:  # MIG's reward scalings are GRPO's
+            raise ValueError(f"{owner}.scale_rewards={self.scale_rewards!r} is not one of {list(MIG_SCALINGS)}.")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(
+                f"{owner}.multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
+                f"{list(MULTI_OBJECTIVE_AGGREGATIONS)}."
+            )
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FormatSpec.from_config(self)
 
     @classmethod
     def from_config(cls, config=None, **overrides) -> CreditSettings:
-        """From a `MIGConfig`, a `FormatSpec` (the other settings at their `MIGConfig` defaults), None (all defaults),
-        or any object with `MIGConfig`'s attribute names; `overrides` win."""
-        if isinstance(config, CreditSettings):
-            values = {f.name: getattr(config, f.name) for f in fields(cls)}
-        elif isinstance(config, FormatSpec) or config is None:
-            values = {"spec": config or FormatSpec(), **_MIG_DEFAULTS}
-            values["mig_max_steps"] = values["spec"].max_steps
-        else:
-            values = {name: getattr(config, name, default) for name, default in _MIG_DEFAULTS.items()}
-            values["spec"] = FormatSpec.from_config(config)
-        values.update(overrides)
-        values.pop("mig_max_steps", None)  # part of the spec
-        weights = values["reward_weights"]
-        values["reward_weights"] = tuple(float(w) for w in weights) if weights is not None else None
-        return cls(**values)
+        """From a `MIGConfig`, a `FormatSpec` (the other settings at their defaults), a `CreditSettings`, None (all
+        defaults), or any object with some of `MIGConfig`'s attribute names (the others at their defaults);
+        `overrides` win, a `spec=` override standing for its format fields."""
+        if isinstance(config, FormatSpec):
+            config, overrides = None, {"spec": config, **overrides}
+        spec = overrides.pop("spec", None)
+        if spec is not None:
+            overrides = {**spec.to_settings(), **overrides}
+        return super().from_config(config, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------------- inspection

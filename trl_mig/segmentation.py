@@ -19,41 +19,53 @@ import bisect
 import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import torch
 
-from .config import ANSWER_MATCHES
+from .config import ANSWER_MATCHES, MIGSettings
 from .credit import NOT_COT
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _LINE_BREAK = re.compile(r"\n\s*")
 
 
+# MIGSettings' declaration gives FormatSpec its defaults; `max_steps` is the one field under another name there
+_DEFAULT = {f.name: f.default for f in fields(MIGSettings)}
+_SETTING_NAME = {"max_steps": "mig_max_steps"}
+
+
 @dataclass(frozen=True)
 class FormatSpec:
-    """The completion format MIG reads: tags, step headers, answer pattern, fallback and step cap."""
+    """The completion format MIG reads: tags, step headers, answer pattern, fallback and step cap.
 
-    think_open_tag: str = "<think>"
-    think_close_tag: str = "</think>"
-    step_pattern: str = r"#+[ \t]*Step[ \t]*\d+"
-    answer_pattern: str = r"<answer>(.*?)</answer>"
-    step_fallback: str = "paragraph"
-    max_steps: int = 16
-    answer_match: str = "math"  # how an answer is compared with the ground truth: "math" (math-verify) or "exact"
+    The fields are [`MIGSettings`]' format fields (`max_steps` is `mig_max_steps`), with their defaults.
+    """
+
+    think_open_tag: str = _DEFAULT["think_open_tag"]
+    think_close_tag: str = _DEFAULT["think_close_tag"]
+    step_pattern: str = _DEFAULT["step_pattern"]
+    answer_pattern: str = _DEFAULT["answer_pattern"]
+    step_fallback: str = _DEFAULT["step_fallback"]
+    max_steps: int = _DEFAULT["mig_max_steps"]
+    answer_match: str = _DEFAULT["answer_match"]  # how an answer is compared with the ground truth: "math" or "exact"
 
     @classmethod
-    def from_config(cls, args) -> FormatSpec:
-        return cls(
-            think_open_tag=args.think_open_tag,
-            think_close_tag=args.think_close_tag,
-            step_pattern=args.step_pattern,
-            answer_pattern=args.answer_pattern,
-            step_fallback=args.step_fallback,
-            max_steps=args.mig_max_steps,
-            answer_match=getattr(args, "answer_match", "math"),
-        )
+    def from_config(cls, config, **overrides) -> FormatSpec:
+        """The format of a `MIGConfig`, a [`MIGSettings`], the arguments of a command, or any object with some of
+        MIGSettings' names (`mig_max_steps` for `max_steps`; the others keep their defaults). `overrides` (FormatSpec
+        names) win."""
+        values = {
+            f.name: getattr(config, _SETTING_NAME.get(f.name, f.name))
+            for f in fields(cls)
+            if hasattr(config, _SETTING_NAME.get(f.name, f.name))
+        }
+        return cls(**{**values, **overrides})
+
+    def to_settings(self) -> dict:
+        """The spec's fields under their [`MIGSettings`] names (`max_steps` as `mig_max_steps`)."""
+        return {_SETTING_NAME.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
 
     def __post_init__(self):
         if self.answer_match not in ANSWER_MATCHES:

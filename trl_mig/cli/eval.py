@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import TrlParser
 
 from ..builtin import BUILTIN_PREFIX, TOOL_TASK_DATASETS, BuiltinArguments, check_answer_match
 from ..builtin.model import trained_task_prompt
 from ..builtin.tools import evaluate_tool_task
+from ..config import MIGSettings, field_like
 from ..evaluation import evaluate_splits, format_cell, format_table, score_completions, summarize, write_json
 from ..segmentation import FormatSpec
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
 from .models import load_model_for_eval
 from .recipes import parse_recipe_args
+
+
+def answer_match_argument():
+    """`--answer_match` of `trl-mig eval` and `trl-mig inspect`: MIGSettings' field, with no default of its own (None:
+    exact for the built-in arithmetic task's running answers, else math; see `check_answer_match`)."""
+    declared = next(f for f in fields(MIGSettings) if f.name == "answer_match").metadata["help"]
+    return field_like(
+        MIGSettings, "answer_match", default=None,
+        help=f"{declared} Default: exact for builtin:arithmetic's running answers, else math.",
+    )
 
 
 @dataclass
@@ -45,20 +56,12 @@ class EvalArguments(DataArguments):
     )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy decoding."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (with temperature > 0)."})
-    think_open_tag: str = field(default="<think>", metadata={"help": "Tag that opens the chain of thought."})
-    think_close_tag: str = field(default="</think>", metadata={"help": "Tag that closes the chain of thought."})
-    step_pattern: str = field(default=r"#+[ \t]*Step[ \t]*\d+", metadata={"help": "Regex of a step header."})
-    answer_pattern: str = field(
-        default=r"<answer>(.*?)</answer>", metadata={"help": "Regex whose first group is the final answer."}
-    )
-    answer_match: str | None = field(
-        default=None,
-        metadata={
-            "help": "How answers are compared with the ground truth: 'math' (math-verify) or 'exact' (text up to "
-            "whitespace). Default: exact for builtin:arithmetic's running answers, else math.",
-            "choices": ["math", "exact"],
-        },
-    )
+    # the completion format, as MIGSettings declares it
+    think_open_tag: str = field_like(MIGSettings, "think_open_tag")
+    think_close_tag: str = field_like(MIGSettings, "think_close_tag")
+    step_pattern: str = field_like(MIGSettings, "step_pattern")
+    answer_pattern: str = field_like(MIGSettings, "answer_pattern")
+    answer_match: str | None = answer_match_argument()
     group_by: str | None = field(
         default=None, metadata={"help": "Also report pass@1 per value of this column (e.g. num_ops)."}
     )
@@ -133,18 +136,11 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
             )
         splits[split] = select_samples(dataset, args.max_samples)
     try:
-        spec = FormatSpec(
-            think_open_tag=args.think_open_tag,
-            think_close_tag=args.think_close_tag,
-            step_pattern=args.step_pattern,
-            answer_pattern=args.answer_pattern,
-            answer_match=check_answer_match(args.dataset, builtin_args, args.answer_match, "--answer_match"),
-        )
-        spec.answer_regex, spec.step_regex  # noqa: B018 - compile now: a bad regex is an input error
+        answer_match = check_answer_match(args.dataset, builtin_args, args.answer_match, "--answer_match")
+        # validated as in training; the fields eval has no flag for (step fallback, step cap) at their defaults
+        spec = FormatSpec.from_config(MIGSettings.from_config(args, answer_match=answer_match))
     except ValueError as err:
         raise CLIError(str(err)) from None
-    except Exception as err:
-        raise CLIError(f"Invalid format pattern: {err}") from None
 
     if args.completions_column is not None:
         results, completions = {}, {}

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
-from types import SimpleNamespace
 
 import torch
 from transformers import HfArgumentParser
+from trl import GRPOConfig
 
 from ..builtin import BuiltinArguments, check_answer_match
-from ..config import MIGConfig, validate_mig_fields
+from ..config import MIGSettings, field_like
 from ..evaluation import write_json
 from ..inspection import CreditSettings, inspect_completion, prompt_token_ids
 from ..render import render_png, write_html
-from ..segmentation import FormatSpec
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset
 from .errors import CLIError
-from .eval import warn_on_prompt_mismatch
+from .eval import answer_match_argument, warn_on_prompt_mismatch
 from .models import load_model_for_eval
 from .recipes import TRAIN_DATACLASSES, read_recipe
 
@@ -71,40 +70,42 @@ class InspectArguments(DataArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
 
 
-# the MIGConfig / GRPOConfig settings the credit depends on, with their own defaults and help
-_SETTING_NAMES = (
-    "solution_column", "think_open_tag", "think_close_tag", "step_pattern", "step_fallback", "answer_pattern",
-    "answer_match", "mig_scaffold", "mig_max_steps", "mig_weight", "outcome_weight", "sft_weight", "mig_credit",
-    "mig_gain", "mig_token_scope", "mig_scale_rewards", "sft_correctness_threshold", "mig_scoring_method",
-    "mig_scoring_batch_size", "scale_rewards", "reward_weights",
+# The settings `inspect_completion` reads (CreditSettings: MIGSettings plus GRPO's reward fields), minus those that do
+# not apply to a text view scored with --model: which model scores, tool masks, training-time pages, and the gate's
+# reward (inspect judges correctness with the built-in accuracy reward).
+_NOT_INSPECT_SETTINGS = frozenset(
+    {"mig_likelihood_model", "mig_turn_steps", "mig_inspect_html", "sft_correctness_reward"}
 )
 
 
 def _settings_dataclass():
-    hints = typing.get_type_hints(MIGConfig)
-    known = {f.name: f for f in fields(MIGConfig)}
+    """The `trl-mig inspect` settings arguments: the MIG fields as [`MIGSettings`] declares them, the GRPO fields as
+    `GRPOConfig` does (same types, defaults, help and choices)."""
+    mig_names = {f.name for f in fields(MIGSettings)}
+    hints = {**typing.get_type_hints(GRPOConfig), **typing.get_type_hints(MIGSettings)}
     specs = []
-    for name in _SETTING_NAMES:
-        source = known[name]
-        metadata = {key: value for key, value in source.metadata.items() if key in ("help", "choices")}
-        if name == "answer_match":  # like `trl-mig eval`: exact for the built-in task's running answers, else math
-            specs.append((name, str | None, field(default=None, metadata={
-                **metadata, "help": metadata["help"] + " Default: exact for builtin:arithmetic's running answers."})))
+    for setting in fields(CreditSettings):
+        name = setting.name
+        if name in _NOT_INSPECT_SETTINGS or not setting.init:
             continue
-        specs.append((name, hints[name], field(default=source.default, metadata=metadata)))
-    return make_dataclass("MIGSettings", specs)
+        if name == "answer_match":  # like `trl-mig eval`: None picks exact for the built-in task's running answers
+            specs.append((name, str | None, answer_match_argument()))
+        else:
+            specs.append((name, hints[name], field_like(MIGSettings if name in mig_names else GRPOConfig, name)))
+    return make_dataclass("InspectSettings", specs)
 
 
-MIGSettings = _settings_dataclass()
+InspectSettings = _settings_dataclass()
 # recipe keys of `trl-mig train` that mean the same here under another name
 _RECIPE_ALIASES = {"model_name_or_path": "model", "dataset_name": "dataset", "max_completion_length": "max_new_tokens",
                    "num_generations": "num_samples"}
 
 
 def parse_inspect_args(argv: list[str]):
-    """`(InspectArguments, MIGSettings, BuiltinArguments)` from the command line and an optional `--config` recipe."""
+    """`(InspectArguments, InspectSettings, BuiltinArguments)` from the command line and an optional `--config`
+    recipe."""
     parser = HfArgumentParser(
-        (InspectArguments, MIGSettings, BuiltinArguments), prog="trl-mig inspect", allow_abbrev=False,
+        (InspectArguments, InspectSettings, BuiltinArguments), prog="trl-mig inspect", allow_abbrev=False,
         description="Per-step MIG credit of one prompt's completions. --config RECIPE.yaml reads the MIG settings, "
         "model, dataset and sampling temperature of a training recipe; flags override it.",
     )
@@ -142,16 +143,9 @@ def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments
     prompt, solution = _prompt_and_solution(args, settings, builtin_args)
     try:
         settings.answer_match = check_answer_match(args.dataset, builtin_args, settings.answer_match, "--answer_match")
-        # the checks MIGConfig runs on the same fields (weights, choices, patterns, scaffold, sizes)
-        checked = SimpleNamespace(**vars(settings), mig_likelihood_model="policy", remove_unused_columns=False)
-        validate_mig_fields(checked)
-        credit_settings = CreditSettings.from_config(settings)
-        FormatSpec.from_config(settings).step_regex  # noqa: B018 - compile now: a bad regex is an input error
-        credit_settings.spec.answer_regex  # noqa: B018
+        credit_settings = CreditSettings.from_config(settings)  # validates every field, as MIGConfig does
     except ValueError as err:
         raise CLIError(str(err)) from None
-    except Exception as err:
-        raise CLIError(f"Invalid format pattern: {err}") from None
     if not args.model:
         raise CLIError("No model: pass --model (a hub id, a local folder or a builtin: name).")
     model, tokenizer, model_path = load_model_for_eval(args, builtin_args)
