@@ -444,7 +444,8 @@ def test_compose_credit_is_the_pieces_combined(credit, scope):
     assert torch.equal(composed.trajectory_mig_advantages, trajectory)
     assert composed.mig_rewards[:3].tolist() == [0.5, 0.0, 2.0] and math.isnan(composed.mig_rewards[3].item())
     mig = mig_advantages(GAINS, NUM_STEPS, SCORABLE, 2, credit, "none")
-    assert torch.equal(composed.mig_advantages, mig) and composed.mig_advantages.dim() == (1 if credit == "trajectory" else 2)
+    assert torch.equal(composed.mig_advantages, mig)
+    assert composed.mig_advantages.dim() == (1 if credit == "trajectory" else 2)
     expected = per_token_advantages(outcome, mig, STEP_IDS, 0.7, 1.3, scope)
     assert composed.advantages.shape == (4, 4) and torch.equal(composed.advantages, expected)
     if scope == "cot":  # the answer part gets the outcome advantage only
