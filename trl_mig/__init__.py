@@ -3,11 +3,14 @@
 from .callbacks import HeldOutAccuracyCallback
 from .config import MIGConfig, MIGSettings, mig_config_class
 from .credit import (
+    Credit,
+    compose_credit,
     gated_sft_loss,
     hwm_gains,
     likelihood_differences,
     mig_advantages,
     normalize_rewards,
+    outcome_advantages,
     per_token_advantages,
     step_advantages,
     step_gains,
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnswerAccuracyReward",
     "CompletionCredit",
+    "Credit",
     "FormatSpec",
     "HeldOutAccuracyCallback",
     "MIGConfig",
@@ -33,6 +37,7 @@ __all__ = [
     "StepFormatReward",
     "StepLikelihoodScorer",
     "answer_accuracy_reward",
+    "compose_credit",
     "gated_sft_loss",
     "hwm_gains",
     "inspect_completion",
@@ -40,6 +45,7 @@ __all__ = [
     "mig_config_class",
     "mig_trainer_class",
     "normalize_rewards",
+    "outcome_advantages",
     "per_token_advantages",
     "segment_completion",
     "segment_turns",

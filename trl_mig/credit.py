@@ -2,6 +2,8 @@
 
 Nothing here touches a model; the trainer feeds these functions tensors, so each piece is tested on its own.
 Data flows one way: step likelihoods -> gains -> normalised advantages -> per-token advantages -> loss.
+[`compose_credit`] is the one place where outcome and MIG credit are combined: the trainer calls it on the gathered
+batch, `trl-mig inspect` on one group.
 
 Missing-value convention: a non-finite step likelihood (NaN, +-inf) marks a missing or unusable prefix: it earns no
 gain and does not move the watermark. Shorter completions in a padded batch use NaN for their missing steps.
@@ -9,10 +11,16 @@ gain and does not move the watermark. Shorter completions in a padded batch use 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from trl.trainer.utils import nanstd
 
 NOT_COT = -1  # step id of a completion token outside the chain of thought (answer part, tags, padding)
+GRPO_EPS = 1e-4  # what GRPOTrainer adds to the std it divides rewards by
+# GRPOConfig accepts booleans for scale_rewards (its __post_init__ maps them; a bare namespace may not)
+SCALE_REWARDS_ALIASES = {True: "group", False: "none"}
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def hwm_gains(loglik: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +284,215 @@ def per_token_advantages(
         mig_per_token = torch.gather(mig_advantages, 1, index)
     mig_per_token = torch.where(cot_mask, mig_per_token, torch.zeros_like(mig_per_token))
     return outcome_weight * outcome_advantages.unsqueeze(1) + mig_weight * mig_per_token
+
+
+def outcome_advantages(
+    rewards_per_func: torch.Tensor,
+    group_size: int,
+    reward_weights=None,
+    scale_rewards: str | bool = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    GRPO's outcome advantage, as `GRPOTrainer._generate_and_score_completions` (TRL 1.16) computes it, from the
+    rewards of every reward function:
+
+    - `"sum_then_normalize"`: `r_i = sum_f w_f r_{i,f}`, then `A_i = (r_i - mean_G r) / (std + 1e-4)` with the std of
+      the group (`scale_rewards="group"`) or of the batch (`"batch"`), or `A_i = r_i - mean_G r` (`"none"`).
+    - `"normalize_then_sum"`: each function's reward is normalised within the group first,
+      `n_{i,f} = (r_{i,f} - mean_G r_f) / (std_G r_f + 1e-4)`, then `r_i = sum_f w_f n_{i,f}` and
+      `A_i = (r_i - mean r) / (std r + 1e-4)` over the whole batch; `scale_rewards` plays no part.
+
+    A reward function that returns None gives NaN: it is left out of the sums and statistics. A completion for which
+    every function returned None has no reward (NaN) and advantage 0; so has any other NaN advantage (a group with a
+    single valid reward).
+
+    Args:
+        rewards_per_func (`torch.Tensor` of shape `(N, F)`): the reward of each of the F functions for the N
+            completions of the batch, gathered from every process (the `group_size` completions of a prompt adjacent),
+            as `GRPOTrainer._calculate_rewards` returns them.
+        group_size (`int`): completions per prompt (G).
+        reward_weights (sequence of `float` or `torch.Tensor` of shape `(F,)`, *optional*): w_f; default all 1.
+        scale_rewards (`str` or `bool`): `"group"` (or True), `"batch"` or `"none"` (or False).
+        multi_objective_aggregation (`str`): `"sum_then_normalize"` or `"normalize_then_sum"`.
+
+    Returns:
+        rewards (`torch.Tensor` of shape `(N,)`): the weighted sum of the rewards (what TRL logs as `reward`), NaN for
+            a completion without any reward.
+        advantages (`torch.Tensor` of shape `(N,)`): the outcome advantage A_out.
+    """
+    if rewards_per_func.dim() != 2 or rewards_per_func.shape[0] % group_size != 0:
+        raise ValueError(
+            f"rewards_per_func must have shape (N, F) with N a multiple of group_size ({group_size}), got "
+            f"{tuple(rewards_per_func.shape)}."
+        )
+    scale = SCALE_REWARDS_ALIASES[scale_rewards] if isinstance(scale_rewards, bool) else scale_rewards
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"Unknown scale_rewards {scale_rewards!r}; expected 'group', 'batch' or 'none' (or a bool).")
+    if multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(
+            f"Unknown multi_objective_aggregation {multi_objective_aggregation!r}; expected one of "
+            f"{MULTI_OBJECTIVE_AGGREGATIONS}."
+        )
+    rewards_per_func = rewards_per_func if rewards_per_func.is_floating_point() else rewards_per_func.float()
+    num_funcs = rewards_per_func.shape[1]
+    if reward_weights is None:
+        weights = torch.ones(num_funcs, dtype=torch.float32, device=rewards_per_func.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=torch.float32).to(rewards_per_func.device).reshape(-1)
+    if weights.numel() != num_funcs:
+        raise ValueError(f"reward_weights has {weights.numel()} weights for {num_funcs} reward functions.")
+
+    # nansum would give a completion without any reward 0, a spurious reward that moves its group's baseline
+    unrewarded = torch.isnan(rewards_per_func).all(dim=1)
+    no_reward = torch.tensor(float("nan"), device=rewards_per_func.device)
+    weighted = torch.where(unrewarded, no_reward, (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1))
+    if multi_objective_aggregation == "sum_then_normalize":
+        grouped = weighted.view(-1, group_size)
+        baseline = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
+        advantages = weighted - baseline
+        if scale == "group":
+            # one completion per group (evaluation with num_generations_eval=1) has no spread: std 0, as in TRL
+            std = (
+                nanstd(grouped, dim=1).repeat_interleave(group_size)
+                if group_size > 1
+                else torch.zeros_like(weighted)
+            )
+            advantages = advantages / (std + GRPO_EPS)
+        elif scale == "batch":
+            std = nanstd(weighted).expand_as(weighted) if weighted.numel() > 1 else torch.zeros_like(weighted)
+            advantages = advantages / (std + GRPO_EPS)
+    else:
+        per_func = rewards_per_func.view(-1, group_size, num_funcs)
+        func_mean = torch.nanmean(per_func, dim=1, keepdim=True)
+        func_std = nanstd(per_func, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(func_mean)
+        normalised = ((per_func - func_mean) / (func_std + GRPO_EPS)).view(-1, num_funcs)
+        aggregated = torch.where(unrewarded, no_reward, (normalised * weights.unsqueeze(0)).nansum(dim=1))
+        std = nanstd(aggregated).expand_as(aggregated) if aggregated.numel() > 1 else torch.zeros_like(aggregated)
+        advantages = (aggregated - torch.nanmean(aggregated)) / (std + GRPO_EPS)
+    return weighted, torch.nan_to_num(advantages, nan=0.0)
+
+
+@dataclass(frozen=True)
+class Credit:
+    """
+    The credit of a batch, as [`compose_credit`] composes it. N completions, K steps, T completion tokens.
+
+    Attributes:
+        outcome_rewards (`torch.Tensor` of shape `(N,)`): weighted sum of the outcome rewards, NaN without any.
+        outcome_advantages (`torch.Tensor` of shape `(N,)`): GRPO's outcome advantage A_out.
+        mig_rewards (`torch.Tensor` of shape `(N,)`): sum of the per-step MIG rewards, NaN where not scorable.
+        trajectory_mig_advantages (`torch.Tensor` of shape `(N,)`): A_mig, the normalised `mig_rewards` (the trainer
+            logs it as `mig_advantage` whatever `mig_credit` is).
+        mig_advantages (`torch.Tensor` of shape `(N,)` or `(N, K)`): the MIG credit used: `trajectory_mig_advantages`,
+            or per step (`mig_credit="step"`).
+        advantages (`torch.Tensor` of shape `(N, T)`, or `(N,)` for a sequence-level loss): what the loss is given.
+    """
+
+    outcome_rewards: torch.Tensor
+    outcome_advantages: torch.Tensor
+    mig_rewards: torch.Tensor
+    trajectory_mig_advantages: torch.Tensor
+    mig_advantages: torch.Tensor
+    advantages: torch.Tensor
+
+    def rows(self, index) -> Credit:
+        """The same credit for some completions only (`index`: a slice, or indices along N), e.g. one process's."""
+        return Credit(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def compose_credit(
+    rewards_per_func: torch.Tensor,
+    gains: torch.Tensor,
+    num_steps: torch.Tensor,
+    scorable: torch.Tensor,
+    step_ids: torch.Tensor | None,
+    group_size: int,
+    *,
+    reward_weights=None,
+    scale_rewards: str | bool = "group",
+    multi_objective_aggregation: str = "sum_then_normalize",
+    mig_weight: float = 1.0,
+    outcome_weight: float = 1.0,
+    mig_credit: str = "trajectory",
+    mig_scale_rewards: str = "group",
+    mig_token_scope: str = "cot",
+    token_level: bool = True,
+) -> Credit:
+    r"""
+    Outcome and MIG credit of whole groups, combined into the advantages the GRPO loss is given:
+
+        A[i,t] = outcome_weight * A_out_i + mig_weight * A_mig[i, step(t)] * M_cot[i,t]
+
+    A_out is GRPO's outcome advantage with every option of TRL's that changes it ([`outcome_advantages`]); A_mig the
+    MIG advantage ([`mig_advantages`]); the masking is [`per_token_advantages`]. The trainer calls it on the batch
+    gathered from every process (as TRL normalises rewards) and keeps its own rows ([`Credit.rows`]);
+    `trl-mig inspect` calls it on one group, so both show the same numbers.
+
+    Args:
+        rewards_per_func (`torch.Tensor` of shape `(N, F)`): outcome rewards per reward function, NaN for None; the
+            `group_size` completions of a prompt adjacent.
+        gains (`torch.Tensor` of shape `(N, K)`): per-step MIG rewards (`step_gains`), 0 past a completion's steps.
+        num_steps (`torch.Tensor` of shape `(N,)`): K_i, the steps of each completion.
+        scorable (`torch.Tensor` of shape `(N,)`, bool): completions with a ground truth and finite likelihoods.
+        step_ids (`torch.Tensor` of shape `(N, T)`, *optional*): step of each completion token, `NOT_COT` outside
+            the thought (`step_ids_tensor`); unused (may be None) when `token_level=False`.
+        group_size (`int`): completions per prompt (G).
+        reward_weights, scale_rewards, multi_objective_aggregation: TRL's (`GRPOConfig`; the trainer passes its
+            `reward_weights` tensor, which has a weight for an environment's reward too).
+        mig_weight (`float`): alpha. outcome_weight (`float`): beta.
+        mig_credit (`str`), mig_scale_rewards (`str`), mig_token_scope (`str`): as in `MIGConfig`.
+        token_level (`bool`): False for a loss that takes one advantage per completion (e.g. GMPO's geometric mean):
+            `advantages` is then `(N,)`, `outcome_weight * A_out + mig_weight * A_mig`, which is what
+            `mig_token_scope="all"` gives every token; it needs `mig_credit="trajectory"` and
+            `mig_token_scope="all"`.
+
+    Returns:
+        A [`Credit`].
+    """
+    rows = rewards_per_func.shape[0]
+    if gains.dim() != 2 or gains.shape[0] != rows or num_steps.shape != (rows,) or scorable.shape != (rows,):
+        raise ValueError(
+            f"compose_credit needs one row per completion: rewards_per_func has {rows} rows, gains shape "
+            f"{tuple(gains.shape)}, num_steps {tuple(num_steps.shape)}, scorable {tuple(scorable.shape)}."
+        )
+    outcome_rewards, outcome_adv = outcome_advantages(
+        rewards_per_func, group_size, reward_weights, scale_rewards, multi_objective_aggregation
+    )
+    scorable = scorable.to(device=gains.device, dtype=torch.bool)
+    gains = gains if gains.is_floating_point() else gains.float()
+    mig_rewards = torch.where(scorable, gains.sum(1), gains.new_full((rows,), float("nan")))
+    trajectory_adv = mig_advantages(gains, num_steps, scorable, group_size, "trajectory", mig_scale_rewards)
+    if mig_credit == "trajectory":
+        mig_adv = trajectory_adv
+    else:
+        mig_adv = mig_advantages(gains, num_steps, scorable, group_size, mig_credit, mig_scale_rewards)
+    outcome_adv = outcome_adv.to(gains.device)
+    if token_level:
+        if step_ids is None or step_ids.dim() != 2 or step_ids.shape[0] != rows:
+            raise ValueError(
+                f"compose_credit with token_level=True needs step_ids of shape (N={rows}, T), got "
+                f"{None if step_ids is None else tuple(step_ids.shape)}."
+            )
+        advantages = per_token_advantages(
+            outcome_adv, mig_adv, step_ids.to(gains.device), mig_weight, outcome_weight, scope=mig_token_scope
+        )
+    else:
+        if mig_credit != "trajectory" or mig_token_scope != "all":
+            raise ValueError(
+                "One advantage per completion (token_level=False) cannot limit MIG credit to the chain of thought or "
+                f"to steps: needs mig_token_scope='all' and mig_credit='trajectory' (got {mig_token_scope!r} and "
+                f"{mig_credit!r})."
+            )
+        advantages = outcome_weight * outcome_adv + mig_weight * mig_adv
+    return Credit(
+        outcome_rewards=outcome_rewards,
+        outcome_advantages=outcome_adv,
+        mig_rewards=mig_rewards,
+        trajectory_mig_advantages=trajectory_adv,
+        mig_advantages=mig_adv,
+        advantages=advantages,
+    )
 
 
 def gated_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

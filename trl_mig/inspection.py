@@ -1,8 +1,8 @@
 """See the credit: the MIG view of one completion, or of a group of completions of one prompt, step by step.
 
-[`inspect_completion`] segments, scores and credits completions with the trainer's own pieces (`segment_completion`,
-`StepLikelihoodScorer`, `step_gains` / `hwm_gains`, `normalize_rewards`, `mig_advantages`, `per_token_advantages`),
-so the numbers it shows are the numbers training uses. [`record_completion_credit`] and
+[`inspect_completion`] segments, scores and credits completions with the trainer's own pieces (`content_token_ids`,
+`segment_completion`, `StepLikelihoodScorer`, `step_gains` / `hwm_gains`, `compose_credit`), so the numbers it shows
+are the numbers training uses. [`record_completion_credit`] and
 [`CreditPageCallback`] put the same view into training: per-step columns in the completions table and, with
 `MIGConfig.mig_inspect_html`, an HTML page of the latest completions at every log.
 """
@@ -18,10 +18,17 @@ import torch
 from trl import GRPOConfig
 
 from .config import MIG_SCALINGS, MIGSettings, field_like
-from .credit import hwm_gains, mig_advantages, normalize_rewards, per_token_advantages, step_gains
+from .credit import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS_ALIASES, compose_credit, hwm_gains, step_gains
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
-from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor, token_end_offsets
+from .segmentation import (
+    FormatSpec,
+    content_token_ids,
+    segment_completion,
+    segment_turns,
+    step_ids_tensor,
+    token_end_offsets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +139,6 @@ def _num(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- settings
-# TRL's ways of combining several reward functions (GRPOConfig.multi_objective_aggregation)
-MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-
-
 @dataclass
 class CreditSettings(MIGSettings):
     """
@@ -150,7 +153,7 @@ class CreditSettings(MIGSettings):
 
     def __post_init__(self):
         # as GRPOConfig reads them: True / False mean "group" / "none", weights are floats
-        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        self.scale_rewards = SCALE_REWARDS_ALIASES.get(self.scale_rewards, self.scale_rewards)
         if self.reward_weights is not None:
             self.reward_weights = tuple(float(w) for w in self.reward_weights)
         super().__post_init__()
@@ -235,13 +238,10 @@ def inspect_completion(
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     stop = _stop_ids(model, tokenizer)
     masks = _model_masks(model_mask, completions, single)
-    contents = []
-    for item in completions:
-        ids = list(item) if not isinstance(item, str) else tokenizer(item, add_special_tokens=False)["input_ids"]
-        end = len(ids)
-        while end > 0 and ids[end - 1] in stop:  # like the trainer: the EOS that ends generation is not content
-            end -= 1
-        contents.append(ids[:end])
+    # like the trainer: the EOS / padding that ends generation is not content
+    encoded = [tokenizer(item, add_special_tokens=False)["input_ids"] if isinstance(item, str) else item
+               for item in completions]
+    contents = [content_token_ids(ids, stop) for ids in encoded]
     segments = [
         segment_completion(tokenizer, ids, spec)
         if mask is None or settings.mig_turn_steps == "never"
@@ -428,30 +428,42 @@ def _rewards(settings, funcs, prompt, results, solution) -> torch.Tensor:
 
 
 def _group_advantages(settings, reward_funcs, prompt, solution, results, segments, loglik, gains, scorable):
-    """Fill the advantages of a group as `MIGGRPOTrainer._generate_and_score_completions` computes them."""
+    """Fill the advantages of a group with `compose_credit`, as `MIGGRPOTrainer._generate_and_score_completions`
+    does for the whole batch (here the batch is this group)."""
     size = len(results)
     funcs = reward_funcs if reward_funcs is not None else default_reward_funcs(settings.spec, settings.solution_column)
     per_func = _rewards(settings, funcs, prompt, results, solution)
-    weights = torch.tensor(settings.reward_weights or [1.0] * len(funcs), dtype=torch.float32)
-    if weights.numel() != len(funcs):
-        raise ValueError(f"reward_weights has {weights.numel()} weights for {len(funcs)} reward functions.")
-    outcome = (per_func * weights).nansum(1)
-    outcome[torch.isnan(per_func).all(1)] = float("nan")
-    outcome_adv, _, _ = normalize_rewards(outcome, size, settings.scale_rewards)
-
+    aggregation = settings.multi_objective_aggregation
     width = settings.spec.max_steps  # the trainer's width, so both normalise the same numbers
     padded = torch.zeros(size, width)
     padded[:, : gains.shape[1]] = gains[:, :width]
     num_steps = torch.tensor([seg.num_steps for seg in segments])
-    mig_adv = mig_advantages(padded, num_steps, scorable, size, settings.mig_credit, settings.mig_scale_rewards)
     length = max(seg.boundaries[-1] for seg in segments) + 1  # the last column lies outside every thought
-    step_ids = step_ids_tensor(segments, length)
-    tokens = per_token_advantages(outcome_adv, mig_adv, step_ids, settings.mig_weight, settings.outcome_weight,
-                                  scope=settings.mig_token_scope)
+    composed = compose_credit(
+        per_func, padded, num_steps, scorable, step_ids_tensor(segments, length), size,
+        reward_weights=settings.reward_weights,
+        scale_rewards=settings.scale_rewards,
+        multi_objective_aggregation=aggregation,
+        mig_weight=settings.mig_weight,
+        outcome_weight=settings.outcome_weight,
+        mig_credit=settings.mig_credit,
+        mig_scale_rewards=settings.mig_scale_rewards,
+        mig_token_scope=settings.mig_token_scope,
+    )
+    outcome, mig_adv, tokens = composed.outcome_rewards, composed.mig_advantages, composed.advantages
+    batch_level = [
+        name
+        for name, used in (
+            ("scale_rewards='batch'", settings.scale_rewards == "batch" and aggregation == "sum_then_normalize"),
+            ("multi_objective_aggregation='normalize_then_sum'", aggregation == "normalize_then_sum"),
+            ("mig_scale_rewards='batch'", settings.mig_scale_rewards == "batch"),
+        )
+        if used
+    ]
     lifted = hwm_gains(loglik)[0].sum(1)
     for row, credit in enumerate(results):
         credit.outcome_reward = None if math.isnan(outcome[row]) else float(outcome[row])
-        credit.outcome_advantage = float(outcome_adv[row])
+        credit.outcome_advantage = float(composed.outcome_advantages[row])
         credit.mig_advantage = float(mig_adv[row]) if mig_adv.dim() == 1 else None
         credit.outside_advantage = float(tokens[row, -1])
         for k, step in enumerate(credit.steps):
@@ -462,6 +474,11 @@ def _group_advantages(settings, reward_funcs, prompt, solution, results, segment
             breakthrough = bool(scorable[row]) and float(lifted[row]) > 0
             correct = credit.correct >= settings.sft_correctness_threshold
             credit.sft_gate = credit.well_formed and correct and breakthrough
+        if batch_level:
+            credit.messages.append(
+                f"{' and '.join(batch_level)} normalise over the whole training batch; here the batch is this group, "
+                "so training gives these advantages only when its batch is this one group."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------- training

@@ -231,6 +231,19 @@ class StepSegments:
         return self.num_steps > 0 and not self.layout.has_step_headers
 
 
+def content_token_ids(completion_ids: Sequence[int], stop_ids) -> list[int]:
+    """
+    A completion's content tokens: its ids without the trailing EOS / padding that end generation (`stop_ids`: the
+    EOS ids and the pad id). Only trailing ones go; a stop id inside the completion is content. The trainer and
+    `inspect_completion` both segment and score these tokens.
+    """
+    stop = set(stop_ids)
+    end = len(completion_ids)
+    while end > 0 and completion_ids[end - 1] in stop:
+        end -= 1
+    return list(completion_ids[:end])
+
+
 def segment_completion(tokenizer, completion_ids: list[int], spec: FormatSpec) -> StepSegments:
     """
     Segment one completion (its content tokens, without trailing EOS or padding) into steps.

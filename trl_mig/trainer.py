@@ -5,7 +5,8 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
-  l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones;
+  l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones,
+  composed by its own public hook `compose_credit` (outcome and MIG credit of the gathered batch, in one function);
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
   `_get_per_token_logps_and_entropies`, so there is no second forward).
 
@@ -30,13 +31,13 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
-from .credit import gated_sft_loss, hwm_gains, mig_advantages, per_token_advantages, step_gains
+from .credit import NOT_COT, Credit, compose_credit, gated_sft_loss, hwm_gains, step_gains
 from .callbacks import attach_credit_page
 from .inspection import record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
-from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor
+from .segmentation import FormatSpec, content_token_ids, segment_completion, segment_turns, step_ids_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class MIGMixin:
     mig_config_class: type[MIGConfig] = MIGConfig
     # False when the base trainer's loss takes one advantage per completion, `(B,)` (e.g. GMPO's geometric mean)
     mig_token_level_advantages: bool = True
+    _warned_outcome_mismatch = False
 
     def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, *more, **kwargs):
         kwargs = _keyword_arguments(more, kwargs)
@@ -197,27 +199,22 @@ class MIGMixin:
         padded[:, : gains.shape[1]] = gains[:, :width]
         all_gains, all_steps = gather(padded), gather(num_steps)
         all_scorable = gather(scorable.long()).bool()
-        scale = self.args.mig_scale_rewards
-        trajectory_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "trajectory", scale)
+        step_ids = step_ids_tensor(segments, output["completion_ids"].shape[1], device=device)
+        # processes pad their completions to different lengths: pad the step ids to the longest before gathering
+        all_step_ids = gather(self.accelerator.pad_across_processes(step_ids, dim=1, pad_index=NOT_COT))
+        # rewards_per_func is gathered already (GRPOTrainer._calculate_rewards): credit is composed on the global batch
+        credit = self.compose_credit(rewards_per_func, all_gains, all_steps, all_scorable, all_step_ids, group_size)
+        local_credit = credit.rows(process_slice)
+        self._check_outcome_advantages(output["advantages"], local_credit.outcome_advantages)
+        all_gain_sums, trajectory_adv = credit.mig_rewards, credit.trajectory_mig_advantages
         # per-completion columns of the completions table (`log_completions`), in the global order
-        all_gain_sums = torch.where(all_scorable, all_gains.sum(1), torch.full_like(all_gains[:, 0], float("nan")))
         self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
         self._logs["extra"]["mig_steps"].extend(all_steps.float().tolist())
         self._logs["extra"]["mig_advantage"].extend(trajectory_adv.tolist())
-        if self.args.mig_credit == "step":
-            mig_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "step", scale)[process_slice]
-        else:
-            mig_adv = trajectory_adv[process_slice]
-
-        step_ids = step_ids_tensor(segments, output["completion_ids"].shape[1], device=device)
         if self.mig_token_level_advantages:
-            output["advantages"] = per_token_advantages(
-                output["advantages"], mig_adv, step_ids, self.args.mig_weight, self.args.outcome_weight,
-                scope=self.args.mig_token_scope,
-            )
+            output["advantages"] = local_credit.advantages[:, : step_ids.shape[1]]
         else:
-            # a `(B,)` advantage for a sequence-level loss: what mig_token_scope='all' gives every token
-            output["advantages"] = self.args.outcome_weight * output["advantages"] + self.args.mig_weight * mig_adv
+            output["advantages"] = local_credit.advantages
         if self.mig_token_level_advantages and output.get("tool_mask") is not None:
             # tool results and environment feedback are read, not written: no credit of any kind (nor loss)
             output["advantages"] = output["advantages"] * output["tool_mask"]
@@ -236,6 +233,48 @@ class MIGMixin:
             self._log_turn_metrics(mode, loglik, gains, segments, scorable)
         self._metrics[mode]["sft/enabled"].append(float(self._sft_reward_index is not None))
         return output
+
+    def compose_credit(
+        self,
+        rewards_per_func: torch.Tensor,
+        gains: torch.Tensor,
+        num_steps: torch.Tensor,
+        scorable: torch.Tensor,
+        step_ids: torch.Tensor,
+        group_size: int,
+    ) -> Credit:
+        """
+        Combine outcome and MIG credit for the batch gathered from every process: [`~trl_mig.credit.compose_credit`]
+        with this trainer's settings (TRL's `reward_weights`, `scale_rewards` and `multi_objective_aggregation`;
+        MIG's `mig_weight`, `outcome_weight`, `mig_credit`, `mig_scale_rewards`, `mig_token_scope`; one advantage
+        per completion when `mig_token_level_advantages` is False). `_generate_and_score_completions` calls it and
+        keeps this process's rows; override it to compose credit differently, returning a `Credit` of the same
+        shapes.
+
+        Args:
+            rewards_per_func (`torch.Tensor` of shape `(N, F)`): the gathered outcome rewards, NaN for None.
+            gains (`torch.Tensor` of shape `(N, mig_max_steps)`): per-step MIG rewards, 0 past each completion's steps.
+            num_steps (`torch.Tensor` of shape `(N,)`): steps per completion.
+            scorable (`torch.Tensor` of shape `(N,)`, bool): completions with a ground truth and finite likelihoods.
+            step_ids (`torch.Tensor` of shape `(N, T)`): step of each completion token, `NOT_COT` (-1) outside the
+                thought; T is the longest completion of any process.
+            group_size (`int`): completions per prompt (`num_generations`, or `num_generations_eval` in evaluation).
+
+        Returns:
+            A [`~trl_mig.credit.Credit`] with N rows.
+        """
+        return compose_credit(
+            rewards_per_func, gains, num_steps, scorable, step_ids, group_size,
+            reward_weights=self.reward_weights,  # GRPOTrainer's: with an environment's reward weight appended
+            scale_rewards=self.scale_rewards,
+            multi_objective_aggregation=self.multi_objective_aggregation,
+            mig_weight=self.args.mig_weight,
+            outcome_weight=self.args.outcome_weight,
+            mig_credit=self.args.mig_credit,
+            mig_scale_rewards=self.args.mig_scale_rewards,
+            mig_token_scope=self.args.mig_token_scope,
+            token_level=self.mig_token_level_advantages,
+        )
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
@@ -284,11 +323,27 @@ class MIGMixin:
 
     def _content_ids(self, completion_ids: list[int]) -> list[int]:
         """Completion tokens without the trailing EOS / padding that end generation."""
-        stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        end = len(completion_ids)
-        while end > 0 and completion_ids[end - 1] in stop:
-            end -= 1
-        return list(completion_ids[:end])
+        return content_token_ids(completion_ids, {*self.eos_token_ids, self._tokenizer.pad_token_id})
+
+    def _check_outcome_advantages(self, base_advantages: torch.Tensor, composed: torch.Tensor) -> None:
+        """
+        MIG recomputes the outcome advantage from the rewards (so that `trl-mig inspect` shows what training uses);
+        warn once when the base trainer's own `(B,)` advantages differ: a base class that changes them, or a TRL
+        option `compose_credit` does not know. Training uses the composed ones either way.
+        """
+        if self._warned_outcome_mismatch:
+            return
+        same = base_advantages.shape == composed.shape and torch.allclose(
+            base_advantages.float(), composed.to(base_advantages.device).float(), rtol=1e-4, atol=1e-5
+        )
+        if not same:
+            logger.warning(
+                "%s's outcome advantages differ from those MIG composes from the rewards (TRL's formula with "
+                "reward_weights, scale_rewards and multi_objective_aggregation). Training uses MIG's; to compose them "
+                "as the base trainer does, override MIGMixin.compose_credit. Further batches are not checked.",
+                type(self).__name__,
+            )
+            self._warned_outcome_mismatch = True
 
     def _turn_masks(self, output, contents: list[list[int]]) -> list[list[int] | None]:
         """

@@ -8,11 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_mig import (
+    Credit,
+    compose_credit,
     gated_sft_loss,
     hwm_gains,
     likelihood_differences,
     mig_advantages,
     normalize_rewards,
+    outcome_advantages,
     per_token_advantages,
     step_advantages,
     step_gains,
@@ -295,6 +298,180 @@ def test_masking_with_zero_steps_everywhere():
     step_ids = torch.full((2, 3), NOT_COT)
     advantages = per_token_advantages(torch.tensor([1.0, 2.0]), torch.zeros(2, 0), step_ids)
     assert advantages.tolist() == [[1.0] * 3, [2.0] * 3]
+
+
+# ---------------------------------------------------------------------------------------------- composed credit
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _sample_std(values):
+    """Bessel-corrected std, None with fewer than two values (TRL's nanstd gives NaN there)."""
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def reference_outcome(rewards, group_size, weights, scale, aggregation):
+    """
+    GRPO's outcome advantage written out with plain Python floats, from TRL 1.16's description: None rewards are left
+    out; a completion without any reward gets 0; a NaN advantage (a spread from fewer than two rewards) becomes 0.
+    """
+    eps = 1e-4
+    weights = weights or [1.0] * len(rewards[0])
+    groups = [range(start, start + group_size) for start in range(0, len(rewards), group_size)]
+    unrewarded = [all(r is None for r in row) for row in rewards]
+    if aggregation == "sum_then_normalize":
+        totals = [None if none else sum(w * r for w, r in zip(weights, row) if r is not None)
+                  for row, none in zip(rewards, unrewarded)]
+        batch_std = _sample_std([t for t in totals if t is not None])
+        advantages = [0.0] * len(rewards)
+        for group in groups:
+            valid = [totals[i] for i in group if totals[i] is not None]
+            std = {"group": _sample_std(valid) if group_size > 1 else 0.0, "batch": batch_std, "none": 0.0}[scale]
+            divisor = 1.0 if scale == "none" else None if std is None else std + eps
+            for i in group:
+                if totals[i] is not None and divisor is not None:
+                    advantages[i] = (totals[i] - _mean(valid)) / divisor
+        return advantages
+    normalised = [[None] * len(weights) for _ in rewards]
+    for group in groups:
+        for f in range(len(weights)):
+            valid = [rewards[i][f] for i in group if rewards[i][f] is not None]
+            std = _sample_std(valid) if group_size > 1 else 0.0
+            for i in group:
+                if rewards[i][f] is not None and std is not None:
+                    normalised[i][f] = (rewards[i][f] - _mean(valid)) / (std + eps)
+    totals = [None if none else sum(w * n for w, n in zip(weights, row) if n is not None)
+              for row, none in zip(normalised, unrewarded)]
+    valid = [t for t in totals if t is not None]
+    std = _sample_std(valid)
+    return [0.0 if t is None or std is None else (t - _mean(valid)) / (std + eps) for t in totals]
+
+
+def as_tensor(rewards):
+    return torch.tensor([[float("nan") if r is None else r for r in row] for row in rewards])
+
+
+# three groups of four, two reward functions: a None reward, a completion without any, a group without spread, a
+# function that is constant within a group
+REWARDS = [
+    [1.0, 1.0], [0.0, 1.0], [0.0, None], [1.0, 0.0],
+    [1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5],
+    [0.0, 0.2], [None, None], [1.0, 0.9], [1.0, 0.0],
+]
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5]])
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_outcome_advantage_equals_grpos_for_every_option(scale, aggregation, weights):
+    rewards, advantages = outcome_advantages(as_tensor(REWARDS), 4, weights, scale, aggregation)
+    expected = reference_outcome(REWARDS, 4, weights, scale, aggregation)
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-5)
+    assert advantages[9].item() == 0.0 and math.isnan(rewards[9].item())
+    w = weights or [1.0, 1.0]
+    assert rewards[2].item() == pytest.approx(0.0) and rewards[0].item() == pytest.approx(w[0] + w[1])
+    if aggregation == "sum_then_normalize":
+        assert advantages[4:8].tolist() == [0.0] * 4, "a group without spread gets 0"
+
+
+def test_outcome_options_change_the_advantage():
+    """Each option really reaches the computation (so the parametrised comparison above can fail)."""
+    rewards = as_tensor(REWARDS)
+    results = {
+        (scale, aggregation, weights): outcome_advantages(rewards, 4, weights, scale, aggregation)[1]
+        for scale in ("group", "batch", "none")
+        for aggregation in ("sum_then_normalize", "normalize_then_sum")
+        for weights in (None, (1.0, 0.5))
+    }
+    sum_first = [v for (_, aggregation, _), v in results.items() if aggregation == "sum_then_normalize"]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(sum_first) for b in sum_first[i + 1 :])
+    # normalize_then_sum normalises over the batch whatever scale_rewards says, as TRL does
+    for weights in (None, (1.0, 0.5)):
+        first = results[("group", "normalize_then_sum", weights)]
+        assert torch.equal(first, results[("none", "normalize_then_sum", weights)])
+        assert not torch.allclose(first, results[("group", "sum_then_normalize", weights)])
+
+
+def test_outcome_advantage_bool_scale_and_bad_options():
+    rewards = as_tensor(REWARDS)
+    assert torch.equal(outcome_advantages(rewards, 4, scale_rewards=True)[1], outcome_advantages(rewards, 4)[1])
+    assert torch.equal(outcome_advantages(rewards, 4, scale_rewards=False)[1],
+                       outcome_advantages(rewards, 4, scale_rewards="none")[1])
+    with pytest.raises(ValueError, match="reward_weights has 3 weights for 2 reward functions"):
+        outcome_advantages(rewards, 4, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="scale_rewards 'max'"):
+        outcome_advantages(rewards, 4, scale_rewards="max")
+    with pytest.raises(ValueError, match="multi_objective_aggregation 'mean'"):
+        outcome_advantages(rewards, 4, multi_objective_aggregation="mean")
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        outcome_advantages(rewards, 5)
+
+
+def test_one_completion_per_group_gets_zero_outcome_advantage():
+    """Evaluation with num_generations_eval=1: no spread, so 0 (TRL sets the std to 0 there)."""
+    rewards = torch.tensor([[1.0], [3.0]])
+    for scale in ("group", "none"):
+        assert outcome_advantages(rewards, 1, scale_rewards=scale)[1].tolist() == [0.0, 0.0]
+    batch = outcome_advantages(rewards, 1, scale_rewards="batch")[1]
+    assert batch.tolist() == [0.0, 0.0], "centred on its own group, so 0 whatever the divisor"
+
+
+# two groups of two completions; step ids: a tag, steps, the answer part
+STEP_IDS = torch.tensor([[NOT_COT, 0, 1, NOT_COT]] * 4)
+GAINS = torch.tensor([[0.5, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+NUM_STEPS = torch.tensor([2, 2, 2, 2])
+SCORABLE = torch.tensor([True, True, True, False])
+OUTCOME_REWARDS = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+
+
+@pytest.mark.parametrize("credit", ["trajectory", "step"])
+@pytest.mark.parametrize("scope", ["cot", "all"])
+def test_compose_credit_is_the_pieces_combined(credit, scope):
+    composed = compose_credit(
+        OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, STEP_IDS, 2, reward_weights=[1.0, 0.5], scale_rewards="batch",
+        multi_objective_aggregation="normalize_then_sum", mig_weight=0.7, outcome_weight=1.3, mig_credit=credit,
+        mig_scale_rewards="none", mig_token_scope=scope,
+    )
+    assert isinstance(composed, Credit)
+    rewards, outcome = outcome_advantages(OUTCOME_REWARDS, 2, [1.0, 0.5], "batch", "normalize_then_sum")
+    assert torch.equal(composed.outcome_advantages, outcome) and torch.equal(composed.outcome_rewards, rewards)
+    assert composed.outcome_rewards.tolist() == pytest.approx([1.5, 0.5, 0.0, 1.0])
+    trajectory = mig_advantages(GAINS, NUM_STEPS, SCORABLE, 2, "trajectory", "none")
+    assert composed.trajectory_mig_advantages.tolist() == pytest.approx([0.25, -0.25, 0.0, 0.0])
+    assert torch.equal(composed.trajectory_mig_advantages, trajectory)
+    assert composed.mig_rewards[:3].tolist() == [0.5, 0.0, 2.0] and math.isnan(composed.mig_rewards[3].item())
+    mig = mig_advantages(GAINS, NUM_STEPS, SCORABLE, 2, credit, "none")
+    assert torch.equal(composed.mig_advantages, mig)
+    assert composed.mig_advantages.dim() == (1 if credit == "trajectory" else 2)
+    expected = per_token_advantages(outcome, mig, STEP_IDS, 0.7, 1.3, scope)
+    assert composed.advantages.shape == (4, 4) and torch.equal(composed.advantages, expected)
+    if scope == "cot":  # the answer part gets the outcome advantage only
+        assert composed.advantages[:, -1].tolist() == pytest.approx((1.3 * outcome).tolist())
+
+
+def test_compose_credit_rows_and_sequence_level_advantages():
+    options = dict(mig_weight=0.7, outcome_weight=1.3, mig_token_scope="all")
+    composed = compose_credit(OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, None, 2, token_level=False, **options)
+    assert composed.advantages.shape == (4,)
+    expected = 1.3 * composed.outcome_advantages + 0.7 * composed.trajectory_mig_advantages
+    assert torch.allclose(composed.advantages, expected)
+    # what every token gets with token-level advantages and mig_token_scope="all"
+    per_token = compose_credit(OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, STEP_IDS, 2, **options)
+    assert torch.allclose(per_token.advantages, expected.unsqueeze(1).expand(-1, 4))
+    mine = per_token.rows(slice(2, 4))  # e.g. the second process's completions
+    assert torch.equal(mine.advantages, per_token.advantages[2:]) and mine.outcome_advantages.shape == (2,)
+    with pytest.raises(ValueError, match="token_level=False"):
+        compose_credit(OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, None, 2, token_level=False, mig_credit="step",
+                       mig_token_scope="all")
+    with pytest.raises(ValueError, match="mig_token_scope='all'"):
+        compose_credit(OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, None, 2, token_level=False)
+    with pytest.raises(ValueError, match="needs step_ids of shape"):
+        compose_credit(OUTCOME_REWARDS, GAINS, NUM_STEPS, SCORABLE, None, 2)
+    with pytest.raises(ValueError, match="one row per completion"):
+        compose_credit(OUTCOME_REWARDS[:2], GAINS, NUM_STEPS, SCORABLE, STEP_IDS, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- gated SFT
