@@ -16,6 +16,7 @@ from .inspection import CompletionCredit, StepCredit, inspect_completion
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion, segment_turns
+from .step_batch import StepBatch
 from .trainer import MIGGRPOTrainer, MIGMixin, mig_trainer_class
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "MIGConfig",
     "MIGGRPOTrainer",
     "MIGMixin",
+    "StepBatch",
     "StepCredit",
     "StepFormatReward",
     "StepLikelihoodScorer",

@@ -5,7 +5,8 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
-  l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones;
+  l_0..l_K (`step_log_likelihoods`, public: override it for another step scorer), turns them into watermark gains and
+  replaces the `(B,)` outcome advantages with `(B, T)` per-token ones;
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
   `_get_per_token_logps_and_entropies`, so there is no second forward).
 
@@ -37,6 +38,7 @@ from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor
+from .step_batch import StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +180,8 @@ class MIGMixin:
         answers = [self._answer_blocks_for(row) for row in inputs]
         # a vision-language model's images, per completion, exactly as the policy forward indexes them
         multimodal = split_multimodal_inputs(output, output["prompt_mask"])
-        loglik = self._score(prompt_rows, contents, segments, answers, multimodal)  # (B, K_max + 1), NaN-padded
+        step_batch = StepBatch(inputs, prompt_rows, contents, segments, answers, multimodal)
+        loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K_max + 1)
 
         gains = step_gains(loglik, self.args.mig_gain)  # (B, K_max): the per-step MIG rewards
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
@@ -341,16 +344,28 @@ class MIGMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    def _score(self, prompt_rows, contents, segments, answers, multimodal=None) -> torch.Tensor:
-        """l_k for every completion: `(B, K_max + 1)` float32 on the accelerator device, NaN past each K_i and for
-        rows without a ground truth. `multimodal`: per completion, its prompt's images (`split_multimodal_inputs`)."""
+    def step_log_likelihoods(self, batch: StepBatch) -> torch.Tensor:
+        """
+        l_0..l_K of every completion: the length-normalised log-likelihood of the ground-truth answer after the
+        prompt, the completion's first k steps and the scaffold (`mig_scaffold`), at temperature 1, by the policy (or
+        the reference model, `mig_likelihood_model`), the best over the answer's variants.
+
+        Override it for another step scorer (a process reward model, an oracle, a partial-credit function): the
+        watermark gains, MIG advantages, chain-of-thought masks, gated SFT, metrics and completions-table columns are
+        all computed from what it returns. `batch.rows[i]` is completion i's dataset row, every column included.
+
+        Args:
+            batch ([`StepBatch`]): this process's completions of the generation batch, split into steps.
+
+        Returns:
+            `torch.Tensor` of shape `(B, K_max + 1)`, float32 on the accelerator device: row i holds l_0..l_{K_i},
+            NaN after; a row without a finite value (and every row without a ground truth) gets no MIG credit.
+        """
         device = self.accelerator.device
-        width = max(seg.num_steps for seg in segments) + 1
-        loglik = torch.full((len(segments), width), float("nan"))
-        multimodal = multimodal if multimodal is not None else [None] * len(segments)
+        loglik = batch.empty_log_likelihoods()
         items, rows = [], []
         for row, (prompt, content, seg, blocks, images) in enumerate(
-            zip(prompt_rows, contents, segments, answers, multimodal)
+            zip(batch.prompt_ids, batch.completion_ids, batch.segments, batch.answers, batch.multimodal)
         ):
             if blocks:
                 items.append(ScoringItem(prompt, content, seg.boundaries, blocks, images))
