@@ -6,8 +6,9 @@ from the first, that match the gold solution's steps up to step k. So g_k = 1 fo
 wrong one and 0 from the first wrong step on: the step credit MIG's likelihoods are meant to approximate, without
 their noise. If even this credit does not beat outcome-only GRPO, credit assignment is not what limits RL on the task.
 
-The oracle trainer overrides `MIGMixin.step_log_likelihoods` (the rows of the batch carry each problem's
-`expression`).
+The oracle trainer uses trl-mig's extension points only: it overrides `MIGMixin.step_log_likelihoods` (the rows of the
+batch carry each problem's `expression`), and its runs train through `trl_mig.cli.train.train_command(argv,
+trainer_cls=...)`, the whole `trl-mig train` command with this trainer class.
 
 The oracle arms are added to a study (`trl-mig study` YAML: the same recipe, overrides, seeds, sweep and evaluation)
 and the whole study is run, the oracle arms through this script's trainer, the others through `trl-mig train`:
@@ -54,12 +55,18 @@ def oracle_trainer_class():
 
 
 def train_with_oracle(argv: list[str]) -> int:
-    """`trl-mig train ARGV` with the oracle trainer in place of `MIGGRPOTrainer`."""
-    import trl_mig.cli.train
-    from trl_mig.cli.main import main
+    """`trl-mig train ARGV` with the oracle trainer in place of `MIGGRPOTrainer`; input errors as one line, exit 2."""
+    import logging
 
-    trl_mig.cli.train.MIGGRPOTrainer = oracle_trainer_class()  # `build_trainer` looks the class up at call time
-    return main(["train", *argv])
+    from trl_mig.cli.errors import CLIError
+    from trl_mig.cli.train import train_command
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        return train_command(argv, trainer_cls=oracle_trainer_class())
+    except (CLIError, ValueError) as err:  # as `trl-mig train` reports them
+        print(f"oracle_step_credit.py --train: error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> dict:
