@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 from dataclasses import is_dataclass
@@ -39,6 +38,12 @@ from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, segment_completion, segment_turns, step_ids_tensor
 from .step_batch import StepBatch
+from .trl_surface import (
+    check_trainer_attributes,
+    grpo_parameters_after,
+    log_completion_column,
+    sequence_level_trainer_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class MIGMixin:
         if reward_funcs is None and environment_factory is None:
             reward_funcs = default_reward_funcs(spec, args.solution_column)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+        check_trainer_attributes(self)  # the private attributes read below and in every step, named if missing
 
         self.format_spec = spec
         self.mig_scorer = StepLikelihoodScorer(
@@ -204,9 +210,9 @@ class MIGMixin:
         trajectory_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "trajectory", scale)
         # per-completion columns of the completions table (`log_completions`), in the global order
         all_gain_sums = torch.where(all_scorable, all_gains.sum(1), torch.full_like(all_gains[:, 0], float("nan")))
-        self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
-        self._logs["extra"]["mig_steps"].extend(all_steps.float().tolist())
-        self._logs["extra"]["mig_advantage"].extend(trajectory_adv.tolist())
+        log_completion_column(self, "mig_gain", all_gain_sums.tolist())
+        log_completion_column(self, "mig_steps", all_steps.float().tolist())
+        log_completion_column(self, "mig_advantage", trajectory_adv.tolist())
         if self.args.mig_credit == "step":
             mig_adv = mig_advantages(all_gains, all_steps, all_scorable, group_size, "step", scale)[process_slice]
         else:
@@ -441,7 +447,7 @@ def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
     """GRPOTrainer's constructor arguments after `train_dataset`, given by position, as keywords."""
     if not positional:
         return keywords
-    names = list(inspect.signature(GRPOTrainer.__init__).parameters)[5:]  # after self, model, ..., train_dataset
+    names = grpo_parameters_after("train_dataset")
     if len(positional) > len(names):
         raise TypeError(f"Too many positional arguments: GRPOTrainer takes {len(names) + 4} at most.")
     named = dict(zip(names, positional))
@@ -476,12 +482,9 @@ class MIGGRPOTrainer(MIGMixin, GRPOTrainer):
     _name = "MIG-GRPO"
 
 
-# trainers whose loss takes one advantage per completion, `(B,)`, not a `(B, T)` tensor
-_SEQUENCE_LEVEL_TRAINERS = ("trl.experimental.gmpo.gmpo_trainer.GMPOTrainer",)
-
-
 def _takes_sequence_advantages(trainer_class: type) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in _SEQUENCE_LEVEL_TRAINERS for c in trainer_class.__mro__)
+    """Whether the trainer's loss takes one advantage per completion, `(B,)`, not a `(B, T)` tensor (GMPO's)."""
+    return issubclass(trainer_class, sequence_level_trainer_classes())
 
 
 @functools.lru_cache(maxsize=None)
