@@ -120,7 +120,8 @@ def test_overridden_step_scorer_trains(tmp_path, char_tokenizer):
     assert changed
     assert len(trainer.batches) >= 2 and all(len(batch) == 8 for batch in trainer.batches)
     assert {row["tag"] for batch in trainer.batches for row in batch.rows} == {"problem-0", "problem-1"}
-    logged = [entry["mig/loglik_prompt_only"] for entry in trainer.state.log_history if "mig/loglik_prompt_only" in entry]
+    history = trainer.state.log_history
+    logged = [entry["mig/loglik_prompt_only"] for entry in history if "mig/loglik_prompt_only" in entry]
     assert logged == pytest.approx([-2.5] * len(logged)) and logged
 
 
@@ -143,7 +144,8 @@ def test_a_step_scorer_of_the_wrong_shape_is_named(tmp_path, char_tokenizer, ret
 
 
 def test_step_batch_needs_one_entry_per_completion(char_tokenizer):
-    ids = char_tokenizer("<think>### Step 1\n1+1=2\n</think>\n<answer>2</answer>", add_special_tokens=False)["input_ids"]
+    text = "<think>### Step 1\n1+1=2\n</think>\n<answer>2</answer>"
+    ids = char_tokenizer(text, add_special_tokens=False)["input_ids"]
     segments = [segment_completion(char_tokenizer, ids, FormatSpec())] * 2
     batch = StepBatch([{}, {}], [[1], [1]], [ids, ids], segments, [[], []])
     assert len(batch) == 2 and batch.multimodal == [None, None] and batch.width == 2

@@ -65,7 +65,8 @@ def test_a_hook_with_other_parameters_is_named_with_its_signature():
 
 def test_a_missing_helper_or_parameter_is_named(monkeypatch):
     monkeypatch.delattr(trl.trainer.utils, "use_adapter")
-    with pytest.raises(UnsupportedVersionError, match=r"needs trl\.trainer\.utils\.use_adapter\(model, adapter_name=\)"):
+    with pytest.raises(UnsupportedVersionError,
+                       match=r"needs trl\.trainer\.utils\.use_adapter\(model, adapter_name=\)"):
         check_members("library")
     monkeypatch.undo()
 
