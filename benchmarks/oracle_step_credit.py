@@ -6,6 +6,10 @@ from the first, that match the gold solution's steps up to step k. So g_k = 1 fo
 wrong one and 0 from the first wrong step on: the step credit MIG's likelihoods are meant to approximate, without
 their noise. If even this credit does not beat outcome-only GRPO, credit assignment is not what limits RL on the task.
 
+The oracle trainer uses trl-mig's extension points only: it overrides `MIGMixin.step_log_likelihoods` (the rows of the
+batch carry each problem's `expression`), and its runs train through `trl_mig.cli.train.train_command(argv,
+trainer_cls=...)`, the whole `trl-mig train` command with this trainer class.
+
 The oracle arms are added to a study (`trl-mig study` YAML: the same recipe, overrides, seeds, sweep and evaluation)
 and the whole study is run, the oracle arms through this script's trainer, the others through `trl-mig train`:
 
@@ -33,20 +37,16 @@ def oracle_trainer_class():
     import torch
 
     from _common import grade_steps
-    from trl_mig.trainer import MIGGRPOTrainer
+    from trl_mig import MIGGRPOTrainer, StepBatch
 
     class OracleStepCreditTrainer(MIGGRPOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            self._oracle_rows = inputs  # the rows of this generation batch, one per completion, in order
-            return super()._generate_and_score_completions(inputs)
-
-        def _score(self, prompt_rows, contents, segments, answers, multimodal=None) -> torch.Tensor:
+        def step_log_likelihoods(self, batch: StepBatch) -> torch.Tensor:
             """`(B, K_max + 1)`: l_k = right steps among 1..k counted up to the first wrong one; NaN past K_i."""
-            width = max(seg.num_steps for seg in segments) + 1
-            loglik = torch.full((len(segments), width), float("nan"))
-            for row, (content, seg, example) in enumerate(zip(contents, segments, self._oracle_rows)):
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's, or itself
+            loglik = batch.empty_log_likelihoods()
+            for row, (content, seg, example) in enumerate(zip(batch.completion_ids, batch.segments, batch.rows)):
                 bounds = seg.boundaries
-                texts = [self._tokenizer.decode(content[bounds[k - 1] : bounds[k]]) for k in range(1, len(bounds))]
+                texts = [tokenizer.decode(content[bounds[k - 1] : bounds[k]]) for k in range(1, len(bounds))]
                 grades = grade_steps(example["expression"], texts)  # True for the leading right steps, then False
                 loglik[row, : len(bounds)] = torch.tensor([float(sum(grades[:k])) for k in range(len(bounds))])
             return loglik.to(self.accelerator.device)
@@ -55,12 +55,18 @@ def oracle_trainer_class():
 
 
 def train_with_oracle(argv: list[str]) -> int:
-    """`trl-mig train ARGV` with the oracle trainer in place of `MIGGRPOTrainer`."""
-    import trl_mig.cli.train
-    from trl_mig.cli.main import main
+    """`trl-mig train ARGV` with the oracle trainer in place of `MIGGRPOTrainer`; input errors as one line, exit 2."""
+    import logging
 
-    trl_mig.cli.train.MIGGRPOTrainer = oracle_trainer_class()  # `build_trainer` looks the class up at call time
-    return main(["train", *argv])
+    from trl_mig.cli.errors import CLIError
+    from trl_mig.cli.train import train_command
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        return train_command(argv, trainer_cls=oracle_trainer_class())
+    except (CLIError, ValueError) as err:  # as `trl-mig train` reports them
+        print(f"oracle_step_credit.py --train: error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> dict:

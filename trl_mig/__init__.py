@@ -19,6 +19,7 @@ from .inspection import CompletionCredit, StepCredit, inspect_completion
 from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion, segment_turns
+from .step_batch import StepBatch
 from .trainer import MIGGRPOTrainer, MIGMixin, mig_trainer_class
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "MIGGRPOTrainer",
     "MIGMixin",
     "MIGSettings",
+    "StepBatch",
     "StepCredit",
     "StepFormatReward",
     "StepLikelihoodScorer",

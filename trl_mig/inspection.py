@@ -29,6 +29,7 @@ from .segmentation import (
     step_ids_tensor,
     token_end_offsets,
 )
+from .trl_surface import log_completion_column
 
 logger = logging.getLogger(__name__)
 
@@ -504,8 +505,8 @@ def record_completion_credit(trainer, inputs, prompt_rows, contents, segments, l
         usable = scorable[row]
         column_l.append([_finite_or_none(v) for v in loglik[row, : seg.num_steps + 1].tolist()] if usable else None)
         column_g.append([_finite_or_none(v) for v in gains[row, : seg.num_steps].tolist()] if usable else None)
-    trainer._logs["extra"]["mig_loglik"].extend(gather_object(column_l))
-    trainer._logs["extra"]["mig_gains"].extend(gather_object(column_g))
+    log_completion_column(trainer, "mig_loglik", gather_object(column_l))
+    log_completion_column(trainer, "mig_gains", gather_object(column_g))
     if not getattr(trainer.args, "mig_inspect_html", False) or not trainer.model.training:
         return  # the pages show training batches; evaluation batches are grouped by other sizes
     tokenizer = trainer._tokenizer

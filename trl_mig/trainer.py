@@ -5,8 +5,9 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
-  l_0..l_K, turns them into watermark gains and replaces the `(B,)` outcome advantages with `(B, T)` per-token ones,
-  composed by its own public hook `compose_credit` (outcome and MIG credit of the gathered batch, in one function);
+  l_0..l_K (`step_log_likelihoods`, public: override it for another step scorer), turns them into watermark gains and
+  replaces the `(B,)` outcome advantages with `(B, T)` per-token ones, composed by its own public hook `compose_credit`
+  (outcome and MIG credit of the gathered batch, in one function);
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
   `_get_per_token_logps_and_entropies`, so there is no second forward).
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 from dataclasses import is_dataclass
@@ -38,6 +38,13 @@ from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import FormatSpec, content_token_ids, segment_completion, segment_turns, step_ids_tensor
+from .step_batch import StepBatch
+from .trl_surface import (
+    check_trainer_attributes,
+    grpo_parameters_after,
+    log_completion_column,
+    sequence_level_trainer_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +111,7 @@ class MIGMixin:
         if reward_funcs is None and environment_factory is None:
             reward_funcs = default_reward_funcs(spec, args.solution_column)
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+        check_trainer_attributes(self)  # the private attributes read below and in every step, named if missing
 
         self.format_spec = spec
         self.mig_scorer = StepLikelihoodScorer(
@@ -180,7 +188,8 @@ class MIGMixin:
         answers = [self._answer_blocks_for(row) for row in inputs]
         # a vision-language model's images, per completion, exactly as the policy forward indexes them
         multimodal = split_multimodal_inputs(output, output["prompt_mask"])
-        loglik = self._score(prompt_rows, contents, segments, answers, multimodal)  # (B, K_max + 1), NaN-padded
+        step_batch = StepBatch(inputs, prompt_rows, contents, segments, answers, multimodal)
+        loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K_max + 1)
 
         gains = step_gains(loglik, self.args.mig_gain)  # (B, K_max): the per-step MIG rewards
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
@@ -208,9 +217,9 @@ class MIGMixin:
         self._check_outcome_advantages(output["advantages"], local_credit.outcome_advantages)
         all_gain_sums, trajectory_adv = credit.mig_rewards, credit.trajectory_mig_advantages
         # per-completion columns of the completions table (`log_completions`), in the global order
-        self._logs["extra"]["mig_gain"].extend(all_gain_sums.tolist())
-        self._logs["extra"]["mig_steps"].extend(all_steps.float().tolist())
-        self._logs["extra"]["mig_advantage"].extend(trajectory_adv.tolist())
+        log_completion_column(self, "mig_gain", all_gain_sums.tolist())
+        log_completion_column(self, "mig_steps", all_steps.float().tolist())
+        log_completion_column(self, "mig_advantage", trajectory_adv.tolist())
         if self.mig_token_level_advantages:
             output["advantages"] = local_credit.advantages[:, : step_ids.shape[1]]
         else:
@@ -396,16 +405,28 @@ class MIGMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    def _score(self, prompt_rows, contents, segments, answers, multimodal=None) -> torch.Tensor:
-        """l_k for every completion: `(B, K_max + 1)` float32 on the accelerator device, NaN past each K_i and for
-        rows without a ground truth. `multimodal`: per completion, its prompt's images (`split_multimodal_inputs`)."""
+    def step_log_likelihoods(self, batch: StepBatch) -> torch.Tensor:
+        """
+        l_0..l_K of every completion: the length-normalised log-likelihood of the ground-truth answer after the
+        prompt, the completion's first k steps and the scaffold (`mig_scaffold`), at temperature 1, by the policy (or
+        the reference model, `mig_likelihood_model`), the best over the answer's variants.
+
+        Override it for another step scorer (a process reward model, an oracle, a partial-credit function): the
+        watermark gains, MIG advantages, chain-of-thought masks, gated SFT, metrics and completions-table columns are
+        all computed from what it returns. `batch.rows[i]` is completion i's dataset row, every column included.
+
+        Args:
+            batch ([`StepBatch`]): this process's completions of the generation batch, split into steps.
+
+        Returns:
+            `torch.Tensor` of shape `(B, K_max + 1)`, float32 on the accelerator device: row i holds l_0..l_{K_i},
+            NaN after; a row without a finite value (and every row without a ground truth) gets no MIG credit.
+        """
         device = self.accelerator.device
-        width = max(seg.num_steps for seg in segments) + 1
-        loglik = torch.full((len(segments), width), float("nan"))
-        multimodal = multimodal if multimodal is not None else [None] * len(segments)
+        loglik = batch.empty_log_likelihoods()
         items, rows = [], []
         for row, (prompt, content, seg, blocks, images) in enumerate(
-            zip(prompt_rows, contents, segments, answers, multimodal)
+            zip(batch.prompt_ids, batch.completion_ids, batch.segments, batch.answers, batch.multimodal)
         ):
             if blocks:
                 items.append(ScoringItem(prompt, content, seg.boundaries, blocks, images))
@@ -481,7 +502,7 @@ def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
     """GRPOTrainer's constructor arguments after `train_dataset`, given by position, as keywords."""
     if not positional:
         return keywords
-    names = list(inspect.signature(GRPOTrainer.__init__).parameters)[5:]  # after self, model, ..., train_dataset
+    names = grpo_parameters_after("train_dataset")
     if len(positional) > len(names):
         raise TypeError(f"Too many positional arguments: GRPOTrainer takes {len(names) + 4} at most.")
     named = dict(zip(names, positional))
@@ -516,12 +537,9 @@ class MIGGRPOTrainer(MIGMixin, GRPOTrainer):
     _name = "MIG-GRPO"
 
 
-# trainers whose loss takes one advantage per completion, `(B,)`, not a `(B, T)` tensor
-_SEQUENCE_LEVEL_TRAINERS = ("trl.experimental.gmpo.gmpo_trainer.GMPOTrainer",)
-
-
 def _takes_sequence_advantages(trainer_class: type) -> bool:
-    return any(f"{c.__module__}.{c.__qualname__}" in _SEQUENCE_LEVEL_TRAINERS for c in trainer_class.__mro__)
+    """Whether the trainer's loss takes one advantage per completion, `(B,)`, not a `(B, T)` tensor (GMPO's)."""
+    return issubclass(trainer_class, sequence_level_trainer_classes())
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ from _common import every_step_right, grade_steps  # noqa: E402
 from oracle_step_credit import main as oracle_study  # noqa: E402
 from oracle_step_credit import oracle_trainer_class  # noqa: E402
 
+from trl_mig import StepBatch  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
 from trl_mig.builtin.tiny import build_char_tokenizer  # noqa: E402
 
@@ -39,10 +40,10 @@ def test_oracle_likelihoods_count_right_steps_until_the_first_wrong_one():
     tokenizer = build_char_tokenizer(step_token=True)
     contents = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (RIGHT, WRONG_SECOND, EXTRA_STEP)]
     segments = [segment_completion(tokenizer, ids, FormatSpec()) for ids in contents]
-    trainer = SimpleNamespace(
-        _tokenizer=tokenizer, _oracle_rows=[{"expression": EXPRESSION}] * 3, accelerator=SimpleNamespace(device="cpu")
-    )
-    loglik = oracle_trainer_class()._score(trainer, None, contents, segments, None)
+    trainer = SimpleNamespace(processing_class=tokenizer, accelerator=SimpleNamespace(device="cpu"))
+    batch = StepBatch(rows=[{"expression": EXPRESSION}] * 3, prompt_ids=[[]] * 3, completion_ids=contents,
+                      segments=segments, answers=[[]] * 3)
+    loglik = oracle_trainer_class().step_log_likelihoods(trainer, batch)
     expected = torch.tensor([[0.0, 1, 2, 3, float("nan")], [0, 1, 1, 1, float("nan")], [0, 1, 2, 3, 3]])
     assert torch.equal(loglik.isnan(), expected.isnan())
     assert torch.equal(loglik.nan_to_num(-1), expected.nan_to_num(-1))

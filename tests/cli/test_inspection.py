@@ -26,13 +26,13 @@ NO_STEPS = "<think></think>\n<answer>20</answer>"
 def test_inspect_completion_equals_the_trainers_internal_values(tmp_path, char_tokenizer, credit):
     trainer = make_trainer(tmp_path, char_tokenizer, mig_weight=0.7, outcome_weight=1.3, mig_credit=credit)
     captured = []
-    score = trainer._score
+    score = trainer.step_log_likelihoods
 
-    def spy(*args):  # the trainer's own l_k, (B, K_max + 1)
-        captured.append(score(*args))
+    def spy(batch):  # the trainer's own l_k, (B, K_max + 1)
+        captured.append(score(batch))
         return captured[-1]
 
-    trainer._score = spy
+    trainer.step_log_likelihoods = spy
     output = trainer._generate_and_score_completions(scripted_batch())
     loglik = captured[0].cpu()
     gains = hwm_gains(loglik)[0]

@@ -36,7 +36,7 @@ from ..config import MIGConfig
 from ..evaluation import evaluate_splits, format_cell, format_table, write_json
 from ..rewards import AnswerAccuracyReward, StepFormatReward, default_reward_funcs
 from ..segmentation import FormatSpec
-from ..trainer import MIGGRPOTrainer
+from ..trainer import MIGGRPOTrainer, MIGMixin
 from .cpu import keep_freed_memory
 from .data import IMAGE_COLUMNS, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
@@ -57,11 +57,15 @@ class TrainingData:
     accuracy: dict  # split -> dataset, for `accuracy_eval_splits` (at most `accuracy_eval_max_samples` rows each)
 
 
-def run_training(script_args, builtin_args, training_args, model_args, mixture_args) -> int:
-    """Load model and data, (optionally) measure accuracy, train with MIG (or GRPO), save, measure again."""
+def run_training(script_args, builtin_args, training_args, model_args, mixture_args, trainer_cls=None) -> int:
+    """
+    Load model and data, (optionally) measure accuracy, train with MIG (or GRPO), save, measure again. `trainer_cls`:
+    the trainer class to build instead of the algorithm's default (see `build_trainer`).
+    """
     state = PartialState()
     if script_args.algorithm not in ALGORITHMS:
         raise CLIError(f"algorithm={script_args.algorithm!r} is not one of {list(ALGORITHMS)}.")
+    trainer_cls = resolve_trainer_class(script_args.algorithm, trainer_cls)  # before any data or model is loaded
     started = time.perf_counter()
     timings = {}
 
@@ -82,7 +86,8 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     set_model_init_kwargs(training_args, model_args)
 
     spec = FormatSpec.from_config(training_args)
-    trainer = build_trainer(script_args, training_args, model_args, data, spec, tool_task=tool_task)
+    trainer = build_trainer(script_args, training_args, model_args, data, spec, tool_task=tool_task,
+                            trainer_cls=trainer_cls)
     eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, spec)
     if tool_task:  # rollouts with the calculator, as in training (evaluate_splits generates single turns)
         eval_kwargs = tool_eval_kwargs(script_args, training_args, trainer, spec)
@@ -270,12 +275,39 @@ def uses_builtin_tools(script_args, mixture_args) -> bool:
     return not mixture_args.datasets and script_args.dataset_name in TOOL_TASK_DATASETS
 
 
-def build_trainer(script_args, training_args, model_args, data: TrainingData, spec, tool_task: bool = False):
+def resolve_trainer_class(algorithm: str, trainer_cls: type | None = None) -> type:
+    """
+    The trainer class of `algorithm`: `trainer_cls` when given, else `MIGGRPOTrainer` ('mig') or `GRPOTrainer`
+    ('grpo'). For 'mig' a given class must have MIG credit (a `MIGMixin` subclass on a GRPOTrainer, e.g. one that
+    overrides `step_log_likelihoods`); for 'grpo' it must be a GRPOTrainer subclass without MIG credit.
+    """
+    if trainer_cls is None:
+        return MIGGRPOTrainer if algorithm == "mig" else GRPOTrainer
+    name = getattr(trainer_cls, "__name__", repr(trainer_cls))
+    if not isinstance(trainer_cls, type) or not issubclass(trainer_cls, GRPOTrainer):
+        raise TypeError(f"trainer_cls must be a subclass of trl.GRPOTrainer, got {name}.")
+    if algorithm == "mig" and not issubclass(trainer_cls, MIGMixin):
+        raise TypeError(
+            f"algorithm 'mig' needs a trainer_cls with MIG credit, a subclass of trl_mig.MIGMixin (e.g. of "
+            f"MIGGRPOTrainer, or mig_trainer_class({name})), got {name}."
+        )
+    if algorithm == "grpo" and issubclass(trainer_cls, MIGMixin):
+        raise TypeError(f"algorithm 'grpo' trains without MIG credit, but trainer_cls {name} is a MIGMixin subclass.")
+    return trainer_cls
+
+
+def build_trainer(script_args, training_args, model_args, data: TrainingData, spec, tool_task: bool = False,
+                  trainer_cls: type | None = None):
     """
     `MIGGRPOTrainer` (algorithm 'mig') or TRL's `GRPOTrainer` ('grpo', with the same default rewards, read with
     `spec`) on the train and eval splits, with the recipe's rewards, PEFT and quantization settings; with
     `tool_task`, the built-in tool task's tools (`trl_mig.builtin.tools.TOOLS`) for TRL's multi-turn tool loop.
+
+    `trainer_cls` builds another class instead, with the same arguments: for 'mig' a `MIGMixin` subclass (e.g. one
+    overriding `step_log_likelihoods`), for 'grpo' a GRPOTrainer subclass (see `resolve_trainer_class`; TypeError
+    otherwise).
     """
+    trainer_cls = resolve_trainer_class(script_args.algorithm, trainer_cls)
     solution_column = training_args.solution_column
     reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args, solution_column)
     trainer_kwargs = dict(
@@ -289,11 +321,9 @@ def build_trainer(script_args, training_args, model_args, data: TrainingData, sp
     if tool_task:
         trainer_kwargs["tools"] = list(TOOLS)
     try:
-        if script_args.algorithm == "mig":
-            return MIGGRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
-        if reward_funcs is None:
+        if script_args.algorithm == "grpo" and reward_funcs is None:  # GRPOTrainer has no default rewards
             reward_funcs = default_reward_funcs(spec, solution_column)
-        return GRPOTrainer(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
+        return trainer_cls(model_args.model_name_or_path, reward_funcs=reward_funcs, **trainer_kwargs)
     except (ValueError, KeyError, TypeError) as err:
         hint = ""
         if tool_task and "chat template" in str(err):
@@ -445,7 +475,12 @@ def write_rank_log(output_dir: Path, state, log_history: list) -> None:
     )
 
 
-def train_command(argv: list[str]) -> int:
+def train_command(argv: list[str], trainer_cls: type | None = None) -> int:
+    """
+    `trl-mig train ARGV`. `trainer_cls`: the trainer class to train instead of the algorithm's default, e.g. a
+    `MIGGRPOTrainer` subclass that overrides `step_log_likelihoods` (see `build_trainer`), so a script can run the
+    whole command with its own trainer: `train_command(["--config", "recipe.yaml"], trainer_cls=MyTrainer)`.
+    """
     parser = make_train_parser()
     names = "MIGScriptArguments, BuiltinArguments, MIGConfig, ModelConfig or DatasetMixtureConfig"
     (script_args, builtin_args, training_args, model_args, mixture_args), cli_remaining = parse_recipe_args(
@@ -454,9 +489,16 @@ def train_command(argv: list[str]) -> int:
     if cli_remaining:
         if inside_launcher():
             raise CLIError(f"Unknown argument(s) {cli_remaining}: not fields of {names}.")
+        if trainer_cls is not None:
+            # the relaunched `-m trl_mig train` processes would build the default trainer, not this class
+            raise CLIError(
+                f"{cli_remaining}: `accelerate launch` options relaunch `trl-mig train`, which cannot take the "
+                f"trainer class {getattr(trainer_cls, '__name__', trainer_cls)}. Start your script with `accelerate "
+                "launch` instead."
+            )
         return relaunch_with_accelerate(cli_remaining, remove_subsequence(argv, cli_remaining))
     _apply_thread_count()
-    return run_training(script_args, builtin_args, training_args, model_args, mixture_args)
+    return run_training(script_args, builtin_args, training_args, model_args, mixture_args, trainer_cls=trainer_cls)
 
 
 def _apply_thread_count() -> None:
