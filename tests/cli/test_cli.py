@@ -400,6 +400,43 @@ def test_unknown_command_line_argument_is_a_clear_error(capsys):
         assert code == 2 and typo in stderr
 
 
+def _error_lines(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"trl-mig {command}: error: ")]
+
+
+def test_library_errors_through_a_command_are_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
+    # a TypeError of the library (trl_mig.rewards reads the ground truth): a solution column of dicts
+    data = tmp_path / "dicts.jsonl"
+    row = {"prompt": "1+1?", "solution": {"value": 2}, "completion": "<think>### Step 1\n1+1=2</think><answer>2</answer>"}
+    data.write_text(json.dumps(row) + "\n")
+    args = ["eval", "--dataset", str(data), "--splits", "train", "--completions_column", "completion",
+            "--output_file", str(tmp_path / "eval.json")]
+    code, _, stderr = run_main(args, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    [line] = _error_lines(stderr, "eval")
+    assert "Column 'solution'" in line and "got dict" in line
+    assert not (tmp_path / "eval.json").exists()
+
+    # a ValueError of the library (trl_mig.evaluation), raised after the model is loaded
+    model_dir, jsonl = _local_model_and_data(tmp_path)
+    sampled = ["eval", "--model", str(model_dir), "--dataset", str(jsonl), "--splits", "train", "--prompt_column",
+               "question", "--answer_column", "answer", "--answer_extraction", "gsm8k", "--num_samples", "2",
+               "--device", "cpu", "--output_file", str(tmp_path / "sampled.json")]
+    code, _, stderr = run_main(sampled, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    [line] = _error_lines(stderr, "eval")
+    assert "num_samples > 1 needs temperature > 0" in line
+
+    # TRL_MIG_DEBUG=1: the same errors propagate, with their traceback
+    monkeypatch.setenv("TRL_MIG_DEBUG", "1")
+    with pytest.raises(TypeError, match="Column 'solution'"):
+        main(args)
+    with pytest.raises(ValueError, match="num_samples > 1"):
+        main(sampled)
+    monkeypatch.setenv("TRL_MIG_DEBUG", "0")  # off again
+    assert main(args) == 2
+
+
 def test_keep_freed_memory_takes_effect_with_glibc():
     import ctypes
     import platform
