@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trl_mig.cli.errors import CLIError
 from trl_mig.cli.main import main
 from trl_mig.cli.recipes import make_train_parser, parse_recipe_args
 from trl_mig.cli.data import extract_boxed, extract_gsm8k
@@ -435,6 +436,41 @@ def test_library_errors_through_a_command_are_one_line_naming_the_field(tmp_path
         main(sampled)
     monkeypatch.setenv("TRL_MIG_DEBUG", "0")  # off again
     assert main(args) == 2
+
+
+def test_a_recipe_given_as_a_dict_parses_as_its_yaml_file(monkeypatch):
+    import dataclasses
+
+    import yaml
+
+    from trl_mig.cli.recipes import parse_recipe_dict, read_recipe
+
+    recipe = read_recipe(DEMO)
+    from_file, remaining = parse_recipe_args(make_train_parser(), ["--config", DEMO, "--seed", "7"], "the dataclasses")
+    from_dict, remaining_dict = parse_recipe_dict(make_train_parser(), recipe, ["--seed", "7"])
+    assert remaining == remaining_dict == []
+    def values(parsed):
+        return [{f.name: getattr(a, f.name) for f in dataclasses.fields(a)} for a in parsed]
+
+    assert values(from_dict) == values(from_file)
+    assert from_dict[2].seed == 7 and from_dict[2].learning_rate == recipe["learning_rate"]
+    assert recipe == yaml.safe_load(Path(DEMO).read_text())  # the caller's mapping is left as it was
+
+    # `env:` is set in os.environ before the fields are parsed, as TrlParser does for a YAML file
+    monkeypatch.delenv("TRL_MIG_TEST_VARIABLE", raising=False)
+    parse_recipe_dict(make_train_parser(), {**recipe, "env": {"TRL_MIG_TEST_VARIABLE": 3}})
+    assert os.environ["TRL_MIG_TEST_VARIABLE"] == "3"
+    monkeypatch.delenv("TRL_MIG_TEST_VARIABLE")
+
+    # the messages of a recipe file, naming the recipe as the caller does
+    with pytest.raises(CLIError, match=r"Unknown key\(s\) in the run's recipe: \['mig_wieght'\]"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "mig_wieght": 2.0}, source="the run's recipe")
+    with pytest.raises(CLIError, match="mig_scoring_batch_size"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "mig_scoring_batch_size": 0})
+    with pytest.raises(CLIError, match="`env` in the recipe must be a mapping"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "env": ["A=1"]})
+    with pytest.raises(CLIError, match="must be a mapping of field: value, got list"):
+        parse_recipe_dict(make_train_parser(), ["learning_rate", 1e-4])
 
 
 def test_keep_freed_memory_takes_effect_with_glibc():

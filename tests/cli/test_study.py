@@ -192,3 +192,17 @@ def test_other_seeds_run_only_at_the_chosen_setting(tmp_path):
     }
     with pytest.raises(CLIError, match="sweep_seeds"):
         StudyConfig.from_yaml(str(write_study(tmp_path, sweep_seeds=[7])))
+
+
+def test_a_run_recipe_parses_from_its_mapping_and_names_the_run_in_errors(tmp_path):
+    from trl_mig.study import parse_run_recipe
+
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, overrides={**TINY, "mig_weight": 0.5})))
+    run = plan_runs(config)[0]
+    script_args, builtin_args, training_args, _, _ = parse_run_recipe(run.recipe)
+    assert (training_args.seed, training_args.mig_weight, training_args.max_steps) == (run.seed, 0.5, TINY["max_steps"])
+    assert builtin_args.tiny_hidden_size == TINY["tiny_hidden_size"] and script_args.algorithm == run.arm
+    with pytest.raises(CLIError, match=r"Unknown key\(s\) in the recipe of run 'grpo': \['mig_wieght'\]"):
+        parse_run_recipe({**run.recipe, "mig_wieght": 1.0}, "the recipe of run 'grpo'")
+    with pytest.raises(CLIError, match="mig_scoring_batch_size"):
+        parse_run_recipe({**run.recipe, "mig_scoring_batch_size": 0})
