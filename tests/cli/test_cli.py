@@ -473,6 +473,49 @@ def test_a_recipe_given_as_a_dict_parses_as_its_yaml_file(monkeypatch):
         parse_recipe_dict(make_train_parser(), ["learning_rate", 1e-4])
 
 
+def test_dotted_reward_functions_are_found_in_the_working_directory_without_changing_sys_path(tmp_path):
+    from trl_mig import MIGConfig, answer_accuracy_reward, step_format_reward
+    from trl_mig.cli.train import build_reward_funcs
+
+    # tmp_path is the working directory (the autouse fixture): a module and a package with a relative import
+    (tmp_path / "my_rewards_mod.py").write_text("def length_reward(completions, **kwargs):\n"
+                                                "    return [float(len(c)) for c in completions]\n")
+    package = tmp_path / "my_rewards_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "common.py").write_text("BONUS = 2.0\n")
+    (package / "scores.py").write_text("from .common import BONUS\n\ndef bonus(completions, **kwargs):\n"
+                                       "    return [BONUS] * len(completions)\n")
+    (tmp_path / "broken_rewards_mod.py").write_text("import a_module_that_is_not_installed\n")
+    args = MIGConfig(output_dir=str(tmp_path / "out"), answer_pattern=r"ANSWER: (\S+)", report_to="none", use_cpu=True,
+                     bf16=False)
+    path_before = list(sys.path)
+    try:
+        length, bonus, accuracy, fmt = build_reward_funcs(
+            ["my_rewards_mod.length_reward", "my_rewards_pkg.scores.bonus", "trl_mig.answer_accuracy_reward",
+             "trl_mig.rewards.step_format_reward"], args, "answer",
+        )
+        assert sys.path == path_before
+        assert length(["ab", "abcd"]) == [2.0, 4.0] and bonus(["x"]) == [2.0]
+        # the library's default-format rewards are built from the recipe's format and column instead
+        assert accuracy is not answer_accuracy_reward and fmt is not step_format_reward
+        text = "<think>### Step 1\n2+3=5</think>ANSWER: 5"
+        assert accuracy([text], answer=["5"]) == [1.0] and answer_accuracy_reward([text], solution=["5"]) == [0.0]
+        assert fmt([text]) == [1.0] and step_format_reward([text]) == [0.0]
+
+        with pytest.raises(CLIError, match="cannot import 'no_such_rewards_mod.f'.*no_such_rewards_mod"):
+            build_reward_funcs(["no_such_rewards_mod.f"], args, "answer")
+        with pytest.raises(CLIError, match="a_module_that_is_not_installed"):  # the module's own failing import
+            build_reward_funcs(["broken_rewards_mod.f"], args, "answer")
+        assert "broken_rewards_mod" not in sys.modules
+        with pytest.raises(CLIError, match="'my_rewards_mod' has no 'missing'"):
+            build_reward_funcs(["my_rewards_mod.missing"], args, "answer")
+        assert sys.path == path_before
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("my_rewards_mod", "my_rewards_pkg")]:
+            del sys.modules[name]
+
+
 def test_keep_freed_memory_takes_effect_with_glibc():
     import ctypes
     import platform

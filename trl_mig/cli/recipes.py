@@ -27,7 +27,8 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
         metadata={
             "help": "Reward functions, by name: 'answer_accuracy', 'step_format' (trl-mig, answer in tags), "
             "'accuracy_reward', 'reasoning_accuracy_reward', 'think_format_reward' (TRL, \\boxed answers), or a "
-            "dotted import path. Default: answer_accuracy + step_format. Weights: `reward_weights`."
+            "dotted import path (an importable module, or a module or package in the working directory). Default: "
+            "answer_accuracy + step_format. Weights: `reward_weights`."
         },
     )
     algorithm: str = field(
