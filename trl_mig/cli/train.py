@@ -270,7 +270,6 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
     return funcs
 
 
-
 def import_reward_function(name: str):
     """
     The reward function at the dotted path `name` ('module.function', 'package.module.function'): from an importable
@@ -307,7 +306,7 @@ def _import_from_working_directory(top: str) -> None:
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[top]  # as the import system does: no half-initialised module stays behind
+        sys.modules.pop(top, None)  # as the import system does: no half-initialised module stays behind
         raise
 
 
