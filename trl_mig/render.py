@@ -2,7 +2,8 @@
 
 The HTML page has no scripts and no external assets (inline CSS, inline SVG, tooltips from `title` attributes), so it
 opens anywhere, offline. Each prompt's completions stand side by side; in each, the steps of the thought are shaded by
-their gain g_k and hovering a step shows l_k, h_k and g_k.
+their gain g_k and hovering a step shows l_k, h_k and g_k. The PNG plot needs matplotlib, an optional dependency
+(`pip install 'trl-mig[plots]'`); the HTML page needs nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .inspection import CompletionCredit
 
 _GAIN_RGB = (22, 130, 60)  # green: a step that raised the answer likelihood
 _DROP_RGB = (200, 40, 40)  # red: a negative per-step reward (mig_gain="difference")
+PLOTS_EXTRA_HINT = "pip install 'trl-mig[plots]'"  # how to get matplotlib, the optional dependency of the PNG plots
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 20px; color: #1d1d1f; background: #fff; }
@@ -227,20 +229,39 @@ def _plot(credit: CompletionCredit, y_range: tuple[float, float], width: int = 2
     )
 
 
+def new_agg_figure(needed_by: str, **figure_kwargs):
+    """
+    A matplotlib `Figure` drawn by its own Agg canvas: no pyplot, so no global figure registry and no change of the
+    process's backend. `figure_kwargs` go to `Figure` (figsize, dpi).
+
+    Raises:
+        ImportError: (with `name="matplotlib"`) when matplotlib is not installed: `needed_by` needs it, and the message
+            says how to get it (the `plots` extra).
+    """
+    # matplotlib is an optional dependency (the `plots` extra): imported here, when a plot is drawn, and only here
+    try:
+        import matplotlib  # noqa: F401 - the package itself first: a missing (or blocked) matplotlib fails here
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"{needed_by} needs matplotlib: {PLOTS_EXTRA_HINT}", name="matplotlib") from err
+    figure = Figure(**figure_kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def render_png(credits: Sequence[CompletionCredit], path, title: str = "MIG credit") -> str:
     """
-    A PNG plot (matplotlib, Agg): l_k (solid) and the watermark h_k (dashed) over steps, one colour per completion,
-    breakthroughs marked with a star. Completions without likelihoods are left out. Returns the path.
+    A PNG plot (matplotlib, Agg canvas, no pyplot): l_k (solid) and the watermark h_k (dashed) over steps, one colour
+    per completion, breakthroughs marked with a star. Completions without likelihoods are left out. Returns the path.
+
+    Raises:
+        ImportError: when matplotlib (the `plots` extra, `pip install 'trl-mig[plots]'`) is not installed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    figure = new_agg_figure("render_png", figsize=(9.5, 4.5), dpi=110)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure, axes = plt.subplots(figsize=(9.5, 4.5), dpi=110)
-    colors = plt.get_cmap("tab10")
+    axes = figure.subplots()
     same: dict[str, list[int]] = {}  # identical completions are drawn once
     for index, credit in enumerate(credits, 1):
         same.setdefault(credit.completion, []).append(index)
@@ -249,7 +270,7 @@ def render_png(credits: Sequence[CompletionCredit], path, title: str = "MIG cred
         credit = credits[indices[0] - 1]
         if credit.loglik is None:
             continue
-        color = colors(number % 10)
+        color = f"C{number % 10}"  # the colour cycle (tab10 by default)
         steps = list(range(len(credit.loglik)))
         verdict = "n/a" if credit.correct is None else ("✓" if credit.correct >= 1 else "✗")
         names = "=".join(f"#{i}" for i in indices)
@@ -273,7 +294,6 @@ def render_png(credits: Sequence[CompletionCredit], path, title: str = "MIG cred
         axes.text(0.5, 0.5, "no likelihoods (no ground truth)", ha="center", va="center", transform=axes.transAxes)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 

@@ -8,8 +8,8 @@ check. Both read the completion with the same `FormatSpec` the trainer uses for 
 
 from __future__ import annotations
 
-import logging
 import threading
+
 from .segmentation import FormatSpec, analyze_text
 
 
@@ -67,10 +67,9 @@ def answers_match(answer: str, gold: list[str], match: str = "math") -> bool:
         raise ValueError(f"Unknown answer match {match!r}; expected 'math' or 'exact'.")
     from math_verify import parse, verify
 
-    # math-verify's timeouts use signal.alarm, which only works in the main thread
+    # math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere it runs without one (and
+    # says so once; its logger is the user's to configure)
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    if timeout is None:
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
     parsed_answer = parse(answer, parsing_timeout=timeout)
     for variant in gold:
         parsed_gold = parse(variant, parsing_timeout=timeout)
@@ -138,5 +137,15 @@ def default_reward_funcs(spec: FormatSpec, column: str = "solution") -> list:
     return [AnswerAccuracyReward(spec, column), StepFormatReward(spec)]
 
 
+# Conveniences for code that uses the default format, kept importable (`from trl_mig import answer_accuracy_reward`).
+# They read completions with `FormatSpec()` and the 'solution' column whatever a config says: nothing in trl_mig uses
+# them; wherever a config or a FormatSpec is known, build the rewards from it (`default_reward_funcs(spec, column)`).
 answer_accuracy_reward = AnswerAccuracyReward()
+"""`AnswerAccuracyReward()`: answer accuracy read with the *default* format (`FormatSpec()`: `<think>` tags, `<answer>`
+tags, math-verify) from the 'solution' column, whatever a config says. With another format or column use
+`AnswerAccuracyReward(FormatSpec.from_config(args), args.solution_column)`; `trl-mig train` builds it from the recipe
+(`reward_funcs: [answer_accuracy]`)."""
 step_format_reward = StepFormatReward()
+"""`StepFormatReward()`: the step format read with the *default* format (`FormatSpec()`), whatever a config says. With
+another format use `StepFormatReward(FormatSpec.from_config(args))`; `trl-mig train` builds it from the recipe
+(`reward_funcs: [step_format]`)."""

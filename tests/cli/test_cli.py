@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trl_mig.cli.errors import CLIError
 from trl_mig.cli.main import main
 from trl_mig.cli.recipes import make_train_parser, parse_recipe_args
 from trl_mig.cli.data import extract_boxed, extract_gsm8k
@@ -398,6 +399,121 @@ def test_unknown_command_line_argument_is_a_clear_error(capsys):
     for typo in ("--learnig_rate", "--learning_rat"):
         code, _, stderr = run_main(["train", "--config", DEMO, *TINY_BUILTIN, typo, "1e-4"], capsys)
         assert code == 2 and typo in stderr
+
+
+def _error_lines(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"trl-mig {command}: error: ")]
+
+
+def test_library_errors_through_a_command_are_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
+    # a TypeError of the library (trl_mig.rewards reads the ground truth): a solution column of dicts
+    data = tmp_path / "dicts.jsonl"
+    row = {"prompt": "1+1?", "solution": {"value": 2}, "completion": "<think>### Step 1\n1+1=2</think><answer>2</answer>"}
+    data.write_text(json.dumps(row) + "\n")
+    args = ["eval", "--dataset", str(data), "--splits", "train", "--completions_column", "completion",
+            "--output_file", str(tmp_path / "eval.json")]
+    code, _, stderr = run_main(args, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    [line] = _error_lines(stderr, "eval")
+    assert "Column 'solution'" in line and "got dict" in line
+    assert not (tmp_path / "eval.json").exists()
+
+    # a ValueError of the library (trl_mig.evaluation), raised after the model is loaded
+    model_dir, jsonl = _local_model_and_data(tmp_path)
+    sampled = ["eval", "--model", str(model_dir), "--dataset", str(jsonl), "--splits", "train", "--prompt_column",
+               "question", "--answer_column", "answer", "--answer_extraction", "gsm8k", "--num_samples", "2",
+               "--device", "cpu", "--output_file", str(tmp_path / "sampled.json")]
+    code, _, stderr = run_main(sampled, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    [line] = _error_lines(stderr, "eval")
+    assert "num_samples > 1 needs temperature > 0" in line
+
+    # TRL_MIG_DEBUG=1: the same errors propagate, with their traceback
+    monkeypatch.setenv("TRL_MIG_DEBUG", "1")
+    with pytest.raises(TypeError, match="Column 'solution'"):
+        main(args)
+    with pytest.raises(ValueError, match="num_samples > 1"):
+        main(sampled)
+    monkeypatch.setenv("TRL_MIG_DEBUG", "0")  # off again
+    assert main(args) == 2
+
+
+def test_a_recipe_given_as_a_dict_parses_as_its_yaml_file(monkeypatch):
+    import dataclasses
+
+    import yaml
+
+    from trl_mig.cli.recipes import parse_recipe_dict, read_recipe
+
+    recipe = read_recipe(DEMO)
+    from_file, remaining = parse_recipe_args(make_train_parser(), ["--config", DEMO, "--seed", "7"], "the dataclasses")
+    from_dict, remaining_dict = parse_recipe_dict(make_train_parser(), recipe, ["--seed", "7"])
+    assert remaining == remaining_dict == []
+    def values(parsed):
+        return [{f.name: getattr(a, f.name) for f in dataclasses.fields(a)} for a in parsed]
+
+    assert values(from_dict) == values(from_file)
+    assert from_dict[2].seed == 7 and from_dict[2].learning_rate == recipe["learning_rate"]
+    assert recipe == yaml.safe_load(Path(DEMO).read_text())  # the caller's mapping is left as it was
+
+    # `env:` is set in os.environ before the fields are parsed, as TrlParser does for a YAML file
+    monkeypatch.delenv("TRL_MIG_TEST_VARIABLE", raising=False)
+    parse_recipe_dict(make_train_parser(), {**recipe, "env": {"TRL_MIG_TEST_VARIABLE": 3}})
+    assert os.environ["TRL_MIG_TEST_VARIABLE"] == "3"
+    monkeypatch.delenv("TRL_MIG_TEST_VARIABLE")
+
+    # the messages of a recipe file, naming the recipe as the caller does
+    with pytest.raises(CLIError, match=r"Unknown key\(s\) in the run's recipe: \['mig_wieght'\]"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "mig_wieght": 2.0}, source="the run's recipe")
+    with pytest.raises(CLIError, match="mig_scoring_batch_size"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "mig_scoring_batch_size": 0})
+    with pytest.raises(CLIError, match="`env` in the recipe must be a mapping"):
+        parse_recipe_dict(make_train_parser(), {**recipe, "env": ["A=1"]})
+    with pytest.raises(CLIError, match="must be a mapping of field: value, got list"):
+        parse_recipe_dict(make_train_parser(), ["learning_rate", 1e-4])
+
+
+def test_dotted_reward_functions_are_found_in_the_working_directory_without_changing_sys_path(tmp_path):
+    from trl_mig import MIGConfig, answer_accuracy_reward, step_format_reward
+    from trl_mig.cli.train import build_reward_funcs
+
+    # tmp_path is the working directory (the autouse fixture): a module and a package with a relative import
+    (tmp_path / "my_rewards_mod.py").write_text("def length_reward(completions, **kwargs):\n"
+                                                "    return [float(len(c)) for c in completions]\n")
+    package = tmp_path / "my_rewards_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "common.py").write_text("BONUS = 2.0\n")
+    (package / "scores.py").write_text("from .common import BONUS\n\ndef bonus(completions, **kwargs):\n"
+                                       "    return [BONUS] * len(completions)\n")
+    (tmp_path / "broken_rewards_mod.py").write_text("import a_module_that_is_not_installed\n")
+    args = MIGConfig(output_dir=str(tmp_path / "out"), answer_pattern=r"ANSWER: (\S+)", report_to="none", use_cpu=True,
+                     bf16=False)
+    path_before = list(sys.path)
+    try:
+        length, bonus, accuracy, fmt = build_reward_funcs(
+            ["my_rewards_mod.length_reward", "my_rewards_pkg.scores.bonus", "trl_mig.answer_accuracy_reward",
+             "trl_mig.rewards.step_format_reward"], args, "answer",
+        )
+        assert sys.path == path_before
+        assert length(["ab", "abcd"]) == [2.0, 4.0] and bonus(["x"]) == [2.0]
+        # the library's default-format rewards are built from the recipe's format and column instead
+        assert accuracy is not answer_accuracy_reward and fmt is not step_format_reward
+        text = "<think>### Step 1\n2+3=5</think>ANSWER: 5"
+        assert accuracy([text], answer=["5"]) == [1.0] and answer_accuracy_reward([text], solution=["5"]) == [0.0]
+        assert fmt([text]) == [1.0] and step_format_reward([text]) == [0.0]
+
+        with pytest.raises(CLIError, match="cannot import 'no_such_rewards_mod.f'.*no_such_rewards_mod"):
+            build_reward_funcs(["no_such_rewards_mod.f"], args, "answer")
+        with pytest.raises(CLIError, match="a_module_that_is_not_installed"):  # the module's own failing import
+            build_reward_funcs(["broken_rewards_mod.f"], args, "answer")
+        assert "broken_rewards_mod" not in sys.modules
+        with pytest.raises(CLIError, match="'my_rewards_mod' has no 'missing'"):
+            build_reward_funcs(["my_rewards_mod.missing"], args, "answer")
+        assert sys.path == path_before
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] in ("my_rewards_mod", "my_rewards_pkg")]:
+            del sys.modules[name]
 
 
 def test_keep_freed_memory_takes_effect_with_glibc():

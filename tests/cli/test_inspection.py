@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -331,3 +335,41 @@ def test_image_prompts_and_vision_language_models_are_clear_errors(tmp_path, cap
         assert code == 2 and "is a vision-language model (llava)" in err, err
     with pytest.raises(ValueError, match="vision-language model"):
         inspect_completion(vlm, processor.tokenizer, PROMPT, GOOD, "20")
+
+
+def test_without_matplotlib_render_png_is_a_clear_error_and_inspect_writes_the_page(tmp_path, capsys, monkeypatch):
+    folder = _local_model(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when it is not installed
+    with pytest.raises(ImportError, match=r"render_png needs matplotlib: pip install 'trl-mig\[plots\]'") as error:
+        render_png([], tmp_path / "plot.png")
+    assert error.value.name == "matplotlib" and not (tmp_path / "plot.png").exists()
+
+    page, plot = tmp_path / "page.html", tmp_path / "plot.png"
+    code = main(["inspect", "--model", str(folder), "--prompt", PROMPT, "--solution", "20", "--completion", GOOD,
+                 "--html", str(page), "--png", str(plot), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert page.read_text().startswith("<!DOCTYPE html>") and not plot.exists()
+    [skipped] = [line for line in err.splitlines() if "plot skipped" in line]
+    assert "pip install 'trl-mig[plots]'" in skipped and "[trl-mig] HTML page" in out
+
+
+def test_importing_trl_mig_leaves_matplotlib_alone():
+    """Importing the library (or the CLI) does not import matplotlib; drawing a plot uses no pyplot and keeps the
+    backend the user chose."""
+    script = (
+        "import sys, trl_mig, trl_mig.cli.main, trl_mig.study\n"
+        "print('matplotlib' in sys.modules)\n"
+        "import matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from trl_mig.render import render_png\n"
+        "render_png([], sys.argv[1])\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        plot = Path(folder) / "plot.png"
+        result = subprocess.run([sys.executable, "-c", script, str(plot)], capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["False", "svg", "False"]
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,45 @@ def test_other_seeds_run_only_at_the_chosen_setting(tmp_path):
     }
     with pytest.raises(CLIError, match="sweep_seeds"):
         StudyConfig.from_yaml(str(write_study(tmp_path, sweep_seeds=[7])))
+
+
+def test_without_matplotlib_the_study_writes_json_and_markdown_and_skips_the_plots(tmp_path, monkeypatch, capsys):
+    from trl_mig.study import plot_study, write_outputs
+
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, report_splits=["test"], seeds=[0])))
+    runs = plan_runs(config)
+    _fake_finished_runs(runs, lambda run: {"validation": [[0, 0.3], [2, 0.4]], "test": [[0, 0.2], [2, 0.5]]})
+    results = summarize_study(config, runs)
+    out = Path(config.output_dir)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when it is not installed
+    with pytest.raises(ImportError, match=r"plot_study needs matplotlib: pip install 'trl-mig\[plots\]'"):
+        plot_study(config, results, out)
+    written = write_outputs(config, results)
+    assert written == [out / "study.json", out / "study.md"]
+    assert json.loads((out / "study.json").read_text())["summary"]["mig"]["splits"]["test"]["final_mean"] == 0.5
+    assert (out / "study.md").read_text() == study_markdown(config, results)
+    assert not list(out.glob("*.png"))
+    captured = capsys.readouterr()
+    [skipped] = [line for line in captured.err.splitlines() if "plots skipped" in line]
+    assert "pip install 'trl-mig[plots]'" in skipped
+
+    monkeypatch.delitem(sys.modules, "matplotlib")  # installed again: the plots are drawn
+    written = write_outputs(config, results)
+    assert {p.name for p in written} == {"study.json", "study.md", "pass_at_1_validation.png", "pass_at_1_test.png",
+                                         "train_reward.png"}
+    assert (out / "train_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_recipe_parses_from_its_mapping_and_names_the_run_in_errors(tmp_path):
+    from trl_mig.study import parse_run_recipe
+
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, overrides={**TINY, "mig_weight": 0.5})))
+    run = plan_runs(config)[0]
+    script_args, builtin_args, training_args, _, _ = parse_run_recipe(run.recipe)
+    assert (training_args.seed, training_args.mig_weight, training_args.max_steps) == (run.seed, 0.5, TINY["max_steps"])
+    assert builtin_args.tiny_hidden_size == TINY["tiny_hidden_size"] and script_args.algorithm == run.arm
+    with pytest.raises(CLIError, match=r"Unknown key\(s\) in the recipe of run 'grpo': \['mig_wieght'\]"):
+        parse_run_recipe({**run.recipe, "mig_wieght": 1.0}, "the recipe of run 'grpo'")
+    with pytest.raises(CLIError, match="mig_scoring_batch_size"):
+        parse_run_recipe({**run.recipe, "mig_scoring_batch_size": 0})

@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from trl_mig import AnswerAccuracyReward, FormatSpec, answer_accuracy_reward, step_format_reward
-from trl_mig.rewards import answer_variants, completion_text
+from trl_mig.rewards import answer_variants, completion_text, default_reward_funcs
 
 GOOD = "<think>### Step 1\n2+3=5\n</think>\n<answer>5</answer>"
 
@@ -97,3 +97,28 @@ def test_answer_match_modes():
     assert exact(completions, solution=["3 7 9", "3 7 9"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="answer_match='fuzzy' is not one of"):
         FormatSpec(answer_match="fuzzy")
+
+
+def test_default_rewards_read_the_default_format_and_built_ones_read_theirs():
+    spec = FormatSpec(think_open_tag="<reason>", think_close_tag="</reason>", answer_pattern=r"ANSWER: (\S+)")
+    text = "<reason>### Step 1\n2+3=5</reason>ANSWER: 5"
+    accuracy, fmt = default_reward_funcs(spec, "answer")
+    assert accuracy([text], answer=["5"]) == [1.0] and fmt([text]) == [1.0]
+    # the module-level conveniences keep the default format (tags, <answer>) and the 'solution' column
+    assert answer_accuracy_reward([text], solution=["5"]) == [0.0] and step_format_reward([text]) == [0.0]
+    assert answer_accuracy_reward.spec == FormatSpec() and answer_accuracy_reward.column == "solution"
+
+
+def test_answer_matching_in_a_thread_leaves_the_math_verify_logger_alone():
+    import logging
+    import threading
+
+    from trl_mig.rewards import answers_match
+
+    logger = logging.getLogger("math_verify")
+    level = logger.level
+    results = []
+    worker = threading.Thread(target=lambda: results.append(answers_match("1/2", ["0.5"])))
+    worker.start()
+    worker.join()
+    assert results == [True] and logger.level == level

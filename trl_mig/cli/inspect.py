@@ -10,6 +10,7 @@ temperature, the reward weights, the dataset and the model, so the view matches 
 
 from __future__ import annotations
 
+import sys
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 
@@ -59,7 +60,10 @@ class InspectArguments(DataArguments):
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
     html: str = field(default="trl-mig-inspect.html", metadata={"help": "Where the HTML page is written."})
-    png: str = field(default="trl-mig-inspect.png", metadata={"help": "Where the PNG plot is written ('' for none)."})
+    png: str = field(
+        default="trl-mig-inspect.png",
+        metadata={"help": "Where the PNG plot is written ('' for none); it needs matplotlib (the `plots` extra)."},
+    )
     json: str | None = field(default=None, metadata={"help": "Also write every number to this JSON file."})
     dtype: str = field(
         default="float32",
@@ -174,8 +178,13 @@ def run_inspect(args: InspectArguments, settings, builtin_args: BuiltinArguments
     write_html(args.html, [credits], title=title)
     print(f"\n[trl-mig] HTML page: {args.html}")
     if args.png:
-        render_png(credits, args.png, title=f"{title}, ground truth {solution_text}")
-        print(f"[trl-mig] plot: {args.png}")
+        try:
+            render_png(credits, args.png, title=f"{title}, ground truth {solution_text}")
+            print(f"[trl-mig] plot: {args.png}")
+        except ImportError as err:  # matplotlib is optional: the page and the numbers do without it
+            if err.name != "matplotlib":
+                raise
+            print(f"[trl-mig] plot skipped: {err} (or --png '' to ask for none)", file=sys.stderr)
     if args.json:
         write_json(args.json, {"model": args.model, "completions": [c.to_dict() for c in credits]})
         print(f"[trl-mig] numbers: {args.json}")

@@ -71,6 +71,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Bad input: the commands raise CLIError; the library (and trl_mig.builtin) raise ValueError for a bad value and
+# TypeError for a value of the wrong type (e.g. a dataset column of dicts), each naming the field or column. KeyError
+# is left out: from a command it is far more often a bug than input, and its traceback is what finds the bug.
+INPUT_ERRORS = (CLIError, ValueError, TypeError)
+
+
+def debug_enabled() -> bool:
+    """TRL_MIG_DEBUG=1 (any value but '', '0', 'false', 'no'): input errors show their traceback."""
+    return os.environ.get("TRL_MIG_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line (a message of several lines is joined), or its type when it has none."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -83,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
         result = COMMANDS[command][0](rest)
-    except (CLIError, ValueError) as err:  # bad input: the library raises ValueError, the commands CLIError
-        if os.environ.get("TRL_MIG_DEBUG"):
+    except INPUT_ERRORS as err:
+        if debug_enabled():
             raise
-        print(f"trl-mig {command}: error: {err}", file=sys.stderr)
+        print(f"trl-mig {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return result
 

@@ -3,6 +3,9 @@ reading of a YAML recipe, shared by `train`, `inspect --config` and the study ru
 
 from __future__ import annotations
 
+import copy
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
@@ -24,7 +27,8 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
         metadata={
             "help": "Reward functions, by name: 'answer_accuracy', 'step_format' (trl-mig, answer in tags), "
             "'accuracy_reward', 'reasoning_accuracy_reward', 'think_format_reward' (TRL, \\boxed answers), or a "
-            "dotted import path. Default: answer_accuracy + step_format. Weights: `reward_weights`."
+            "dotted import path (an importable module, or a module or package in the working directory). Default: "
+            "answer_accuracy + step_format. Weights: `reward_weights`."
         },
     )
     algorithm: str = field(
@@ -111,28 +115,62 @@ def read_recipe(path: str) -> dict:
 
 def parse_recipe_args(parser: TrlParser, argv: list[str], dataclass_names: str):
     """
-    Parse `argv` (with an optional `--config RECIPE.yaml`) into the parser's dataclasses.
+    Parse `argv` (with an optional `--config RECIPE.yaml`) into the parser's dataclasses: the YAML recipe is read once
+    ([`read_recipe`]) and parsed by [`parse_recipe_dict`], command-line flags overriding it.
 
     Returns `(parsed, cli_remaining)`: the dataclass instances and the command-line strings no dataclass knows (the
     caller decides whether they are `accelerate launch` options). Unknown recipe keys are an error.
     """
     argv = list(argv)
+    recipe, source = {}, "the recipe"
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise CLIError("--config needs the path of a YAML recipe.")
-        read_recipe(argv[index + 1])
+        path = argv[index + 1]
+        recipe, source = read_recipe(path), f"recipe {path!r}"
+        del argv[index : index + 2]
+    return parse_recipe_dict(parser, recipe, argv, dataclass_names=dataclass_names, source=source)
+
+
+def parse_recipe_dict(
+    parser: TrlParser,
+    recipe: Mapping,
+    argv: Sequence[str] = (),
+    *,
+    dataclass_names: str = "the train dataclasses",
+    source: str = "the recipe",
+):
+    """
+    Parse a recipe given as a mapping of field: value (what a YAML recipe holds), then the command-line strings
+    `argv`, into the parser's dataclasses, as `TrlParser.parse_args_and_config` parses a `--config` file: the recipe's
+    values become the parser's defaults, flags override them, and an `env:` mapping is set in `os.environ` first.
+
+    The parser's defaults are changed: use a new parser per recipe (e.g. [`make_train_parser`]). `source` names the
+    recipe in the error messages (e.g. "recipe 'mig.yaml'"). Returns `(parsed, cli_remaining)` like
+    [`parse_recipe_args`]; unknown recipe keys, a bad `env` and a field's own validation error are `CLIError`s.
+    """
+    if not isinstance(recipe, Mapping):
+        raise CLIError(f"{source[0].upper()}{source[1:]} must be a mapping of field: value, got {type(recipe).__name__}.")
+    # a copy: the parsed dataclasses must not share (and later mutate) the caller's lists and dicts
+    values = {str(key): value for key, value in copy.deepcopy(dict(recipe)).items()}
+    if "env" in values:
+        env = values.pop("env")
+        if not isinstance(env, Mapping):
+            raise CLIError(
+                f"`env` in {source} must be a mapping of environment variable: value, got {type(env).__name__}."
+            )
+        for name, value in env.items():  # before parsing: fields may read the environment (TrlParser does the same)
+            os.environ[str(name)] = str(value)
+    config_remaining = parser.set_defaults_with_config(**values)
     try:
-        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
+        *parsed, cli_remaining = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
     except ValueError as err:  # a field's own validation (MIGConfig, GRPOConfig, TrainingArguments...)
         raise CLIError(str(err)) from err
     if config_remaining:
         keys = [item[2:] for item in config_remaining[::2]]
         raise CLIError(
-            f"Unknown key(s) in recipe {argv[argv.index('--config') + 1]!r}: {keys}. They are not fields of "
-            f"{dataclass_names}; check the spelling (see `{parser.prog} --help`)."
+            f"Unknown key(s) in {source}: {keys}. They are not fields of {dataclass_names}; check the spelling (see "
+            f"`{parser.prog} --help`)."
         )
     return parsed, cli_remaining
-

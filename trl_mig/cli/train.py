@@ -7,6 +7,8 @@ MIG (or plain GRPO) trainer, measure accuracy before and after training, and wri
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import socket
@@ -34,7 +36,13 @@ from ..builtin.tools import TOOLS, evaluate_tool_task
 from ..callbacks import HeldOutAccuracyCallback
 from ..config import MIGConfig
 from ..evaluation import evaluate_splits, format_cell, format_table, write_json
-from ..rewards import AnswerAccuracyReward, StepFormatReward, default_reward_funcs
+from ..rewards import (
+    AnswerAccuracyReward,
+    StepFormatReward,
+    answer_accuracy_reward,
+    default_reward_funcs,
+    step_format_reward,
+)
 from ..segmentation import FormatSpec
 from ..trainer import MIGGRPOTrainer, MIGMixin
 from .cpu import keep_freed_memory
@@ -252,13 +260,11 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         elif name in trl_names:
             funcs.append(getattr(trl.rewards, name))
         elif "." in name:
-            module_path, attr = name.rsplit(".", 1)
-            if os.getcwd() not in sys.path:  # a reward module beside the recipe's working directory
-                sys.path.insert(0, os.getcwd())
-            try:
-                funcs.append(getattr(importlib.import_module(module_path), attr))
-            except (ImportError, AttributeError) as err:
-                raise CLIError(f"reward_funcs: cannot import {name!r}: {err}") from None
+            func = import_reward_function(name)
+            # the library's module-level rewards read the default format: build them from the recipe's instead
+            if func is answer_accuracy_reward or func is step_format_reward:
+                func = own[func.__name__]()
+            funcs.append(func)
         else:
             raise CLIError(
                 f"reward_funcs: unknown reward function {name!r}; expected one of "
@@ -268,6 +274,45 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         raise CLIError("reward_funcs is empty: name at least one reward function, or leave it unset.")
     return funcs
 
+
+def import_reward_function(name: str):
+    """
+    The reward function at the dotted path `name` ('module.function', 'package.module.function'): from an importable
+    module (installed, on PYTHONPATH, or on `sys.path` as `python -m` sets it), else from a module or package in the
+    working directory, as `trl grpo` finds them, but without adding the working directory to `sys.path`. A module
+    found there is imported under its name; the modules it imports must be importable themselves (a package's relative
+    imports are).
+    """
+    module_path, attr = name.rsplit(".", 1)
+    top = module_path.split(".")[0]
+    try:
+        if top not in sys.modules and importlib.util.find_spec(top) is None:
+            _import_from_working_directory(top)
+        module = importlib.import_module(module_path)
+    except ImportError as err:
+        raise CLIError(f"reward_funcs: cannot import {name!r}: {err}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise CLIError(f"reward_funcs: module {module_path!r} has no {attr!r} (in {name!r}).") from None
+
+
+def _import_from_working_directory(top: str) -> None:
+    """Import the top-level module or package `top` from the working directory (registered in `sys.modules`, so that
+    its submodules import as usual); an ImportError naming `top` when there is none."""
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"No module named {top!r}: not importable, and no {top}.py or {top}/ in the working directory "
+            f"{os.getcwd()}", name=top,
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(top, None)  # as the import system does: no half-initialised module stays behind
+        raise
 
 
 def uses_builtin_tools(script_args, mixture_args) -> bool:

@@ -1,12 +1,14 @@
-"""What a study writes: study.json, study.md (tables) and the PNG plots (matplotlib)."""
+"""What a study writes: study.json, study.md (tables) and the PNG plots (matplotlib, the optional `plots` extra)."""
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from ..evaluation import write_json
+from ..render import new_agg_figure
 
 
 def setting_name(setting: dict) -> str:
@@ -19,13 +21,25 @@ def _compact(value) -> str:
     return str(value)
 
 
-
-def write_outputs(config, results: dict) -> None:
+def write_outputs(config, results: dict) -> list[Path]:
+    """
+    study.json, study.md and the plots in the study's output folder; returns the paths written. Without matplotlib
+    (an optional dependency) the plots are skipped with one line saying how to get them.
+    """
     output = Path(config.output_dir)
-    write_json(output / "study.json", results)
-    (output / "study.md").write_text(study_markdown(config, results))
-    plot_study(config, results, output)
-    print(f"[trl-mig study] wrote {output / 'study.json'}, {output / 'study.md'} and the plots in {output}")
+    written = [output / "study.json", output / "study.md"]
+    write_json(written[0], results)
+    written[1].write_text(study_markdown(config, results))
+    try:
+        written += plot_study(config, results, output)
+    except ImportError as err:
+        if err.name != "matplotlib":
+            raise
+        print(f"[trl-mig study] plots skipped: {err}", file=sys.stderr)
+        print(f"[trl-mig study] wrote {written[0]} and {written[1]}")
+        return written
+    print(f"[trl-mig study] wrote {written[0]}, {written[1]} and the plots in {output}")
+    return written
 
 
 def _pct(value, std=None) -> str:
@@ -93,15 +107,18 @@ def study_markdown(config, results: dict) -> str:
 
 
 def plot_study(config, results: dict, output: Path) -> list[Path]:
-    import matplotlib
+    """
+    The study's PNG plots in `output`: held-out greedy pass@1 over training steps per split (`pass_at_1_<split>.png`,
+    each arm's mean with a ± std band over seeds) and the training accuracy reward (`train_reward.png`). Drawn on
+    matplotlib figures with their own Agg canvas (no pyplot, no change of backend). Returns the paths.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Raises:
+        ImportError: when matplotlib (the `plots` extra, `pip install 'trl-mig[plots]'`) is not installed.
+    """
     summary, paths = results["summary"], []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for split in [config.select_split, *config.report_splits]:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        figure = new_agg_figure("plot_study", figsize=(7, 4.2))
+        ax = figure.subplots()
         for index, (arm, entry) in enumerate(summary.items()):
             curve = entry["splits"][split]["curve"]
             if not curve:
@@ -110,7 +127,7 @@ def plot_study(config, results: dict, output: Path) -> list[Path]:
             mean = [100 * p[1] for p in curve]
             low = [100 * (p[1] - p[2]) for p in curve]
             high = [100 * (p[1] + p[2]) for p in curve]
-            color = colors[index % len(colors)]
+            color = f"C{index}"  # the colour cycle: one colour per arm, the same in every plot
             label = f"{arm} ({setting_name(entry['setting']) or 'default'})"
             ax.plot(steps, mean, label=label, color=color, linewidth=2)
             ax.fill_between(steps, low, high, color=color, alpha=0.15)
@@ -119,25 +136,26 @@ def plot_study(config, results: dict, output: Path) -> list[Path]:
         seeds = len(config.seeds)
         ax.set_title(f"Held-out {split} accuracy, " + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds"))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        if ax.get_legend_handles_labels()[0]:  # no curve, no legend (matplotlib would warn)
+            ax.legend(fontsize=8)
+        figure.tight_layout()
         path = output / f"pass_at_1_{split}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        figure.savefig(path, dpi=120)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    figure = new_agg_figure("plot_study", figsize=(7, 4.2))
+    ax = figure.subplots()
     for index, (arm, entry) in enumerate(summary.items()):
         curve = entry["train_reward"]
         if curve:
-            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=arm, color=colors[index % len(colors)])
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=arm, color=f"C{index}")
     ax.set_xlabel("training step")
     ax.set_ylabel("training accuracy reward (sampled)")
     ax.set_title("Training reward, mean over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    figure.tight_layout()
     path = output / "train_reward.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure.savefig(path, dpi=120)
     paths.append(path)
     return paths

@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import yaml
 
 from ..builtin import is_builtin, resolve_builtin_model
 from ..cli.errors import CLIError
-from ..cli.recipes import make_train_parser, parse_recipe_args, read_recipe
+from ..cli.recipes import make_train_parser, parse_recipe_dict, read_recipe
 from .report import setting_name, write_outputs
 
 STUDY_KEYS = {
@@ -243,7 +242,8 @@ def prepare_builtin_models(runs: list[Run]) -> None:
     for run in runs:
         if not is_builtin(run.recipe.get("model_name_or_path")):
             continue
-        _, builtin_args, training_args, model_args, _ = parse_run_recipe(run.recipe)
+        recipe_name = f"the recipe of run {run.label!r}"
+        _, builtin_args, training_args, model_args, _ = parse_run_recipe(run.recipe, recipe_name)
         key = (model_args.model_name_or_path, json.dumps(vars(builtin_args), sort_keys=True, default=str))
         if key in seen:
             continue
@@ -254,16 +254,12 @@ def prepare_builtin_models(runs: list[Run]) -> None:
             raise CLIError(str(err)) from None
 
 
-def parse_run_recipe(recipe: dict):
-    """A run's recipe parsed exactly as `trl-mig train --config` parses it: the five train dataclasses."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(recipe, handle, sort_keys=False)
-    try:
-        parsed, remaining = parse_recipe_args(make_train_parser(), ["--config", handle.name], "the run's recipe")
-    finally:
-        os.unlink(handle.name)
-    if remaining:
-        raise CLIError(f"The study's recipe has unknown argument(s) {remaining}.")
+def parse_run_recipe(recipe: dict, name: str = "the run's recipe"):
+    """
+    A run's recipe parsed exactly as `trl-mig train --config` parses it (same parser, validation and messages): the
+    five train dataclasses. `name` names the recipe in the error messages.
+    """
+    parsed, _ = parse_recipe_dict(make_train_parser(), recipe, dataclass_names="the train dataclasses", source=name)
     return parsed
 
 
