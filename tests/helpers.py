@@ -1,5 +1,7 @@
-"""Builders shared by the tests: tokenizers trained locally (no hub), CPU-sized configs, scripted rollouts and a tool.
-The fixtures that wrap them live in conftest.py."""
+"""Builders shared by the tests: tokenizers trained locally (no hub), tiny saved models, small datasets, CPU-sized
+configs, scripted rollouts and a tool, and the independent computations the tests compare the trainer with (l_k by
+plain teacher forcing, watermark sums, group normalisation). The fixtures that wrap them live in
+conftest.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from trl_mig import MIGConfig, MIGGRPOTrainer
-from trl_mig.builtin.tiny import build_tiny_model
+from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model
 from trl_mig.scoring import ScoringItem, StepLikelihoodScorer
 
 BPE_CORPUS = [
@@ -48,6 +50,42 @@ def build_metaspace_tokenizer(vocab_size: int = 200):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"])
     backend.train_from_iterator(BPE_CORPUS * 20, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_qwen3_tool_tokenizer():
+    """The char-level tokenizer with Qwen3's chat template (which renders tool calls and which TRL knows how to
+    parse) and its special tokens; `<|im_end|>` is the EOS."""
+    from trl.chat_template_utils import qwen3_chat_template
+
+    tokenizer = build_char_tokenizer()
+    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = qwen3_chat_template
+    return tokenizer
+
+
+# one layer, hidden size 32: the smallest tiny model, for tests that only need a model on disk
+SMALLEST_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+def save_tiny_model(folder, tokenizer=None, **sizes):
+    """A tiny causal LM (`build_tiny_model(tokenizer, **sizes)`) saved with its tokenizer (the char tokenizer by
+    default) in `folder`, as a user's local model is; returns `folder`."""
+    tokenizer = tokenizer if tokenizer is not None else build_char_tokenizer()
+    build_tiny_model(tokenizer, **sizes).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def addition_dataset(n: int = 16, offset: int = 0, operands: int = 4) -> Dataset:
+    """Rows `offset .. offset + n` of the additions `a + b` for a, b in `range(operands)`, a before b: the prompt opens
+    the thought and step 1 and writes `a+b=`, the solution is `str(a + b)`."""
+    pairs = [(a, b) for a in range(operands) for b in range(operands)]
+    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a, b in pairs]
+    if offset + n > len(rows):
+        raise ValueError(f"addition_dataset(operands={operands}) has {len(rows)} rows, not {offset}..{offset + n}.")
+    return Dataset.from_list(rows[offset : offset + n])
 
 
 def cpu_config(output_dir, config_class=None, **overrides):
@@ -199,3 +237,64 @@ def assert_every_path_matches(model, items, expected):
     sdpa = model.config._attn_implementation == "sdpa"
     assert paths["block-split"]._split_verified == sdpa and paths["block-split"].split_attention
     assert not paths["block-full"]._split_verified
+
+
+# ------------------------------------------------------- the trainer's credit, computed without the code under test
+@torch.no_grad()
+def reference_logliks(model, tokenizer, prompt, completion, solution, scaffold=SCAFFOLD):
+    """
+    l_0..l_K of a text completion by one plain forward per prefix, the step boundaries found by hand in the text
+    (`### Step` headers, else blank lines; the thought ends at `</think>` or at the end of a truncated completion).
+
+    Returns:
+        values (`list[float]`): l_0..l_K.
+        bounds (`list[int]`): the token offsets in the completion where the prefixes end (K + 1 of them: the start
+            of the thought, then the end of each step).
+    """
+    cot_start = completion.index("<think>") + len("<think>")
+    cot_end = completion.index("</think>") if "</think>" in completion else len(completion)
+    cot = completion[cot_start:cot_end]
+    headers = [i for i in range(len(cot)) if cot.startswith("### Step", i)]
+    if headers:
+        cuts = [cot_start] + [cot_start + h for h in headers[1:]] + [cot_end]
+    else:
+        paragraphs = [i + 2 for i in range(len(cot) - 1) if cot[i : i + 2] == "\n\n"]
+        cuts = [cot_start] + [cot_start + p for p in paragraphs] + [cot_end]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids, answer_ids, scaffold_ids = encode(prompt), encode(scaffold + solution), encode(scaffold)
+    values = []
+    for cut in cuts:
+        ids = prompt_ids + encode(completion[:cut]) + answer_ids
+        logps = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        start = len(ids) - len(answer_ids) + len(scaffold_ids)
+        values.append(sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start))
+    return values, [len(encode(completion[:cut])) for cut in cuts]
+
+
+def watermark_sum(values):
+    """Sum of the watermark gains of l_0..l_K: max(0, l_k - max(l_0..l_{k-1})) over k."""
+    best, total = values[0], 0.0
+    for value in values[1:]:
+        total += max(0.0, value - best)
+        best = max(best, value)
+    return total
+
+
+def progress(values):
+    """Watermark lift after each step: [h_1 - h_0, h_2 - h_0, ...]."""
+    return [max(values[: k + 1]) - values[0] for k in range(1, len(values))]
+
+
+def group_normalise(values, scale="group", group_size=None):
+    """
+    GRPO's group-relative advantages of one reward per completion, in float64: `(r - group mean) / (std + 1e-4)`
+    with the sample std of the group (`"group"`) or of all `values` (`"batch"`), or `r - group mean` (`"none"`).
+    `group_size` defaults to all `values` (one group).
+    """
+    values = torch.tensor(values, dtype=torch.float64)
+    grouped = values.view(-1, group_size or len(values))
+    centred = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    if scale == "none":
+        return centred.tolist()
+    std = grouped.std(1, keepdim=True).expand_as(grouped).flatten() if scale == "group" else values.std()
+    return (centred / (std + 1e-4)).tolist()

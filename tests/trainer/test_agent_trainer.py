@@ -13,14 +13,13 @@ import torch
 from datasets import Dataset
 
 import trl_mig.trainer as trainer_module
-from helpers import cpu_config, multiply_tool
+from helpers import SCAFFOLD, build_qwen3_tool_tokenizer, cpu_config, group_normalise, multiply_tool
 from trl_mig import MIGGRPOTrainer
 from trl_mig.credit import gated_sft_loss
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
-SCAFFOLD = "\n</think>\n<answer>"
 MODEL, TOOL = 1, 0
 PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
 SOLUTIONS = ["20", "6"]
@@ -115,11 +114,6 @@ def reference_logliks(model, tokenizer, prompt, ids, bounds, solution):
         first = len(row) - len(answer_ids) + start
         values.append(sum(logps[t - 1, row[t]].item() for t in range(first, len(row))) / (len(row) - first))
     return values
-
-
-def group_normalise(values):
-    values = torch.tensor(values, dtype=torch.float64)
-    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
 
 
 # boundaries written out by hand from the pieces (indices into each trajectory's piece ends)
@@ -219,15 +213,9 @@ def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
     `<tool_response>`, which gets no credit, and the turn metrics sit next to TRL's tools/call_frequency."""
     from unittest.mock import patch
 
-    from trl.chat_template_utils import qwen3_chat_template
-
     from trl_mig.segmentation import FormatSpec, segment_completion
-    from trl_mig.builtin.tiny import build_char_tokenizer
 
-    tokenizer = build_char_tokenizer()
-    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", qwen3_chat_template
+    tokenizer = build_qwen3_tool_tokenizer()
     call = '<think>### Step 1\nneed 3*4\n</think><tool_call>\n{"name": "multiply_tool", "arguments": {"a": 3, "b": 4}}\n'
     first_turn = [call + "</tool_call><|im_end|>", "<think>### Step 1\n3*4=12\n</think>\n<answer>12</answer><|im_end|>"]
     second_turn = "<think>so 12\n</think>\n<answer>12</answer><|im_end|>"

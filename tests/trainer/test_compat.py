@@ -16,7 +16,14 @@ import torch
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-from helpers import cpu_config, multiply_tool, scripted_rollout
+from helpers import (
+    addition_dataset,
+    build_qwen3_tool_tokenizer,
+    cpu_config,
+    multiply_tool,
+    save_tiny_model,
+    scripted_rollout,
+)
 from trl_mig import MIGConfig, MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -35,8 +42,7 @@ def digit_reward(completions, **kwargs):
 
 
 def problems(n=8):
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(3) for b in range(3)]
-    return Dataset.from_list(rows[:n])
+    return addition_dataset(n, operands=3)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +50,7 @@ def tiny_dirs(tmp_path_factory, char_tokenizer):
     """A tiny causal LM and a tiny reward model (Qwen2ForSequenceClassification, 1 label) saved with the tokenizer,
     so that trainers load them by path as TRL's tests load the hub's tiny models."""
     root = tmp_path_factory.mktemp("tiny")
-    policy = root / "tiny-Qwen2ForCausalLM"
-    build_tiny_model(char_tokenizer).float().save_pretrained(policy)
-    char_tokenizer.save_pretrained(policy)
+    policy = save_tiny_model(root / "tiny-Qwen2ForCausalLM", char_tokenizer)
     reward = root / "tiny-Qwen2ForSequenceClassification"
     config = Qwen2Config(
         vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -226,18 +230,7 @@ def test_minimal_constructor_without_args(tmp_path, char_tokenizer, tiny_dirs, m
 
 @pytest.fixture(scope="session")
 def tool_tokenizer():
-    """The char-level tokenizer with Qwen3's chat template (which renders tool calls and which TRL knows how to
-    parse) and its special tokens."""
-    from trl.chat_template_utils import qwen3_chat_template
-
-    from trl_mig.builtin.tiny import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = qwen3_chat_template
-    return tokenizer
+    return build_qwen3_tool_tokenizer()
 
 
 def test_tools(tmp_path, tool_tokenizer):

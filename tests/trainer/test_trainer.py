@@ -15,55 +15,20 @@ from helpers import (
     SCAFFOLD,
     SCRIPT,
     SOLUTIONS,
+    addition_dataset,
     cpu_config,
+    group_normalise,
     make_trainer,
+    progress,
+    reference_logliks,
     scripted_batch,
     scripted_rollout,
+    watermark_sum,
 )
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-
-def reference_logliks(model, tokenizer, prompt, completion, solution):
-    """l_0..l_K by separate plain forwards over each prefix; step boundaries found by hand from the text."""
-    cot_start = completion.index("<think>") + len("<think>")
-    cot_end = completion.index("</think>") if "</think>" in completion else len(completion)
-    cot = completion[cot_start:cot_end]
-    headers = [i for i in range(len(cot)) if cot.startswith("### Step", i)]
-    if headers:
-        cuts = [cot_start] + [cot_start + h for h in headers[1:]] + [cot_end]
-    else:
-        paragraphs = [i + 2 for i in range(len(cot) - 1) if cot[i : i + 2] == "\n\n"]
-        cuts = [cot_start] + [cot_start + p for p in paragraphs] + [cot_end]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids, answer_ids, scaffold_ids = encode(prompt), encode(SCAFFOLD + solution), encode(SCAFFOLD)
-    values = []
-    for cut in cuts:
-        ids = prompt_ids + encode(completion[:cut]) + answer_ids
-        with torch.no_grad():
-            logps = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        start = len(ids) - len(answer_ids) + len(scaffold_ids)
-        values.append(sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start))
-    return values, [len(encode(completion[:cut])) for cut in cuts]
-
-
-def watermark_sum(values):
-    best, total = values[0], 0.0
-    for value in values[1:]:
-        total += max(0.0, value - best)
-        best = max(best, value)
-    return total
-
-
-def progress(values):
-    """Watermark lift after each step: [h_1 - h_0, h_2 - h_0, ...]."""
-    return [max(values[: k + 1]) - values[0] for k in range(1, len(values))]
-
-
-def group_normalise(values):
-    values = torch.tensor(values, dtype=torch.float64)
-    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
 
 
 @pytest.mark.parametrize("architecture, credit", [("qwen2", "trajectory"), ("qwen2", "step"), ("llama", "trajectory")])
@@ -207,11 +172,6 @@ def test_grpo_config_is_rejected(tmp_path, char_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ real training
-def arithmetic_dataset(n=16):
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)]
-    return Dataset.from_list(rows[:n])
-
-
 def train_and_check(trainer):
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -229,7 +189,7 @@ def test_training_updates_parameters_and_logs_mig_metrics(tmp_path, char_tokeniz
     trainer = MIGGRPOTrainer(
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, loss_type=loss_type, mig_credit=credit),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
     )
     changed = train_and_check(trainer)
@@ -241,7 +201,7 @@ def test_training_with_iterations_and_gradient_accumulation(tmp_path, char_token
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, num_iterations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
                         max_steps=2, sft_weight=1.0),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
     )
     train_and_check(trainer)
@@ -255,7 +215,7 @@ def test_lora_training_and_reference_scoring(tmp_path, char_tokenizer):
     trainer = MIGGRPOTrainer(
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, learning_rate=5e-2, beta=0.1),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
         peft_config=peft_config,
     )
@@ -283,4 +243,4 @@ def test_lora_training_and_reference_scoring(tmp_path, char_tokenizer):
 def test_reference_scoring_without_reference_model_is_an_error(tmp_path, char_tokenizer):
     with pytest.raises(ValueError, match="mig_likelihood_model='reference' needs a reference model"):
         MIGGRPOTrainer(build_tiny_model(char_tokenizer), args=cpu_config(tmp_path, mig_likelihood_model="reference"),
-                       train_dataset=arithmetic_dataset(), processing_class=char_tokenizer)
+                       train_dataset=addition_dataset(), processing_class=char_tokenizer)
