@@ -1,10 +1,11 @@
 """Builders shared by the tests: tokenizers trained locally (no hub), tiny saved models, small datasets, CPU-sized
 configs, scripted rollouts and a tool, and the independent computations the tests compare the trainer with (l_k by
-plain teacher forcing, watermark sums, group normalisation). The fixtures that wrap them live in
+plain teacher forcing, group normalisation, GRPO's policy loss, the gated NLL). The fixtures that wrap them live in
 conftest.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -298,3 +299,144 @@ def group_normalise(values, scale="group", group_size=None):
         return centred.tolist()
     std = grouped.std(1, keepdim=True).expand_as(grouped).flatten() if scale == "group" else values.std()
     return (centred / (std + 1e-4)).tolist()
+
+
+def policy_logps_and_entropies(model, inputs, temperature=1.0):
+    """
+    Log-probabilities of the completion tokens and the entropies of the next-token distributions, by one plain forward
+    of `model` over prompt + completion with logits divided by `temperature` (as TRL's policy loss scales them).
+
+    Args:
+        inputs (`dict`): a GRPO batch: `prompt_ids`, `prompt_mask` `(B, P)`, `completion_ids`, `completion_mask`
+            `(B, T)`.
+
+    Returns:
+        Two `(B, T)` float32 tensors: per-token log-probs and entropies (differentiable unless under no_grad).
+    """
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    width = inputs["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1].float() / temperature
+    logps = logits.log_softmax(-1)
+    token_logps = logps.gather(2, inputs["completion_ids"].unsqueeze(2)).squeeze(2)
+    return token_logps, -(logps.exp() * logps).sum(-1)
+
+
+def grpo_loss_options(args) -> dict:
+    """The GRPOConfig fields that shape GRPO's policy loss, as keywords of `reference_policy_loss`."""
+    return dict(
+        loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level,
+        epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        delta=args.delta,
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg,
+        top_entropy_quantile=args.top_entropy_quantile,
+        entropy_coef=args.entropy_coef,
+        max_completion_length=args.max_completion_length,
+        steps_per_generation=args.steps_per_generation,
+        accumulation_steps=args.gradient_accumulation_steps,
+    )
+
+
+def reference_policy_loss(inputs, logps, entropies=None, old_logps=None, num_items=None, **options):
+    """
+    GRPO's policy loss on one micro-batch (training mode, one process, beta = 0, no vLLM), written out from the
+    formulas of TRL's documentation for each loss type:
+
+        r = exp(logp - old_logp) per token, or exp(masked mean of logp - old_logp) per sequence
+        grpo/bnpo/dr_grpo/dapo/luspo: -min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
+        cispo: -min(r, eps_high) * A * logp        sapo: -sigmoid(tau * (r - 1)) * 4 / tau * A (tau by the sign of A)
+
+    and normalised per loss type: grpo and sapo, mean over sequences of the per-sequence token mean; bnpo, mean over
+    the batch's tokens; dr_grpo, sum / (B * max_completion_length); dapo and cispo, sum / the tokens of one
+    accumulation window (`num_items` over the whole generation batch, times `accumulation_steps` /
+    `steps_per_generation`); luspo, mean over sequences of the per-sequence sum. `top_entropy_quantile < 1` keeps only
+    the tokens whose entropy reaches that quantile of the batch's; `entropy_coef` subtracts that times the mean
+    entropy over the kept tokens. Every term but dapo's and cispo's is divided by `accumulation_steps`.
+
+    Args:
+        inputs (`dict`): the micro-batch: `advantages` `(B, T)` or `(B,)`, `completion_mask` `(B, T)`, and
+            `tool_mask` `(B, T)` if any (external tokens are left out).
+        logps, entropies (`torch.Tensor` of shape `(B, T)`): the policy's, e.g. from `policy_logps_and_entropies`.
+        old_logps (`torch.Tensor` of shape `(B, T)`, *optional*): the generating policy's; None: on-policy (r = 1).
+        num_items (`int`, *optional*): completion tokens of the generation batch (dapo and cispo).
+        options: `grpo_loss_options(args)`, possibly changed.
+
+    Returns:
+        The loss, a 0-d tensor.
+    """
+    mask = inputs["completion_mask"].float()
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    advantages = inputs["advantages"]
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    log_ratio = logps - (logps.detach() if old_logps is None else old_logps)
+    if options["importance_sampling_level"] == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(1)
+    ratio = log_ratio.exp()
+    loss_type = options["loss_type"]
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=options["epsilon_high"]).detach() * advantages * logps
+    elif loss_type == "sapo":
+        tau = torch.where(advantages > 0, options["sapo_temperature_pos"], options["sapo_temperature_neg"])
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        clipped = ratio.clamp(1 - options["epsilon_low"], 1 + options["epsilon_high"])
+        unclipped = ratio if options["delta"] is None else ratio.clamp(max=options["delta"])
+        per_token = -torch.minimum(unclipped * advantages, clipped * advantages)
+    else:
+        raise ValueError(f"reference_policy_loss has no formula for loss_type={loss_type!r}.")
+    kept = mask
+    if options["top_entropy_quantile"] < 1.0:
+        threshold = torch.quantile(entropies[mask.bool()].float(), 1 - options["top_entropy_quantile"])
+        kept = mask * (entropies >= threshold)
+    per_token = per_token * kept
+    accumulation = options["accumulation_steps"]
+    if loss_type in ("grpo", "sapo"):
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean() / accumulation
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / mask.sum().clamp(min=1) / accumulation
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (per_token.shape[0] * options["max_completion_length"]) / accumulation
+    elif loss_type in ("dapo", "cispo"):
+        loss = per_token.sum() / (num_items * accumulation / options["steps_per_generation"])
+    else:  # luspo
+        loss = per_token.sum(-1).mean() / accumulation
+    if options["entropy_coef"]:
+        loss = loss - options["entropy_coef"] * (entropies * kept).sum() / kept.sum().clamp(min=1) / accumulation
+    return loss
+
+
+def reference_gated_nll(logps, inputs, gate):
+    """The gated SFT term: mean NLL over the tokens of the completions with `gate` 1 (`(B,)`), external tokens
+    (`tool_mask` 0) left out; 0 when no completion passes."""
+    weights = inputs["completion_mask"].float() * gate.unsqueeze(1)
+    if "tool_mask" in inputs:
+        weights = weights * inputs["tool_mask"]
+    return -(logps * weights).sum() / weights.sum().clamp(min=1)
+
+
+def assert_loss_is_reference(trainer, inputs):
+    """
+    The trainer's loss on a freshly generated (on-policy) generation batch, value and gradient, equals GRPO's policy
+    loss (`reference_policy_loss`) plus `sft_weight` times the gated NLL (`reference_gated_nll`) when the batch has an
+    `sft_gate`, both computed here from the batch's advantages and one plain forward. Returns the two NLL-free parts
+    (the trainer's loss, the reference policy loss) for further checks.
+    """
+    named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    loss = trainer.compute_loss(trainer.model, inputs)
+    logps, _ = policy_logps_and_entropies(trainer.model, inputs, trainer.args.temperature)
+    # the batch is a whole generation batch here: its loss tokens are dapo's normaliser
+    mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+    policy_loss = reference_policy_loss(inputs, logps, num_items=mask.sum(), **grpo_loss_options(trainer.args))
+    expected = policy_loss
+    if "sft_gate" in inputs:
+        expected = expected + trainer.args.sft_weight * reference_gated_nll(logps, inputs, inputs["sft_gate"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    got, wanted = torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)
+    for (name, _), a, b in zip(named, got, wanted):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda message: f"gradient of {name}: {message}")
+    return loss.detach(), policy_loss.detach()

@@ -12,10 +12,17 @@ import pytest
 import torch
 from datasets import Dataset
 
-import trl_mig.trainer as trainer_module
-from helpers import SCAFFOLD, build_qwen3_tool_tokenizer, cpu_config, group_normalise, multiply_tool
+from helpers import (
+    SCAFFOLD,
+    assert_loss_is_reference,
+    build_qwen3_tool_tokenizer,
+    cpu_config,
+    group_normalise,
+    multiply_tool,
+    policy_logps_and_entropies,
+    reference_gated_nll,
+)
 from trl_mig import MIGGRPOTrainer
-from trl_mig.credit import gated_sft_loss
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
@@ -155,15 +162,20 @@ def test_mig_credit_follows_turns_and_never_lands_on_external_tokens(tmp_path, c
     assert advantages.ne(0).any()
 
 
-def test_gated_sft_never_trains_on_external_tokens(tmp_path, char_tokenizer, monkeypatch):
+def test_gated_sft_never_trains_on_external_tokens(tmp_path, char_tokenizer):
+    """Every row through the gate: the loss (value and gradient) is GRPO's policy loss plus the NLL of the tokens the
+    model wrote, both computed here without the tool results; counting those too would give another loss."""
     trainer = make_trainer(tmp_path, char_tokenizer, sft_weight=1.0)
     output = trainer._generate_and_score_completions(batch())
     output["sft_gate"] = torch.ones_like(output["sft_gate"])  # every row through the gate
-    seen = []
-    monkeypatch.setattr(trainer_module, "gated_sft_loss", lambda *a: seen.append(a[1]) or gated_sft_loss(*a))
-    trainer._compute_loss(trainer.model, output)
-    (mask,) = seen
-    assert mask[output["tool_mask"] == 0].eq(0).all() and mask.sum() > 0
+    loss, policy_loss = assert_loss_is_reference(trainer, output)
+    external = (output["tool_mask"] == 0) & output["completion_mask"].bool()
+    assert external.any(), "the batch has tool results inside its completions"
+    with torch.no_grad():
+        logps, _ = policy_logps_and_entropies(trainer.model, output)
+    every_token = {"completion_mask": output["completion_mask"]}
+    with_external = reference_gated_nll(logps, every_token, output["sft_gate"])
+    assert abs((loss - policy_loss).item() - with_external.item()) > 1e-3
 
 
 def test_training_on_agent_trajectories_updates_parameters_and_logs_turn_metrics(tmp_path, char_tokenizer):

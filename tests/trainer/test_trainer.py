@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOTrainer
 
 from helpers import (
     OUTCOME,
@@ -16,6 +15,7 @@ from helpers import (
     SCRIPT,
     SOLUTIONS,
     addition_dataset,
+    assert_loss_is_reference,
     cpu_config,
     group_normalise,
     make_trainer,
@@ -99,22 +99,16 @@ def test_gated_sft_gate_and_loss(tmp_path, char_tokenizer):
             assert gate[group * 4 + j].item() == float(structural and correct and watermark_sum(values) > 0)
     assert gate[1:4].tolist() == [0.0, 0.0, 0.0], "wrong, truncated and header-less completions never pass"
 
-    base = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
-    total = trainer._compute_loss(trainer.model, inputs)
-    # independent NLL over the gated completions, temperature 1 (the config's sampling temperature)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    with torch.no_grad():
-        logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    width = inputs["completion_ids"].shape[1]
-    logps = logits.log_softmax(-1)[:, -width:].gather(2, inputs["completion_ids"].unsqueeze(2)).squeeze(2)
-    weights = inputs["completion_mask"] * gate.unsqueeze(1)
-    nll = -(logps * weights).sum() / weights.sum().clamp(min=1)
-    assert (total - base).item() == pytest.approx(0.5 * nll.item(), rel=1e-4, abs=1e-6)
     assert gate.sum() > 0, "the scripted batch should have at least one gated completion"
+    # the loss is GRPO's policy loss plus 0.5 x the NLL of the gated completions, both computed here
+    loss, policy_loss = assert_loss_is_reference(trainer, inputs)
+    assert (loss - policy_loss).item() > 0.1, "the SFT term is really there (the NLL of a random model is large)"
 
 
 def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
+    """sft_weight=0: no gate in the batch, the same advantages, and the loss (value and gradient) is GRPO's policy
+    loss alone, computed here from the advantages and a plain forward; with sft_weight=0.5 the same batch's loss is
+    that plus 0.5 x the gated NLL."""
     model = build_tiny_model(char_tokenizer).float()
     with_sft = make_trainer(tmp_path / "a", char_tokenizer, model=model, sft_weight=0.5)
     without = make_trainer(tmp_path / "b", char_tokenizer, model=model, sft_weight=0.0)
@@ -122,8 +116,14 @@ def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
     out_without = without._generate_and_score_completions(scripted_batch())
     assert "sft_gate" not in out_without
     assert torch.equal(out_with["advantages"], out_without["advantages"])
-    loss = without._compute_loss(without.model, out_without)
-    assert loss.item() == GRPOTrainer._compute_loss(without, without.model, out_without).item()
+    loss, policy_loss = assert_loss_is_reference(without, out_without)
+    # on-policy the ratio is 1, so the default loss (dapo) is the mean of -A over the batch's completion tokens
+    assert without.args.loss_type == "dapo"
+    mask, advantages = out_without["completion_mask"].float(), out_without["advantages"]
+    assert loss.item() == pytest.approx((-(advantages * mask).sum() / mask.sum()).item(), rel=1e-5, abs=1e-6)
+    assert policy_loss.abs().item() > 1e-3, "a batch with non-zero advantages"
+    loss_with_sft, _ = assert_loss_is_reference(with_sft, out_with)
+    assert loss_with_sft.item() > loss.item() + 0.1
 
 
 def test_sft_without_a_correctness_reward_is_off_with_one_warning(tmp_path, char_tokenizer, caplog):
