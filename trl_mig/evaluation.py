@@ -1,7 +1,7 @@
 """Accuracy evaluation: greedy (or sampled) generation on dataset splits, scored for answer accuracy (pass@1) and
 step format, sharded across processes; plus the table and JSON writers for its results.
 
-It reads datasets already mapped by `trl_mig.data.prepare_dataset` (a `prompt` and a solution column) and knows
+It reads datasets already mapped by `trl_mig.cli.data.prepare_dataset` (a `prompt` and a solution column) and knows
 nothing of the command line, so `trl-mig train`, `trl-mig eval` and callers outside the CLI share it.
 """
 
@@ -11,11 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from .rewards import AnswerAccuracyReward, StepFormatReward
+
 
 def score_completions(completions, solutions, spec, solution_column: str = "solution"):
     """Per completion: (correct, well_formed) as floats, correct None when the row has no ground truth."""
-    from .rewards import AnswerAccuracyReward, StepFormatReward
-
     correct = AnswerAccuracyReward(spec, solution_column)(completions, **{solution_column: solutions})
     formatted = StepFormatReward(spec)(completions)
     return correct, formatted
@@ -136,7 +136,7 @@ def evaluate_splits(
             unwrapped for generation through TRL's `unwrap_model_for_generation`.
         tokenizer: its tokenizer (a tokenizer, not a processor).
         splits: split name -> dataset with a `prompt` column and `solution_column` (see
-            `trl_mig.data.prepare_dataset`).
+            `trl_mig.cli.data.prepare_dataset`).
         spec: the `FormatSpec` that finds the answer and checks the step format of a completion.
         batch_size, max_new_tokens, num_samples, temperature, top_p: generation settings (see
             `generate_completions`).

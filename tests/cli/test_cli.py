@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import SMALLEST_MODEL, save_tiny_model
 from trl_mig.cli.errors import CLIError
 from trl_mig.cli.main import main
 from trl_mig.cli.recipes import make_train_parser, parse_recipe_args
@@ -147,13 +148,7 @@ def test_train_grpo_twin_runs_plain_grpo(tmp_path, cache_dir, capsys):
 
 def _local_model_and_data(tmp_path):
     """A tiny model saved with save_pretrained and a GSM8K-like JSONL file: the local-path route of real users."""
-    from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model
-
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    model_dir = tmp_path / "local-model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "local-model", **SMALLEST_MODEL)
     data = tmp_path / "gsm8k-like.jsonl"
     rows = [{"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a:,}"} for a in (3, 500, 7, 9)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))

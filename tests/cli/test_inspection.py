@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PROMPTS, SCRIPT, SOLUTIONS, make_trainer, scripted_batch
+from helpers import PROMPTS, SCRIPT, SMALLEST_MODEL, SOLUTIONS, make_trainer, save_tiny_model, scripted_batch
 from trl_mig import hwm_gains, inspect_completion
 from trl_mig.cli.main import main
 from trl_mig.render import render_html, render_png, write_html
@@ -246,19 +246,8 @@ def test_mig_inspect_html_is_off_by_default(tmp_path, char_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
-def _local_model(tmp_path):
-    from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model
-
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_inspect_command_with_given_completions(tmp_path, capsys):
-    folder = _local_model(tmp_path)
+    folder = save_tiny_model(tmp_path / "model", **SMALLEST_MODEL)
     page, plot, numbers = tmp_path / "out" / "page.html", tmp_path / "out" / "plot.png", tmp_path / "numbers.json"
     code = main(["inspect", "--model", str(folder), "--prompt", PROMPT, "--solution", "20", "--completion", GOOD,
                  WRONG, NO_STEPS, "--html", str(page), "--png", str(plot), "--json", str(numbers),
@@ -273,7 +262,7 @@ def test_inspect_command_with_given_completions(tmp_path, capsys):
 
 
 def test_inspect_command_samples_from_a_dataset_row(tmp_path, capsys):
-    folder = _local_model(tmp_path)
+    folder = save_tiny_model(tmp_path / "model", **SMALLEST_MODEL)
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"question": f"Compute {a}+{a}.\n", "answer": str(2 * a)}) + "\n"
                             for a in (1, 2, 3)))
@@ -318,7 +307,7 @@ def test_image_prompts_and_vision_language_models_are_clear_errors(tmp_path, cap
     from trl_mig.builtin.tiny import build_tiny_vlm
 
     monkeypatch.setenv("TRL_MIG_CACHE", str(tmp_path / "cache"))
-    folder = _local_model(tmp_path)
+    folder = save_tiny_model(tmp_path / "model", **SMALLEST_MODEL)
     small = ["--task_train_size", "8", "--task_validation_size", "4", "--task_test_size", "4", "--task_ood_size", "4"]
     code = main(["inspect", "--model", str(folder), "--dataset", "builtin:visual", "--split", "test", "--index", "0",
                  "--device", "cpu", "--html", str(tmp_path / "p.html"), *small])
@@ -338,7 +327,7 @@ def test_image_prompts_and_vision_language_models_are_clear_errors(tmp_path, cap
 
 
 def test_without_matplotlib_render_png_is_a_clear_error_and_inspect_writes_the_page(tmp_path, capsys, monkeypatch):
-    folder = _local_model(tmp_path)
+    folder = save_tiny_model(tmp_path / "model", **SMALLEST_MODEL)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when it is not installed
     with pytest.raises(ImportError, match=r"render_png needs matplotlib: pip install 'trl-mig\[plots\]'") as error:
         render_png([], tmp_path / "plot.png")

@@ -49,7 +49,7 @@ def test_saved_builtin_model_round_trips_through_plain_transformers(name, builti
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     path = resolve_builtin_model(f"builtin:{name}", builtin_args, use_cpu=True)
-    # what training uses (trl_mig.train loads the tokenizer this way), then saved as the trainer saves an output
+    # what training uses (trl_mig.cli.train loads the tokenizer this way), then saved as the trainer saves an output
     train_tokenizer = load_generic_tokenizer(path)
     train_model = AutoModelForCausalLM.from_pretrained(path).eval()
     train_model.save_pretrained(tmp_path)

@@ -12,15 +12,21 @@ import pytest
 import torch
 from datasets import Dataset
 
-import trl_mig.trainer as trainer_module
-from helpers import cpu_config, multiply_tool
+from helpers import (
+    SCAFFOLD,
+    assert_loss_is_reference,
+    build_qwen3_tool_tokenizer,
+    cpu_config,
+    group_normalise,
+    multiply_tool,
+    policy_logps_and_entropies,
+    reference_gated_nll,
+)
 from trl_mig import MIGGRPOTrainer
-from trl_mig.credit import gated_sft_loss
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
-SCAFFOLD = "\n</think>\n<answer>"
 MODEL, TOOL = 1, 0
 PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
 SOLUTIONS = ["20", "6"]
@@ -117,11 +123,6 @@ def reference_logliks(model, tokenizer, prompt, ids, bounds, solution):
     return values
 
 
-def group_normalise(values):
-    values = torch.tensor(values, dtype=torch.float64)
-    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
-
-
 # boundaries written out by hand from the pieces (indices into each trajectory's piece ends)
 BOUNDS = {
     PROMPTS[0]: [lambda e: [e[0], e[2], e[3]], lambda e: [e[0], e[2], e[4], e[5]],
@@ -161,15 +162,20 @@ def test_mig_credit_follows_turns_and_never_lands_on_external_tokens(tmp_path, c
     assert advantages.ne(0).any()
 
 
-def test_gated_sft_never_trains_on_external_tokens(tmp_path, char_tokenizer, monkeypatch):
+def test_gated_sft_never_trains_on_external_tokens(tmp_path, char_tokenizer):
+    """Every row through the gate: the loss (value and gradient) is GRPO's policy loss plus the NLL of the tokens the
+    model wrote, both computed here without the tool results; counting those too would give another loss."""
     trainer = make_trainer(tmp_path, char_tokenizer, sft_weight=1.0)
     output = trainer._generate_and_score_completions(batch())
     output["sft_gate"] = torch.ones_like(output["sft_gate"])  # every row through the gate
-    seen = []
-    monkeypatch.setattr(trainer_module, "gated_sft_loss", lambda *a: seen.append(a[1]) or gated_sft_loss(*a))
-    trainer._compute_loss(trainer.model, output)
-    (mask,) = seen
-    assert mask[output["tool_mask"] == 0].eq(0).all() and mask.sum() > 0
+    loss, policy_loss = assert_loss_is_reference(trainer, output)
+    external = (output["tool_mask"] == 0) & output["completion_mask"].bool()
+    assert external.any(), "the batch has tool results inside its completions"
+    with torch.no_grad():
+        logps, _ = policy_logps_and_entropies(trainer.model, output)
+    every_token = {"completion_mask": output["completion_mask"]}
+    with_external = reference_gated_nll(logps, every_token, output["sft_gate"])
+    assert abs((loss - policy_loss).item() - with_external.item()) > 1e-3
 
 
 def test_training_on_agent_trajectories_updates_parameters_and_logs_turn_metrics(tmp_path, char_tokenizer):
@@ -219,15 +225,9 @@ def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
     `<tool_response>`, which gets no credit, and the turn metrics sit next to TRL's tools/call_frequency."""
     from unittest.mock import patch
 
-    from trl.chat_template_utils import qwen3_chat_template
-
     from trl_mig.segmentation import FormatSpec, segment_completion
-    from trl_mig.builtin.tiny import build_char_tokenizer
 
-    tokenizer = build_char_tokenizer()
-    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", qwen3_chat_template
+    tokenizer = build_qwen3_tool_tokenizer()
     call = '<think>### Step 1\nneed 3*4\n</think><tool_call>\n{"name": "multiply_tool", "arguments": {"a": 3, "b": 4}}\n'
     first_turn = [call + "</tool_call><|im_end|>", "<think>### Step 1\n3*4=12\n</think>\n<answer>12</answer><|im_end|>"]
     second_turn = "<think>so 12\n</think>\n<answer>12</answer><|im_end|>"

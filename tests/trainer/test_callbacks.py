@@ -9,23 +9,20 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from helpers import cpu_config
+from helpers import addition_dataset, cpu_config
 from trl_mig import HeldOutAccuracyCallback, MIGGRPOTrainer
 from trl_mig.rewards import default_reward_funcs
 from trl_mig.segmentation import FormatSpec
 from trl_mig.builtin.tiny import build_tiny_model
 
-
-def tasks(n, offset=0):
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(5) for b in range(5)]
-    return Dataset.from_list(rows[offset : offset + n])
+OPERANDS = 5  # 25 additions: the first 16 to train on, the others held out
 
 
 def mig_trainer(tmp_path, tokenizer, **overrides):
     return MIGGRPOTrainer(
         build_tiny_model(tokenizer),
         args=cpu_config(tmp_path, max_completion_length=8, **overrides),
-        train_dataset=tasks(16),
+        train_dataset=addition_dataset(16, operands=OPERANDS),
         processing_class=tokenizer,
     )
 
@@ -36,8 +33,8 @@ def heldout_entries(trainer):
 
 def test_logs_heldout_accuracy_at_start_every_n_steps_and_at_the_end(tmp_path, char_tokenizer):
     trainer = mig_trainer(tmp_path, char_tokenizer, max_steps=5, logging_steps=1, save_strategy="steps", save_steps=5)
-    callback = HeldOutAccuracyCallback(trainer, {"test": tasks(4, 16), "ood": tasks(3, 20)}, eval_steps=2,
-                                       batch_size=3, num_samples=2)
+    splits = {"test": addition_dataset(4, 16, operands=OPERANDS), "ood": addition_dataset(3, 20, operands=OPERANDS)}
+    callback = HeldOutAccuracyCallback(trainer, splits, eval_steps=2, batch_size=3, num_samples=2)
     trainer.add_callback(callback)
     trainer.train()
 
@@ -87,8 +84,9 @@ def test_a_model_that_learned_the_answers_scores_full_marks(tmp_path, char_token
 def test_sampled_accuracy_does_not_change_the_training_run(tmp_path, char_tokenizer):
     def final_parameters(num_samples):
         trainer = mig_trainer(tmp_path / str(num_samples), char_tokenizer, max_steps=3)
-        trainer.add_callback(HeldOutAccuracyCallback(trainer, {"test": tasks(3, 16)}, eval_steps=1,
-                                                     num_samples=num_samples, temperature=1.0))
+        held_out = {"test": addition_dataset(3, 16, operands=OPERANDS)}
+        trainer.add_callback(HeldOutAccuracyCallback(trainer, held_out, eval_steps=1, num_samples=num_samples,
+                                                     temperature=1.0))
         trainer.train()
         return [p.detach().clone() for p in trainer.model.parameters()]
 
@@ -100,8 +98,9 @@ def test_works_with_plain_grpo_trainer(tmp_path, char_tokenizer):
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                       max_steps=2, report_to="none", save_strategy="no", use_cpu=True, bf16=False, logging_steps=1)
     trainer = GRPOTrainer(build_tiny_model(char_tokenizer), reward_funcs=default_reward_funcs(FormatSpec()), args=args,
-                          train_dataset=tasks(8), processing_class=char_tokenizer)
-    trainer.add_callback(HeldOutAccuracyCallback(trainer, {"test": tasks(2, 16)}, eval_steps=1))
+                          train_dataset=addition_dataset(8, operands=OPERANDS), processing_class=char_tokenizer)
+    held_out = {"test": addition_dataset(2, 16, operands=OPERANDS)}
+    trainer.add_callback(HeldOutAccuracyCallback(trainer, held_out, eval_steps=1))
     trainer.train()
     assert [entry["step"] for entry in heldout_entries(trainer)] == [0, 1, 2]
 
@@ -117,6 +116,6 @@ def test_works_with_plain_grpo_trainer(tmp_path, char_tokenizer):
 )
 def test_bad_settings_name_the_problem(tmp_path, char_tokenizer, kwargs, message):
     trainer = mig_trainer(tmp_path, char_tokenizer, max_steps=1)
-    settings = dict(splits={"test": tasks(2, 16)}, eval_steps=2) | kwargs
+    settings = dict(splits={"test": addition_dataset(2, 16, operands=OPERANDS)}, eval_steps=2) | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         HeldOutAccuracyCallback(trainer, settings.pop("splits"), **settings)

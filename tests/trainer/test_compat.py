@@ -1,6 +1,8 @@
 """Drop-in compatibility: GRPOConfig option families and GRPOTrainer constructor features, trained a few steps with
 MIGGRPOTrainer on tiny local models, asserting what TRL's GRPOTrainer tests assert (parameters changed, metrics
-logged) plus the MIG metrics.
+logged) plus the MIG metrics, and, for each option of the option matrix, the effect it has (advantage scaling, loss
+normalisation, entropy mask and bonus, generation reuse, importance-sampling level, delta clipping, step credit),
+computed in the test from what TRL's hooks see.
 
 Not covered here: vision inputs (the vision issue), vLLM and Liger kernels (not installed on CPU CI; vLLM generation
 only replaces how completions are produced, which MIG reads afterwards, so it is not blocked, but it is untested).
@@ -8,15 +10,31 @@ only replaces how completions are produced, which MIG reads afterwards, so it is
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+from collections import Counter
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-from helpers import cpu_config, multiply_tool, scripted_rollout
+from helpers import (
+    addition_dataset,
+    build_qwen3_tool_tokenizer,
+    cpu_config,
+    group_normalise,
+    grpo_loss_options,
+    multiply_tool,
+    policy_logps_and_entropies,
+    progress,
+    reference_logliks,
+    reference_policy_loss,
+    save_tiny_model,
+    scripted_rollout,
+)
 from trl_mig import MIGConfig, MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -35,8 +53,7 @@ def digit_reward(completions, **kwargs):
 
 
 def problems(n=8):
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(3) for b in range(3)]
-    return Dataset.from_list(rows[:n])
+    return addition_dataset(n, operands=3)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +61,7 @@ def tiny_dirs(tmp_path_factory, char_tokenizer):
     """A tiny causal LM and a tiny reward model (Qwen2ForSequenceClassification, 1 label) saved with the tokenizer,
     so that trainers load them by path as TRL's tests load the hub's tiny models."""
     root = tmp_path_factory.mktemp("tiny")
-    policy = root / "tiny-Qwen2ForCausalLM"
-    build_tiny_model(char_tokenizer).float().save_pretrained(policy)
-    char_tokenizer.save_pretrained(policy)
+    policy = save_tiny_model(root / "tiny-Qwen2ForCausalLM", char_tokenizer)
     reward = root / "tiny-Qwen2ForSequenceClassification"
     config = Qwen2Config(
         vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -87,32 +102,234 @@ def first(trainer, name):
     return next(entry[name] for entry in trainer.state.log_history if name in entry)
 
 
-# one training run per row: the option families of GRPOConfig, several per run so that the matrix stays small
+# ---------------------------------------------------------------------------------------------- option families
+# One training run per row, several options per run so that the matrix stays small; each option's effect is checked
+# against a computation written here (`check_*` below). The scaling rows switch MIG credit off (mig_weight=0) so that
+# the advantage is GRPO's outcome advantage alone; the step-credit row trains on scripted two-step completions.
+
+# two two-step completions per prompt; for the first prompt the completion ahead after step 1 is behind after step 2
+# (under the tiny policy), so step credit differs from trajectory credit
+STEP_SCRIPT = {
+    "Compute (2+3)*4.\n": ["<think>### Step 1\n2+3=6\n### Step 2\n5*4=20\n</think>\n<answer>20</answer>",
+                           "<think>### Step 1\nhmm\n### Step 2\nso 20\n</think>\n<answer>20</answer>"],
+    "Compute 7-1.\n": ["<think>### Step 1\n7-1=5\n### Step 2\n6\n</think>\n<answer>6</answer>",
+                       "<think>### Step 1\nhmm\n### Step 2\nok\n</think>\n<answer>6</answer>"],
+}
+STEP_SOLUTIONS = {"Compute (2+3)*4.\n": "20", "Compute 7-1.\n": "6"}
+
 OPTION_MATRIX = {
     "grpo": dict(loss_type="grpo"),
-    "bnpo-batch-scaling": dict(loss_type="bnpo", scale_rewards="batch"),
-    "dr_grpo-no-scaling": dict(loss_type="dr_grpo", scale_rewards=False),
+    "bnpo-batch-scaling": dict(loss_type="bnpo", scale_rewards="batch", mig_weight=0.0, outcome_weight=1.5),
+    "dr_grpo-no-scaling": dict(loss_type="dr_grpo", scale_rewards=False, mig_weight=0.0),
     "dapo-entropy-mask-bonus": dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.01),
     "cispo-iterations": dict(loss_type="cispo", num_iterations=2, max_steps=2),
     "sapo-steps-per-generation": dict(loss_type="sapo", steps_per_generation=2, max_steps=2),
-    "luspo-sequence-is": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "luspo-sequence-is-iterations": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2,
+                                         max_steps=2),
+    # trains only: the off-policy mask and VESPO's weights are not asserted here (their semantics are decided apart)
     "vespo-off-policy-mask": dict(loss_type="vespo", off_policy_mask_threshold=0.5),
     "grpo-sequence-is-delta-step-credit": dict(loss_type="grpo", importance_sampling_level="sequence", delta=2.0,
-                                               mig_credit="step"),
+                                               mig_credit="step", max_completion_length=64, script=STEP_SCRIPT),
 }
+
+
+def recording(reward_func, calls: list):
+    """`reward_func`, keeping what it returns (one list per call) in `calls`; TRL names it as `reward_func`."""
+
+    @functools.wraps(reward_func)
+    def reward(completions, **kwargs):
+        values = reward_func(completions, **kwargs)
+        calls.append(values)
+        return values
+
+    return reward
+
+
+def _tensors(batch: dict) -> dict:
+    return {key: value.detach().clone() for key, value in batch.items() if isinstance(value, torch.Tensor)}
+
+
+def _row_keys(batch: dict) -> list[tuple]:
+    """Each row of a GRPO batch as (prompt tokens, completion tokens), padding left out."""
+    prompts = zip(batch["prompt_ids"], batch["prompt_mask"])
+    completions = zip(batch["completion_ids"], batch["completion_mask"])
+    return [(tuple(p[m.bool()].tolist()), tuple(c[n.bool()].tolist())) for (p, m), (c, n) in zip(prompts, completions)]
+
+
+class HookRecorder:
+    """
+    Wraps two of TRL's hooks on `trainer` and records what they see during training: every generation
+    (`_generate_and_score_completions`: the dataset rows and the output, in generation order) and every micro-batch
+    loss (`compute_loss`: the batch, the loss, and the policy's per-token log-probs and entropies from a plain forward
+    at that moment, before the optimizer step). `compute_loss` keeps the unwrapped hook, for checks after training.
+    """
+
+    def __init__(self, trainer):
+        self.generations, self.losses = [], []
+        generate, self.compute_loss = trainer._generate_and_score_completions, trainer.compute_loss
+
+        def recorded_generate(inputs):
+            output = generate(inputs)
+            self.generations.append({"rows": list(inputs), **_tensors(output)})
+            return output
+
+        def recorded_compute_loss(model, inputs, *args, **kwargs):
+            loss = self.compute_loss(model, inputs, *args, **kwargs)
+            with torch.no_grad():
+                logps, entropies = policy_logps_and_entropies(model, inputs, trainer.args.temperature)
+            self.losses.append(dict(loss=loss.item(), inputs=_tensors(inputs), logps=logps, entropies=entropies,
+                                    generation=len(self.generations) - 1))
+            return loss
+
+        trainer._generate_and_score_completions = recorded_generate
+        trainer.compute_loss = recorded_compute_loss
+
+    def loss_tokens(self, call) -> torch.Tensor:
+        """The completion tokens of the generation batch a micro-batch comes from (dapo's and cispo's normaliser)."""
+        return self.generations[call["generation"]]["completion_mask"].sum()
+
+
+def check_generation_reuse(args, recorder):
+    """num_iterations and steps_per_generation: one generation feeds `steps_per_generation * num_iterations`
+    micro-batches (one optimizer step each here), which together hold each of its completions `num_iterations` times.
+    A reused generation comes with the generating policy's log-probs: the first micro-batch's policy still has them,
+    and after an optimizer step the policy's differ from them (the ratio is not 1)."""
+    assert args.gradient_accumulation_steps == 1
+    assert len(recorder.generations) == math.ceil(args.max_steps / (args.steps_per_generation * args.num_iterations))
+    assert len(recorder.losses) == args.max_steps
+    for index, generation in enumerate(recorder.generations):
+        calls = [call for call in recorder.losses if call["generation"] == index]
+        seen = Counter(key for call in calls for key in _row_keys(call["inputs"]))
+        assert seen == Counter({key: n * args.num_iterations for key, n in Counter(_row_keys(generation)).items()})
+        for position, call in enumerate(calls):
+            old = call["inputs"].get("old_per_token_logps")
+            assert (old is not None) == (len(calls) > 1)
+            if old is not None:
+                drift = (call["logps"] - old)[call["inputs"]["completion_mask"].bool()].abs().max().item()
+                assert (drift < 1e-4) if position == 0 else (drift > 1e-3), (position, drift)
+
+
+def check_losses(args, recorder):
+    """Every micro-batch's loss is GRPO's for the options (`reference_policy_loss`), from the batch's advantages
+    and old log-probs and the recorded forward; the entropy mask and bonus each change it."""
+    options = grpo_loss_options(args)
+    for call in recorder.losses:
+        batch, num_items = call["inputs"], recorder.loss_tokens(call)
+        reference = functools.partial(reference_policy_loss, batch, call["logps"], call["entropies"],
+                                      batch.get("old_per_token_logps"), num_items)
+        assert call["loss"] == pytest.approx(reference(**options).item(), rel=1e-5, abs=1e-6)
+        if args.top_entropy_quantile < 1.0:
+            assert abs(call["loss"] - reference(**{**options, "top_entropy_quantile": 1.0}).item()) > 1e-4
+        if args.entropy_coef:
+            assert abs(call["loss"] - reference(**{**options, "entropy_coef": 0.0}).item()) > 1e-4
+
+
+def check_off_policy_loss(trainer, recorder):
+    """
+    The last micro-batch again, with old log-probs set below the policy's (ratios around 3, alternating
+    between e^{1.1 +- 0.6} along each completion): the loss is GRPO's for the options, computed here. With
+    importance_sampling_level="sequence" one ratio per completion (not per token) enters it, and `delta` clips the
+    ratio of negative-advantage tokens (checked by comparing with the other choice, which gives another loss).
+    """
+    call = recorder.losses[-1]
+    batch, options = call["inputs"], grpo_loss_options(trainer.args)
+    trainer.model.train()
+    with torch.no_grad():
+        logps, entropies = policy_logps_and_entropies(trainer.model, batch, trainer.args.temperature)
+        alternating = 0.6 * (1 - 2 * (torch.arange(logps.shape[1]) % 2))
+        batch = {**batch, "old_per_token_logps": logps - math.log(3) - alternating}
+        loss = recorder.compute_loss(trainer.model, batch).item()
+    reference = functools.partial(reference_policy_loss, batch, logps, entropies, batch["old_per_token_logps"],
+                                  recorder.loss_tokens(call))
+    assert loss == pytest.approx(reference(**options).item(), rel=1e-5, abs=1e-6)
+    mask = batch["completion_mask"].bool()
+    assert (batch["advantages"][mask] < 0).any(), "negative advantages, where the clipping differs"
+    if trainer.args.importance_sampling_level == "sequence":
+        assert abs(loss - reference(**{**options, "importance_sampling_level": "token"}).item()) > 1e-3
+    if trainer.args.delta is not None:
+        assert abs(loss - reference(**{**options, "delta": None}).item()) > 1e-3
+
+
+def check_outcome_advantages(args, recorder, reward_calls):
+    """With mig_weight=0 every completion token carries outcome_weight x GRPO's outcome advantage of the rewards
+    the reward functions returned, normalised here as `scale_rewards` says (group, batch or none)."""
+    for index, generation in enumerate(recorder.generations):
+        rewards = [sum(values) for values in zip(*(calls[index] for calls in reward_calls.values()))]
+        expected = group_normalise(rewards, args.scale_rewards, args.num_generations)
+        assert any(abs(value) > 1e-3 for value in expected), "some spread in the rewards"
+        for row, value in enumerate(expected):
+            tokens = generation["advantages"][row][generation["completion_mask"][row].bool()]
+            assert tokens.tolist() == pytest.approx([args.outcome_weight * value] * len(tokens), abs=1e-5), row
+
+
+def check_step_credit(args, recorder, reward_calls, logliks):
+    """mig_credit="step" on scripted two-step completions: the tokens of step k carry the outcome advantage plus the
+    watermark progress by step k normalised within the group (both computed here, l_k by plain forwards), the
+    tokens outside the thought the outcome advantage only; the two steps of a completion get different credit."""
+    (generation,) = recorder.generations
+    rewards = [sum(values) for values in zip(*(calls[0] for calls in reward_calls.values()))]
+    outcome = group_normalise(rewards, args.scale_rewards, args.num_generations)
+    # the scripted rollout gives the i-th row of a batch the (i mod G)-th completion of its prompt
+    texts = [STEP_SCRIPT[row["prompt"]][i % args.num_generations] for i, row in enumerate(generation["rows"])]
+    curves = [logliks[(row["prompt"], text)] for row, text in zip(generation["rows"], texts)]  # (l_k, bounds)
+    differs = False
+    for row, (values, bounds) in enumerate(curves):
+        first_of_group = row - row % args.num_generations
+        group = curves[first_of_group : first_of_group + args.num_generations]
+        length = int(generation["completion_mask"][row].sum())
+        tokens = generation["advantages"][row, :length].tolist()
+        outcome_part = args.outcome_weight * outcome[row]
+        assert tokens[: bounds[0]] == pytest.approx([outcome_part] * bounds[0], abs=1e-4)
+        assert tokens[bounds[-1] :] == pytest.approx([outcome_part] * (length - bounds[-1]), abs=1e-4)
+        credits = []
+        for k in range(len(bounds) - 1):
+            reached = torch.tensor([progress(v)[k] for v, b in group if len(b) - 1 > k], dtype=torch.float64)
+            credits.append((progress(values)[k] - reached.mean().item()) / (reached.std().item() + 1e-4))
+            step_tokens = tokens[bounds[k] : bounds[k + 1]]
+            expected = outcome_part + args.mig_weight * credits[-1]
+            assert step_tokens == pytest.approx([expected] * len(step_tokens), abs=2e-3), (row, k)
+        differs |= abs(credits[0] - credits[1]) > 0.1
+    assert differs, "some completion's two steps get different credit"
 
 
 @pytest.mark.parametrize("options", OPTION_MATRIX.values(), ids=OPTION_MATRIX.keys())
 def test_option_families_train(tmp_path, char_tokenizer, tiny_dirs, options):
+    options = dict(options)
+    script = options.pop("script", None)
+    reward_calls = {"length_reward": [], "digit_reward": []}
+    if script is None:
+        dataset, rollout = problems(), None
+    else:
+        dataset = Dataset.from_list([{"prompt": p, "solution": STEP_SOLUTIONS[p]} for p in script])
+        rollout = scripted_rollout(script)
     trainer = MIGGRPOTrainer(
         tiny_dirs["policy"],
-        reward_funcs=[length_reward, digit_reward],
+        reward_funcs=[recording(length_reward, reward_calls["length_reward"]),
+                      recording(digit_reward, reward_calls["digit_reward"])],
         args=compat_config(tmp_path, **options),
-        train_dataset=problems(),
+        train_dataset=dataset,
         processing_class=char_tokenizer,
+        rollout_func=rollout,
     )
+    args = trainer.args
+    # l_k of the scripted completions under the policy that generates them (the first generation: before any step)
+    logliks = {
+        (prompt, text): reference_logliks(trainer.model, char_tokenizer, prompt, text, STEP_SOLUTIONS[prompt])
+        for prompt, texts in (script or {}).items()
+        for text in texts
+    }
+    recorder = HookRecorder(trainer)
     train_and_check(trainer)
     assert first(trainer, "sft/enabled") == 0.0, "no correctness reward: gated SFT is off"
+
+    check_generation_reuse(args, recorder)
+    if args.mig_weight == 0:
+        check_outcome_advantages(args, recorder, reward_calls)
+    if args.mig_credit == "step":
+        check_step_credit(args, recorder, reward_calls, logliks)
+    if args.loss_type != "vespo":
+        check_losses(args, recorder)
+        check_off_policy_loss(trainer, recorder)
 
 
 @pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
@@ -226,18 +443,7 @@ def test_minimal_constructor_without_args(tmp_path, char_tokenizer, tiny_dirs, m
 
 @pytest.fixture(scope="session")
 def tool_tokenizer():
-    """The char-level tokenizer with Qwen3's chat template (which renders tool calls and which TRL knows how to
-    parse) and its special tokens."""
-    from trl.chat_template_utils import qwen3_chat_template
-
-    from trl_mig.builtin.tiny import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = qwen3_chat_template
-    return tokenizer
+    return build_qwen3_tool_tokenizer()
 
 
 def test_tools(tmp_path, tool_tokenizer):

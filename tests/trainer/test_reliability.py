@@ -14,7 +14,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from helpers import cpu_config, scripted_rollout
+from helpers import addition_dataset, cpu_config, scripted_rollout
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -220,10 +220,6 @@ def test_non_finite_likelihoods_are_guarded_and_reported(tmp_path, char_tokenize
 
 
 # 14 --------------------------------------------------------------------------------------------- resume
-def arithmetic_rows(n=16):
-    return [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)][:n]
-
-
 def test_checkpoint_and_resume(tmp_path, char_tokenizer, caplog):
     from transformers import AutoModelForCausalLM
 
@@ -242,7 +238,7 @@ def test_checkpoint_and_resume(tmp_path, char_tokenizer, caplog):
             build_tiny_model(char_tokenizer),
             args=cpu_config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2, mig_credit="step",
                             **overrides),
-            train_dataset=Dataset.from_list(arithmetic_rows()),
+            train_dataset=addition_dataset(),
             processing_class=char_tokenizer,
             callbacks=[counter],
         )
@@ -278,7 +274,7 @@ def test_same_seed_same_likelihoods_gains_and_first_loss(tmp_path, char_tokenize
         trainer = MIGGRPOTrainer(
             build_tiny_model(char_tokenizer, seed=1),
             args=cpu_config(tmp_path / str(run), max_steps=1, seed=7),
-            train_dataset=Dataset.from_list(arithmetic_rows()),
+            train_dataset=addition_dataset(),
             processing_class=char_tokenizer,
         )
         trainer.train()

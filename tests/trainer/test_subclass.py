@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from helpers import SCRIPT, cpu_config, make_trainer, scripted_batch, scripted_rollout
+from helpers import SCRIPT, addition_dataset, cpu_config, make_trainer, scripted_batch, scripted_rollout
 from trl_mig import MIGConfig, MIGGRPOTrainer, MIGMixin, mig_config_class, mig_trainer_class
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -94,8 +94,7 @@ def test_gmpo_with_mig(tmp_path, char_tokenizer):
     assert trainer_class.mig_token_level_advantages is False
     assert config_class is mig_config_class(GMPOConfig) and trainer_class is mig_trainer_class(GMPOTrainer, GMPOConfig)
     model = build_tiny_model(char_tokenizer).float()
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(3) for b in range(3)]
-    dataset = Dataset.from_list(rows)
+    dataset = addition_dataset(9, operands=3)
 
     with pytest.raises(ValueError, match="mig_token_scope='all' and mig_credit='trajectory'"):
         trainer_class(model, args=cpu_config(tmp_path, config_class=config_class), train_dataset=dataset,

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOTrainer
 
 from helpers import (
     OUTCOME,
@@ -15,55 +14,21 @@ from helpers import (
     SCAFFOLD,
     SCRIPT,
     SOLUTIONS,
+    addition_dataset,
+    assert_loss_is_reference,
     cpu_config,
+    group_normalise,
     make_trainer,
+    progress,
+    reference_logliks,
     scripted_batch,
     scripted_rollout,
+    watermark_sum,
 )
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-
-def reference_logliks(model, tokenizer, prompt, completion, solution):
-    """l_0..l_K by separate plain forwards over each prefix; step boundaries found by hand from the text."""
-    cot_start = completion.index("<think>") + len("<think>")
-    cot_end = completion.index("</think>") if "</think>" in completion else len(completion)
-    cot = completion[cot_start:cot_end]
-    headers = [i for i in range(len(cot)) if cot.startswith("### Step", i)]
-    if headers:
-        cuts = [cot_start] + [cot_start + h for h in headers[1:]] + [cot_end]
-    else:
-        paragraphs = [i + 2 for i in range(len(cot) - 1) if cot[i : i + 2] == "\n\n"]
-        cuts = [cot_start] + [cot_start + p for p in paragraphs] + [cot_end]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids, answer_ids, scaffold_ids = encode(prompt), encode(SCAFFOLD + solution), encode(SCAFFOLD)
-    values = []
-    for cut in cuts:
-        ids = prompt_ids + encode(completion[:cut]) + answer_ids
-        with torch.no_grad():
-            logps = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        start = len(ids) - len(answer_ids) + len(scaffold_ids)
-        values.append(sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start))
-    return values, [len(encode(completion[:cut])) for cut in cuts]
-
-
-def watermark_sum(values):
-    best, total = values[0], 0.0
-    for value in values[1:]:
-        total += max(0.0, value - best)
-        best = max(best, value)
-    return total
-
-
-def progress(values):
-    """Watermark lift after each step: [h_1 - h_0, h_2 - h_0, ...]."""
-    return [max(values[: k + 1]) - values[0] for k in range(1, len(values))]
-
-
-def group_normalise(values):
-    values = torch.tensor(values, dtype=torch.float64)
-    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
 
 
 @pytest.mark.parametrize("architecture, credit", [("qwen2", "trajectory"), ("qwen2", "step"), ("llama", "trajectory")])
@@ -134,22 +99,16 @@ def test_gated_sft_gate_and_loss(tmp_path, char_tokenizer):
             assert gate[group * 4 + j].item() == float(structural and correct and watermark_sum(values) > 0)
     assert gate[1:4].tolist() == [0.0, 0.0, 0.0], "wrong, truncated and header-less completions never pass"
 
-    base = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
-    total = trainer._compute_loss(trainer.model, inputs)
-    # independent NLL over the gated completions, temperature 1 (the config's sampling temperature)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    with torch.no_grad():
-        logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    width = inputs["completion_ids"].shape[1]
-    logps = logits.log_softmax(-1)[:, -width:].gather(2, inputs["completion_ids"].unsqueeze(2)).squeeze(2)
-    weights = inputs["completion_mask"] * gate.unsqueeze(1)
-    nll = -(logps * weights).sum() / weights.sum().clamp(min=1)
-    assert (total - base).item() == pytest.approx(0.5 * nll.item(), rel=1e-4, abs=1e-6)
     assert gate.sum() > 0, "the scripted batch should have at least one gated completion"
+    # the loss is GRPO's policy loss plus 0.5 x the NLL of the gated completions, both computed here
+    loss, policy_loss = assert_loss_is_reference(trainer, inputs)
+    assert (loss - policy_loss).item() > 0.1, "the SFT term is really there (the NLL of a random model is large)"
 
 
 def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
+    """sft_weight=0: no gate in the batch, the same advantages, and the loss (value and gradient) is GRPO's policy
+    loss alone, computed here from the advantages and a plain forward; with sft_weight=0.5 the same batch's loss is
+    that plus 0.5 x the gated NLL."""
     model = build_tiny_model(char_tokenizer).float()
     with_sft = make_trainer(tmp_path / "a", char_tokenizer, model=model, sft_weight=0.5)
     without = make_trainer(tmp_path / "b", char_tokenizer, model=model, sft_weight=0.0)
@@ -157,8 +116,14 @@ def test_sft_weight_zero_changes_nothing(tmp_path, char_tokenizer):
     out_without = without._generate_and_score_completions(scripted_batch())
     assert "sft_gate" not in out_without
     assert torch.equal(out_with["advantages"], out_without["advantages"])
-    loss = without._compute_loss(without.model, out_without)
-    assert loss.item() == GRPOTrainer._compute_loss(without, without.model, out_without).item()
+    loss, policy_loss = assert_loss_is_reference(without, out_without)
+    # on-policy the ratio is 1, so the default loss (dapo) is the mean of -A over the batch's completion tokens
+    assert without.args.loss_type == "dapo"
+    mask, advantages = out_without["completion_mask"].float(), out_without["advantages"]
+    assert loss.item() == pytest.approx((-(advantages * mask).sum() / mask.sum()).item(), rel=1e-5, abs=1e-6)
+    assert policy_loss.abs().item() > 1e-3, "a batch with non-zero advantages"
+    loss_with_sft, _ = assert_loss_is_reference(with_sft, out_with)
+    assert loss_with_sft.item() > loss.item() + 0.1
 
 
 def test_sft_without_a_correctness_reward_is_off_with_one_warning(tmp_path, char_tokenizer, caplog):
@@ -207,11 +172,6 @@ def test_grpo_config_is_rejected(tmp_path, char_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ real training
-def arithmetic_dataset(n=16):
-    rows = [{"prompt": f"<think>### Step 1\n{a}+{b}=", "solution": str(a + b)} for a in range(4) for b in range(4)]
-    return Dataset.from_list(rows[:n])
-
-
 def train_and_check(trainer):
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -229,7 +189,7 @@ def test_training_updates_parameters_and_logs_mig_metrics(tmp_path, char_tokeniz
     trainer = MIGGRPOTrainer(
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, loss_type=loss_type, mig_credit=credit),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
     )
     changed = train_and_check(trainer)
@@ -241,7 +201,7 @@ def test_training_with_iterations_and_gradient_accumulation(tmp_path, char_token
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, num_iterations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
                         max_steps=2, sft_weight=1.0),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
     )
     train_and_check(trainer)
@@ -255,7 +215,7 @@ def test_lora_training_and_reference_scoring(tmp_path, char_tokenizer):
     trainer = MIGGRPOTrainer(
         build_tiny_model(char_tokenizer),
         args=cpu_config(tmp_path, learning_rate=5e-2, beta=0.1),
-        train_dataset=arithmetic_dataset(),
+        train_dataset=addition_dataset(),
         processing_class=char_tokenizer,
         peft_config=peft_config,
     )
@@ -283,4 +243,4 @@ def test_lora_training_and_reference_scoring(tmp_path, char_tokenizer):
 def test_reference_scoring_without_reference_model_is_an_error(tmp_path, char_tokenizer):
     with pytest.raises(ValueError, match="mig_likelihood_model='reference' needs a reference model"):
         MIGGRPOTrainer(build_tiny_model(char_tokenizer), args=cpu_config(tmp_path, mig_likelihood_model="reference"),
-                       train_dataset=arithmetic_dataset(), processing_class=char_tokenizer)
+                       train_dataset=addition_dataset(), processing_class=char_tokenizer)

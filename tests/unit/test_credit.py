@@ -135,10 +135,14 @@ def test_mig_advantages_trajectory_and_step_leave_out_unscorable_completions():
     assert torch.allclose(trajectory[3:5], (second - second.mean()) / (second.std() + 1e-4))
     assert trajectory[5].item() == 0.0
 
+    # step credit, by hand: progress by step k against the group's scorable completions that reached step k
     step = mig_advantages(gains, num_steps, scorable, group_size=3, credit="step")
-    expected = step_advantages(torch.cat([gains[:5], torch.full((1, 2), float("nan"))]), num_steps, 3)
-    assert step.shape == (6, 2) and torch.allclose(step, expected)
-    assert step[5].tolist() == [0.0, 0.0]
+    first_step = [1.0, 0.0, 0.5]  # group 1 after step 1: spread 0.5; after step 2 only rows 0 and 2, both at 1.0
+    a = 0.5 / (sample_std(first_step) + 1e-4)
+    b = 1.0 / (sample_std([2.0, 0.0]) + 1e-4)  # group 2 after step 1, without the unscorable row; step 2: row 4 alone
+    expected = [[a, 0.0], [-a, 0.0], [0.0, 0.0], [b, 0.0], [-b, 0.0], [0.0, 0.0]]
+    assert step.shape == (6, 2)
+    assert step.tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
     with pytest.raises(ValueError, match="Unknown MIG credit 'turn'"):
         mig_advantages(gains, num_steps, scorable, group_size=3, credit="turn")
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .task import ArithmeticTaskConfig, asdict_without_defaults, sft_rows
+from .tiny import build_char_tokenizer, build_tiny_model, build_tiny_vlm, build_tool_char_tokenizer
+from .tools import tool_sft_rows
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class TinyModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     seed: int = 0
-    step_token: bool = False  # "### Step " as one token of the char tokenizer (`trl_mig.tiny.build_char_tokenizer`)
+    step_token: bool = False  # "### Step " as one token of the char tokenizer (`tiny.build_char_tokenizer`)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -119,8 +121,6 @@ def trained_task_prompt(model_path) -> str | None:
 
 
 def build_model_and_tokenizer(spec: TinyModelSpec, max_length: int = 2048):
-    from .tiny import build_char_tokenizer, build_tiny_model
-
     tokenizer = build_char_tokenizer(model_max_length=max_length, step_token=spec.step_token)
     model = build_tiny_model(
         tokenizer,
@@ -180,11 +180,9 @@ def prepare_tiny_vlm(
     use_cpu: bool = False,
 ) -> str:
     """
-    Path of a saved, randomly initialised tiny vision-language model and its processor (`trl_mig.tiny.build_tiny_vlm`),
+    Path of a saved, randomly initialised tiny vision-language model and its processor (`tiny.build_tiny_vlm`),
     built into the cache first if needed. For smoke tests of image training (`builtin:visual`): it has learned nothing.
     """
-    from .tiny import build_tiny_vlm
-
     if architecture not in VLM_ARCHITECTURES:
         raise ValueError(f"Unknown built-in VLM architecture {architecture!r}; expected one of {VLM_ARCHITECTURES}.")
     if hidden_size < 4 or hidden_size % 4 or num_layers < 1:
@@ -362,15 +360,12 @@ def prepare_tiny_tool_model(
     fp16: bool = False,
 ) -> str:
     """
-    Path of a saved tiny model with the tool-calling char tokenizer (`trl_mig.tiny.build_tool_char_tokenizer`),
+    Path of a saved tiny model with the tool-calling char tokenizer (`trl_mig.builtin.tiny.build_tool_char_tokenizer`),
     warm-started on the tool task's conversations (`task`, a `ToolTaskConfig`) unless `warm` is None; built into the
     cache first if needed, as `prepare_tiny_model` does. With `warm.base == "arithmetic"`, `base_path` is the saved
     arithmetic warm start (`prepare_tiny_model`) that the SFT starts from; its folder name (which holds its cache key)
     is part of this model's key.
     """
-    from .tiny import build_tiny_model, build_tool_char_tokenizer
-    from .tools import tool_sft_rows
-
     from_arithmetic = warm is not None and warm.base == "arithmetic"
     if from_arithmetic and not base_path:
         raise ValueError("tools_warmstart_base='arithmetic' needs the path of the arithmetic warm start (base_path).")

@@ -21,7 +21,7 @@ operation, the calls' results listed in the answer::
     <|assistant|></think>
     <answer>7 42 33</answer><eos>
 
-That is the char tokenizer's tool chat template (`trl_mig.tiny.TOOL_CHAT_TEMPLATE`) and exactly the ids that TRL's
+That is the char tokenizer's tool chat template (`tiny.TOOL_CHAT_TEMPLATE`) and exactly the ids that TRL's
 GRPOTrainer builds in its tool loop (generate to `<eos>`, parse the call, run the tool, append the result, generate
 again). The warm start (`tool_sft_rows`) trains on such conversations, the loss on the assistant's tokens only, and
 writes a fraction of the steps (`skip_rate`) without a call (`7*6=42` computed in the head, by a demonstrator who
@@ -39,6 +39,8 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
+from ..rewards import AnswerAccuracyReward, StepFormatReward
+from ..segmentation import FormatSpec
 from .task import SPLITS, ArithmeticTaskConfig, Problem, apply, generate_splits, warmstart_problems
 
 TOOLS_TASK_VERSION = 1  # bump when the generated problems or conversations change, so cached warm starts are rebuilt
@@ -324,9 +326,6 @@ def evaluate_tool_task(
         `truncated_rate` and `pass@1_by_group` (per `num_ops`). `records`: per row, the completion, solution,
         correctness and counts.
     """
-    from ..rewards import AnswerAccuracyReward, StepFormatReward
-    from ..segmentation import FormatSpec
-
     spec = spec or FormatSpec(answer_match="exact")
     rollouts = run_tool_rollouts(
         model, tokenizer, dataset["prompt"], max_completion_length=max_completion_length,

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..builtin import is_builtin
+from ..builtin import is_builtin, load_builtin_dataset
 from .errors import CLIError
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,6 @@ def load_dataset_dict(
     if not name:
         raise CLIError(f"No dataset: set `{where}` (a hub id, a local path, or builtin:arithmetic).")
     if is_builtin(name):
-        from ..builtin import load_builtin_dataset
-
         try:
             return load_builtin_dataset(name, builtin_args, where)
         except ValueError as err:

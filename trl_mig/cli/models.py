@@ -25,7 +25,7 @@ def load_generic_tokenizer(path: str, **kwargs):
 
     transformers 5 maps some model types (e.g. qwen2) to their own tokenizer class whatever `tokenizer_class` the
     folder declares, and `Qwen2Tokenizer` rebuilt from the word-level `tokenizer.json` of folders saved by trl-mig
-    before the byte-level char tokenizer (`trl_mig.tiny.build_char_tokenizer`) drops spaces and newlines. Loading the
+    before the byte-level char tokenizer (`builtin.tiny.build_char_tokenizer`) drops spaces and newlines. Loading the
     generic class keeps the tokenizer exactly as saved. Folders saved since then load the same through
     `AutoTokenizer` too.
     """

@@ -143,7 +143,7 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
 def load_training_data(script_args, builtin_args, training_args, mixture_args) -> TrainingData:
     """
     The train split, the eval split (when `eval_strategy` is not 'no') and the `accuracy_eval_splits`, each mapped to
-    `prompt` + the solution column (see `trl_mig.data.prepare_dataset`). The main process loads and maps first, so
+    `prompt` + the solution column (see `trl_mig.cli.data.prepare_dataset`). The main process loads and maps first, so
     the other ranks read its cache.
     """
     solution_column = training_args.solution_column
