@@ -12,7 +12,16 @@ import torch
 from datasets import Dataset
 from trl import GRPOTrainer, ModelConfig
 
-from helpers import OUTCOME, PROMPTS, SCRIPT, cpu_config, scripted_batch, scripted_rollout
+from helpers import (
+    OUTCOME,
+    PROMPTS,
+    SCRIPT,
+    cpu_config,
+    group_normalise,
+    scripted_batch,
+    scripted_rollout,
+    watermark_sum,
+)
 from trl_mig import FormatSpec, MIGGRPOTrainer, StepBatch, segment_completion
 from trl_mig.builtin.tiny import build_tiny_model
 from trl_mig.cli.errors import CLIError
@@ -51,19 +60,6 @@ class FixedStepScorer(MIGGRPOTrainer):
 
 class PaddedFixedStepScorer(FixedStepScorer):
     fill_past_last_step = True
-
-
-def watermark_sum(values):
-    best, total = values[0], 0.0
-    for value in values[1:]:
-        total += max(0.0, value - best)
-        best = max(best, value)
-    return total
-
-
-def group_normalise(values):
-    values = torch.tensor(values, dtype=torch.float64)
-    return ((values - values.mean()) / (values.std() + 1e-4)).tolist()
 
 
 def scripted_trainer(tmp_path, char_tokenizer, trainer_class, rows=None, **overrides):

@@ -6,6 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
+import torch
 from trl import TrlParser
 
 from ..builtin import BUILTIN_PREFIX, TOOL_TASK_DATASETS, BuiltinArguments, check_answer_match
@@ -16,7 +17,7 @@ from ..evaluation import evaluate_splits, format_cell, format_table, score_compl
 from ..segmentation import FormatSpec
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
-from .models import load_model_for_eval
+from .models import ModelArguments, load_model_for_eval
 from .recipes import parse_recipe_args
 
 
@@ -31,13 +32,9 @@ def answer_match_argument():
 
 
 @dataclass
-class EvalArguments(DataArguments):
+class EvalArguments(ModelArguments, DataArguments):
     """Arguments of `trl-mig eval`."""
 
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Model: a hub id, a local folder (full model or PEFT adapter) or a builtin: name."},
-    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "Dataset: a hub id, a local file (.jsonl/.json/.csv/.parquet) or folder, or a builtin: name."},
@@ -67,13 +64,6 @@ class EvalArguments(DataArguments):
     )
     output_file: str = field(default="trl-mig-eval.json", metadata={"help": "Where the JSON results are written."})
     save_completions: bool = field(default=False, metadata={"help": "Also write every completion to the JSON."})
-    dtype: str = field(
-        default="auto",
-        metadata={"help": "dtype of the model weights.", "choices": ["auto", "bfloat16", "float16", "float32"]},
-    )
-    device: str | None = field(default=None, metadata={"help": "Device ('cpu', 'cuda', ...). Default: cuda if any."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling (temperature > 0)."})
 
 
@@ -159,6 +149,7 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
             raise CLIError("No model: pass --model (a hub id, a local folder or a builtin: name), or "
                            "--completions_column to score a dataset column.")
         model, tokenizer, model_path = load_model_for_eval(args, builtin_args)
+        torch.manual_seed(args.seed)  # the sampling's (temperature > 0)
         warn_on_prompt_mismatch(args.dataset, model_path, builtin_args)
         if args.dataset in TOOL_TASK_DATASETS:  # solved with its calculator: tool rollouts, as in training
             results, completions = evaluate_with_tools(args, model, tokenizer, splits, spec)

@@ -26,18 +26,14 @@ from ..render import render_png, write_html
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset
 from .errors import CLIError
 from .eval import answer_match_argument, warn_on_prompt_mismatch
-from .models import load_model_for_eval
+from .models import ModelArguments, load_model_for_eval
 from .recipes import TRAIN_DATACLASSES, read_recipe
 
 
 @dataclass
-class InspectArguments(DataArguments):
+class InspectArguments(ModelArguments, DataArguments):
     """What `trl-mig inspect` looks at, and where it writes."""
 
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Model: a hub id, a local folder (full model or PEFT adapter) or a builtin: name."},
-    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "Dataset to take the prompt and ground truth from: a hub id, a local file or folder, or a "
@@ -65,13 +61,10 @@ class InspectArguments(DataArguments):
         metadata={"help": "Where the PNG plot is written ('' for none); it needs matplotlib (the `plots` extra)."},
     )
     json: str | None = field(default=None, metadata={"help": "Also write every number to this JSON file."})
-    dtype: str = field(
+    dtype: str = field(  # float32: l_k without the rounding of a half-precision checkpoint
         default="float32",
         metadata={"help": "dtype of the model weights.", "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
-    device: str | None = field(default=None, metadata={"help": "Device ('cpu', 'cuda', ...). Default: cuda if any."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
 
 
 # The settings `inspect_completion` reads (CreditSettings: MIGSettings plus GRPO's reward fields), minus those that do

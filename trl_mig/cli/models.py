@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,9 +59,26 @@ def load_processing_class(path: str):
     return AutoProcessor.from_pretrained(path, **sides, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
 
 
-def load_model_for_eval(args, builtin_args):
+@dataclass
+class ModelArguments:
+    """The model a command loads to generate or score (`trl-mig eval`, `trl-mig inspect`)."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model: a hub id, a local folder (full model or PEFT adapter) or a builtin: name."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the model weights.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    device: str | None = field(default=None, metadata={"help": "Device ('cpu', 'cuda', ...). Default: cuda if any."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+def load_model_for_eval(args: ModelArguments, builtin_args):
     """`(model on its device, tokenizer, path)` for `--model`: a hub id, a local folder (a full model or a PEFT
-    adapter on its base) or a `builtin:` name. `args`: `EvalArguments` or `InspectArguments`."""
+    adapter on its base) or a `builtin:` name."""
     path = args.model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_builtin(path):
@@ -84,8 +102,6 @@ def load_model_for_eval(args, builtin_args):
         raise CLIError(f"Could not load the model {args.model!r} (`--model`): {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if args.temperature > 0:
-        torch.manual_seed(args.seed)
     return model.to(device), tokenizer, path
 
 
