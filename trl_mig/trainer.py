@@ -1,7 +1,8 @@
 """`MIGGRPOTrainer`: GRPO with step-wise Marginal Information Gain credit, decoupled masking and gated SFT.
 
 `MIGMixin` holds the MIG behaviour; `MIGGRPOTrainer` is the mixin on `GRPOTrainer`, and `mig_trainer_class` puts it on
-any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTrainer` and calls `super()` in each:
+any other `GRPOTrainer` subclass. The mixin overrides these private hooks (each listed and checked in
+`trl_surface.py`) and calls `super()` in each:
 
 - `_calculate_rewards`: keeps the gathered outcome rewards and the completion ids for the MIG pass;
 - `_generate_and_score_completions`: after GRPO has generated and scored, segments each completion into steps, scores
@@ -9,7 +10,8 @@ any other `GRPOTrainer` subclass. The mixin overrides three hooks of `GRPOTraine
   replaces the `(B,)` outcome advantages with `(B, T)` per-token ones, composed by its own public hook `compose_credit`
   (outcome and MIG credit of the gathered batch, in one function);
 - `_compute_loss`: adds the gated SFT term, reusing the policy log-probs the GRPO loss computed (captured from
-  `_get_per_token_logps_and_entropies`, so there is no second forward).
+  `_get_per_token_logps_and_entropies`, so there is no second forward);
+- `_load_optimizer_and_scheduler`: on resume, warns about MIG settings changed since the checkpoint.
 
 Agent trajectories (TRL `tools`, `environment_factory`, or a `rollout_func` with an `env_mask`) need no other hook:
 the `tool_mask` GRPO puts in its output says which completion tokens the model wrote, and each model turn answered
