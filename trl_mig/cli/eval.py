@@ -13,11 +13,12 @@ from ..builtin import BUILTIN_PREFIX, TOOL_TASK_DATASETS, BuiltinArguments, chec
 from ..builtin.model import trained_task_prompt
 from ..builtin.tools import evaluate_tool_task
 from ..config import MIGSettings, field_like
-from ..evaluation import evaluate_splits, format_cell, format_table, score_completions, summarize, write_json
+from ..evaluation import evaluate_splits, score_completions, summarize
 from ..segmentation import FormatSpec
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset, select_samples
 from .errors import CLIError
 from .models import ModelArguments, load_model_for_eval
+from .output import format_cell, format_table, write_json
 from .recipes import parse_recipe_args
 
 

@@ -20,13 +20,13 @@ from trl import GRPOConfig
 
 from ..builtin import BuiltinArguments, check_answer_match
 from ..config import MIGSettings, field_like
-from ..evaluation import write_json
 from ..inspection import CreditSettings, inspect_completion, prompt_token_ids
 from ..render import render_png, write_html
 from .data import IMAGE_COLUMNS, DataArguments, get_split, load_dataset_dict, prepare_dataset
 from .errors import CLIError
 from .eval import answer_match_argument, warn_on_prompt_mismatch
 from .models import ModelArguments, load_model_for_eval
+from .output import write_json
 from .recipes import TRAIN_DATACLASSES, read_recipe
 
 

@@ -35,7 +35,7 @@ from ..builtin import (
 from ..builtin.tools import TOOLS, evaluate_tool_task
 from ..callbacks import HeldOutAccuracyCallback
 from ..config import MIGConfig
-from ..evaluation import evaluate_splits, format_cell, format_table, write_json
+from ..evaluation import evaluate_splits
 from ..rewards import (
     AnswerAccuracyReward,
     StepFormatReward,
@@ -50,6 +50,7 @@ from .data import IMAGE_COLUMNS, get_split, load_dataset_dict, prepare_dataset, 
 from .errors import CLIError
 from .launch import inside_launcher, relaunch_with_accelerate, remove_subsequence
 from .models import load_processing_class
+from .output import format_cell, format_table, write_json
 from .recipes import ALGORITHMS, make_train_parser, parse_recipe_args
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..evaluation import write_json
+from ..cli.output import write_json
 from ..render import new_agg_figure
 
 
