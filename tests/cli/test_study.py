@@ -52,7 +52,7 @@ def write_study(tmp_path, **changes):
 
 
 def test_tiny_study_writes_outputs_and_resumes(tmp_path, capsys):
-    path = write_study(tmp_path)
+    path = write_study(tmp_path, primary={"metric": "auc", "split": "test", "steps": [1, 2]})
     assert main(["study", "--config", str(path)]) == 0
     out = tmp_path / "study"
     results = json.loads((out / "study.json").read_text())
@@ -69,6 +69,9 @@ def test_tiny_study_writes_outputs_and_resumes(tmp_path, capsys):
     assert set(results["summary"]) == {"grpo", "mig"}
     markdown = (out / "study.md").read_text()
     assert markdown.startswith("# Study: tiny_study\n")  # named after its YAML file, not its output folder
+    # the primary comes first, and its bootstrap resamples the problems the runs recorded
+    assert [line for line in markdown.splitlines() if line.startswith("## ")][0].startswith("## Primary: mean test")
+    assert results["primary"]["differences"]["mig"]["bootstrap_over"] == "seeds x problems"
     zero = zero_splits(results, ["validation", "test", "ood"])  # an untrained tiny model may solve nothing
     for split in ("test", "ood"):
         assert (f"## Secondary: {split} greedy pass@1" in markdown) == (split not in zero)

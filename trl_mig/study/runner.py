@@ -8,8 +8,10 @@ reported), so that no arm is tuned on the test split and every arm gets the same
 
 Every run is an ordinary `trl-mig train` in a subprocess, with its merged recipe saved as `RUN_DIR/recipe.yaml`; a run
 is finished when `RUN_DIR/run_summary.json` exists, so re-running the command skips finished runs and continues an
-interrupted study. Outputs, in the study's output folder: `study.json` (every run's curves and numbers, the selection
-and the summary), `study.md` (tables) and PNG plots (`pass_at_1_<split>.png`, `train_reward.png`).
+interrupted study. Outputs, in the study's output folder: `study.json` (every run's curves, per-problem results,
+compute and numbers, the selection, the summary and the primary metric's statistics), `study.md` (the declared
+`primary` metric first, then the secondary tables) and PNG plots (`pass_at_1_<split>.png`,
+`pass_at_1_<split>_compute.png`, `train_reward.png`).
 """
 
 from __future__ import annotations
