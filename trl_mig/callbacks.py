@@ -34,10 +34,10 @@ class HeldOutAccuracyCallback(TrainerCallback):
       run does not depend on whether this is measured);
 
     and, for learning curves against compute, `heldout/train_seconds` (wall-clock seconds of training so far, the
-    held-out measurements left out) and `heldout/num_tokens` (the trainer state's `num_input_tokens_seen`, which TRL's
-    GRPO trainers count exactly and log as `num_tokens`: the prompt and completion tokens of every rollout so far,
-    over all processes), and `heldout/seconds`, the time the measurement took. Under a multi-process launch every rank
-    generates a shard.
+    held-out measurements left out; a resumed run counts from its resumption) and `heldout/num_tokens` (the trainer
+    state's `num_input_tokens_seen`, which TRL's GRPO trainers count exactly and log as `num_tokens`: the prompt and
+    completion tokens of every rollout so far, over all processes), and `heldout/seconds`, the time the measurement
+    took. Under a multi-process launch every rank generates a shard.
 
     With `record_problems` (the default), every measurement is also appended to `OUTPUT_DIR/heldout_problems.jsonl`
     (main process): `{"step", "train_seconds", "num_tokens", "correct": {split: "0110..."}}`, the greedy correctness
