@@ -3,6 +3,7 @@ metrics) and `CreditPageCallback` (the HTML credit pages of `mig_inspect_html`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -11,7 +12,7 @@ from collections import deque
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .evaluation import evaluate_splits
+from .evaluation import encode_correctness, evaluate_splits
 from .render import write_html
 from .segmentation import FormatSpec
 
@@ -32,7 +33,15 @@ class HeldOutAccuracyCallback(TrainerCallback):
       prompt sampled at `temperature` (the random state of training is saved and restored around it, so the training
       run does not depend on whether this is measured);
 
-    and `heldout/seconds`, the time the measurement took. Under a multi-process launch every rank generates a shard.
+    and, for learning curves against compute, `heldout/train_seconds` (wall-clock seconds of training so far, the
+    held-out measurements left out; a resumed run counts from its resumption) and `heldout/num_tokens` (the trainer
+    state's `num_input_tokens_seen`, which TRL's GRPO trainers count exactly and log as `num_tokens`: the prompt and
+    completion tokens of every rollout so far, over all processes), and `heldout/seconds`, the time the measurement
+    took. Under a multi-process launch every rank generates a shard.
+
+    With `record_problems` (the default), every measurement is also appended to `OUTPUT_DIR/heldout_problems.jsonl`
+    (main process): `{"step", "train_seconds", "num_tokens", "correct": {split: "0110..."}}`, the greedy correctness
+    of every problem in dataset order (`trl_mig.evaluation.encode_correctness`), for statistics over problems.
 
     Like TRL's own callbacks it takes the trainer (it logs through it):
 
@@ -56,7 +65,11 @@ class HeldOutAccuracyCallback(TrainerCallback):
         temperature (`float`): sampling temperature of `sampled_accuracy`; default: `args.temperature`.
         seed (`int`): seed of that sampling, the same at every measurement.
         eval_on_start (`bool`): also measure before the first step (logged at step 0).
+        record_problems (`bool`): write the per-problem correctness of every measurement to
+            `OUTPUT_DIR/heldout_problems.jsonl` (a fresh run starts the file anew).
     """
+
+    PROBLEMS_FILE = "heldout_problems.jsonl"
 
     def __init__(
         self,
@@ -72,6 +85,7 @@ class HeldOutAccuracyCallback(TrainerCallback):
         temperature: float | None = None,
         seed: int = 0,
         eval_on_start: bool = True,
+        record_problems: bool = True,
     ):
         if not splits:
             raise ValueError("HeldOutAccuracyCallback needs at least one held-out split.")
@@ -99,11 +113,18 @@ class HeldOutAccuracyCallback(TrainerCallback):
             raise ValueError(f"sampled accuracy needs a temperature > 0, got {self.temperature}.")
         self.seed = seed
         self.eval_on_start = eval_on_start
+        self.record_problems = record_problems
         self.history: list[dict] = []  # every measurement, also kept here for callers without a logger
         self._last_step = None
+        self._train_started = None  # perf_counter at the start of training
+        self._measuring_seconds = 0.0  # held-out measurement time since then, left out of `train_seconds`
 
     # ------------------------------------------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):
+        self._train_started, self._measuring_seconds = time.perf_counter(), 0.0
+        path = os.path.join(args.output_dir, self.PROBLEMS_FILE)
+        if self.record_problems and state.global_step == 0 and state.is_world_process_zero and os.path.exists(path):
+            os.remove(path)  # a fresh run (not a resumed one) in a folder an earlier run wrote to
         if self.eval_on_start and state.global_step == 0:
             self._measure_and_log(state, control)
 
@@ -118,6 +139,10 @@ class HeldOutAccuracyCallback(TrainerCallback):
     # --------------------------------------------------------------------------------------------------- internals
     def measure(self) -> dict[str, float]:
         """The metrics of the current model (no logging)."""
+        return self._measure()[0]
+
+    def _measure(self) -> tuple[dict[str, float], dict[str, str]]:
+        """The metrics of the current model, and each split's greedy per-problem correctness (`encode_correctness`)."""
         started = time.perf_counter()
         trainer = self.trainer
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
@@ -126,7 +151,7 @@ class HeldOutAccuracyCallback(TrainerCallback):
             solution_column=self.solution_column, accelerator=trainer.accelerator, label="held-out",
         )
         metrics = {}
-        greedy, _ = evaluate_splits(trainer.model_wrapped, tokenizer, self.splits, **common)
+        greedy, completions = evaluate_splits(trainer.model_wrapped, tokenizer, self.splits, **common)
         for name, result in greedy.items():
             metrics[f"heldout/{name}/pass@1"] = result["pass@1"]
             metrics[f"heldout/{name}/format_rate"] = result["format_rate"]
@@ -140,14 +165,28 @@ class HeldOutAccuracyCallback(TrainerCallback):
             for name, result in sampled.items():
                 metrics[f"heldout/{name}/sampled_accuracy"] = result["pass@1"]
         metrics["heldout/seconds"] = round(time.perf_counter() - started, 3)
-        return metrics
+        return metrics, {name: encode_correctness(rows) for name, rows in completions.items()}
 
     def _measure_and_log(self, state, control) -> None:
         if self._last_step == state.global_step:
             return
         self._last_step = state.global_step
-        metrics = self.measure()
+        started = time.perf_counter()
+        compute = {
+            "heldout/train_seconds": round(started - self._train_started - self._measuring_seconds, 3)
+            if self._train_started is not None else None,
+            "heldout/num_tokens": state.num_input_tokens_seen,
+        }
+        metrics, correct = self._measure()
+        metrics.update(compute)
+        self._measuring_seconds += time.perf_counter() - started
         self.history.append({"step": state.global_step, **metrics})
+        if self.record_problems and state.is_world_process_zero:
+            os.makedirs(self.trainer.args.output_dir, exist_ok=True)
+            record = {"step": state.global_step, "train_seconds": compute["heldout/train_seconds"],
+                      "num_tokens": compute["heldout/num_tokens"], "correct": correct}
+            with open(os.path.join(self.trainer.args.output_dir, self.PROBLEMS_FILE), "a") as file:
+                file.write(json.dumps(record) + "\n")
         # the base `Trainer.log`: an entry of its own at this step, leaving the metric buffers of TRL trainers (which
         # their `log` override averages and clears) to their own logging steps. Logging clears `should_log`, which
         # the trainer's own logging of this step may have set: keep it.

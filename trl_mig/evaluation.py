@@ -41,6 +41,18 @@ def summarize(correct, formatted, groups=None, num_samples: int = 1) -> dict:
     return out
 
 
+# one character per problem in `encode_correctness`: compact enough to keep every evaluation of every run
+CORRECT, WRONG, UNSCORED = "1", "0", "."
+
+
+def encode_correctness(completions: list[dict]) -> str:
+    """
+    The correctness of one completion per problem (an `evaluate_splits` completions list, greedy) as a string, one
+    character per problem in dataset order: '1' correct, '0' wrong, '.' no ground truth (left out of pass@1).
+    """
+    return "".join(UNSCORED if c["correct"] is None else CORRECT if c["correct"] else WRONG for c in completions)
+
+
 def _sort_key(value: str):
     try:
         return (0, float(value), value)

@@ -11,7 +11,8 @@ import yaml
 
 from trl_mig.cli.main import main
 from trl_mig.cli.errors import CLIError
-from trl_mig.study import StudyConfig, plan_runs, study_markdown, summarize_study
+from trl_mig.study import StudyConfig, plan_runs, study_markdown, summarize_study, write_outputs
+from trl_mig.study.report import compute_series, pass_at_1_series, zero_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = sorted((ROOT / "recipes" / "study").glob("*.yaml"))
@@ -51,20 +52,36 @@ def write_study(tmp_path, **changes):
 
 
 def test_tiny_study_writes_outputs_and_resumes(tmp_path, capsys):
-    path = write_study(tmp_path)
+    path = write_study(tmp_path, primary={"metric": "auc", "split": "test", "steps": [1, 2]})
     assert main(["study", "--config", str(path)]) == 0
     out = tmp_path / "study"
     results = json.loads((out / "study.json").read_text())
     assert len(results["runs"]) == 4
     for run in results["runs"]:
-        for split in ("validation", "test", "ood"):
+        for split, size in (("validation", 6), ("test", 6), ("ood", 4)):
             assert [step for step, _ in run["curves"][split]] == [0, 1, 2]
+            # every evaluation's per-problem correctness, consistent with the logged pass@1
+            assert [step for step, _ in run["problems"][split]] == [0, 1, 2]
+            for (_, text), (_, value) in zip(run["problems"][split], run["curves"][split]):
+                assert len(text) == size and set(text) <= {"0", "1"} and text.count("1") / size == pytest.approx(value)
+        steps, seconds, tokens = zip(*run["compute"])
+        assert steps == (0, 1, 2) and seconds[0] < seconds[1] <= seconds[2] and tokens[0] == 0 < tokens[1] < tokens[2]
     assert set(results["summary"]) == {"grpo", "mig"}
     markdown = (out / "study.md").read_text()
     assert markdown.startswith("# Study: tiny_study\n")  # named after its YAML file, not its output folder
-    assert "## test: greedy pass@1" in markdown and "## ood: greedy pass@1" in markdown and "| mig |" in markdown
-    for name in ("pass_at_1_validation.png", "pass_at_1_test.png", "pass_at_1_ood.png", "train_reward.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # the primary comes first, and its bootstrap resamples the problems the runs recorded
+    assert [line for line in markdown.splitlines() if line.startswith("## ")][0].startswith("## Primary: mean test")
+    assert results["primary"]["differences"]["mig"]["bootstrap_over"] == "seeds x problems"
+    zero = zero_splits(results, ["validation", "test", "ood"])  # an untrained tiny model may solve nothing
+    for split in ("test", "ood"):
+        assert (f"## Secondary: {split} greedy pass@1" in markdown) == (split not in zero)
+        assert (f"**{split}**: every one of the 4 runs scored 0 %" in markdown) == (split in zero)
+        assert (out / f"pass_at_1_{split}_compute.png").exists() == (split not in zero)
+    for split in ("validation", "test", "ood"):
+        assert (out / f"pass_at_1_{split}.png").exists() == (split not in zero)
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png.name
+    assert (out / "train_reward.png").exists()
     # every run saved the recipe it ran with: seed, output folder and the held-out curve settings
     recipe = yaml.safe_load((out / "runs" / "mig" / "learning_rate=0.001" / "seed1" / "recipe.yaml").read_text())
     assert recipe["seed"] == 1 and recipe["accuracy_eval_steps"] == 1 and recipe["algorithm"] == "mig"
@@ -112,12 +129,119 @@ def test_selection_uses_the_validation_split_only(tmp_path):
         assert results["summary"][arm]["splits"]["test"]["gain_per_seed"] == pytest.approx([0.0, 0.0])
 
 
-def _fake_finished_runs(runs, curves_of):
+def _fake_finished_runs(runs, curves_of, problems_of=None, compute_of=None):
+    """
+    Finished runs as `trl-mig train` leaves them: held-out pass@1 (`curves_of(run)`: split -> [[step, value]]) and, when
+    given, compute (`compute_of(run)`: [[step, seconds, tokens]]) in trainer_state.json, and per-problem correctness
+    (`problems_of(run)`: split -> [[step, '0110']]) in heldout_problems.jsonl.
+    """
     for run in runs:
         run.directory.mkdir(parents=True)
         log = [{"step": s, f"heldout/{split}/pass@1": v} for split, pts in curves_of(run).items() for s, v in pts]
+        for step, seconds, tokens in compute_of(run) if compute_of else []:
+            log.append({"step": step, "heldout/train_seconds": seconds, "heldout/num_tokens": tokens})
         (run.directory / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        if problems_of:
+            by_step = {}
+            for split, points in problems_of(run).items():
+                for step, text in points:
+                    by_step.setdefault(step, {})[split] = text
+            lines = [json.dumps({"step": step, "correct": correct}) for step, correct in sorted(by_step.items())]
+            (run.directory / "heldout_problems.jsonl").write_text("\n".join(lines) + "\n")
         (run.directory / "run_summary.json").write_text("{}")
+
+
+def _counts_to_problems(counts, size=10):
+    """Per-problem results with `count` of `size` problems solved at steps 0, 1, 2, ... (the first `count`)."""
+    return [[step, "1" * count + "0" * (size - count)] for step, count in enumerate(counts)]
+
+
+def test_study_md_leads_with_the_primary_metric_paired_by_seed(tmp_path):
+    primary = {"metric": "auc", "split": "test", "steps": [1, 2]}
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, seeds=[0, 1, 2], primary=primary)))
+    runs = plan_runs(config)
+    # 10 test problems: grpo solves 1, 3, 4 at steps 0, 1, 2 with every seed; mig solves seed + 1 more at steps 1 and
+    # 2, so mig - grpo in mean pass@1 over steps 1-2 is 0.1, 0.2, 0.3 for seeds 0, 1, 2. Nobody solves an ood problem.
+    def counts(run):
+        return [1, 3, 4] if run.arm == "grpo" else [1, 4 + run.seed, 5 + run.seed]
+
+    def problems_of(run):
+        return {"validation": _counts_to_problems([1, 2, 3]), "test": _counts_to_problems(counts(run)),
+                "ood": _counts_to_problems([0, 0, 0], size=4)}
+
+    def curves_of(run):
+        return {split: [[step, text.count("1") / len(text)] for step, text in points]
+                for split, points in problems_of(run).items()}
+
+    def compute_of(run):  # mig takes 1.5x the time of grpo; seeds differ
+        per_step = (10 + run.seed) * (1.5 if run.arm == "mig" else 1.0)
+        return [[step, per_step * step, 1000 * step + run.seed] for step in range(3)]
+
+    _fake_finished_runs(runs, curves_of, problems_of, compute_of)
+    results = summarize_study(config, runs)
+    difference = results["primary"]["differences"]["mig"]
+    assert difference["values"] == pytest.approx([0.1, 0.2, 0.3])
+    half = 4.302652729749464 * 0.1 / 3 ** 0.5  # t(0.975, df 2) * sd / sqrt(n)
+    assert (difference["mean"], difference["t_low"], difference["t_high"]) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert difference["bootstrap_over"] == "seeds x problems"
+    assert difference["bootstrap_low"] < 0.2 < difference["bootstrap_high"]
+
+    markdown = study_markdown(config, results)
+    sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Primary: mean test pass@1 over the evaluations at steps 1-2"
+    assert sections[1] == "## Secondary: test greedy pass@1 (%), mean ± std over seeds"
+    assert "| grpo (reference) | learning_rate=0.001 | 35.0 (seed 0) / 35.0 (seed 1) / 35.0 (seed 2) | 35.0 |" in markdown
+    assert "| mig | +10.0 (seed 0) / +20.0 (seed 1) / +30.0 (seed 2) | +20.0 | [-4.8, +44.8] |" in markdown
+    assert "over seeds x problems |" in markdown
+    # ood: one sentence, no table, no plot
+    assert "**ood**: every one of the 6 runs scored 0 % greedy pass@1 at every evaluation (steps 0-2)" in markdown
+    assert "## Secondary: ood" not in markdown
+
+    # the plots draw these series: per seed and the mean over seeds, against steps and against compute
+    [grpo_steps, mig_steps] = pass_at_1_series(results, "test")
+    assert mig_steps["steps"] == [0, 1, 2] and mig_steps["mean"] == pytest.approx([0.1, 0.5, 0.6])
+    assert mig_steps["low"][1] == pytest.approx(0.5 - half) and grpo_steps["low"][1] == pytest.approx(0.3)
+    assert [seed["values"][1] for seed in mig_steps["per_seed"]] == pytest.approx([0.4, 0.5, 0.6])
+    [grpo, mig] = compute_series(results, "test")
+    assert [seed["seconds"] for seed in mig["per_seed"]] == [[0.0, 15.0, 30.0], [0.0, 16.5, 33.0], [0.0, 18.0, 36.0]]
+    assert mig["mean"]["seconds"] == pytest.approx([0.0, 16.5, 33.0])
+    assert grpo["mean"]["tokens"] == pytest.approx([1.0, 1001.0, 2001.0])
+    assert grpo["mean"]["values"] == pytest.approx([0.1, 0.3, 0.4])
+
+    written = {path.name for path in write_outputs(config, results)}
+    assert written == {"study.json", "study.md", "pass_at_1_validation.png", "pass_at_1_test.png",
+                       "pass_at_1_test_compute.png", "train_reward.png"}
+    out = Path(config.output_dir)
+    assert (out / "pass_at_1_test_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stored = json.loads((out / "study.json").read_text())
+    assert stored["primary"]["differences"]["mig"]["values"] == pytest.approx([0.1, 0.2, 0.3])
+    assert stored["runs"][0]["problems"]["test"][1] == [1, "1110000000"]  # compact: one character per problem
+
+
+def test_a_steps_to_primary_says_which_runs_never_reached_the_threshold(tmp_path):
+    primary = {"metric": "steps_to", "split": "test", "threshold": 0.5}
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, seeds=[0], report_splits=["test"], primary=primary)))
+    runs = plan_runs(config)
+    test_curves = {"grpo": [[0, 0.1], [1, 0.3], [2, 0.4]], "mig": [[0, 0.1], [1, 0.5], [2, 0.6]]}
+    _fake_finished_runs(runs, lambda run: {"validation": [[0, 0.1], [2, 0.2]], "test": test_curves[run.arm]})
+    results = summarize_study(config, runs)
+    assert results["primary"]["arms"]["grpo"]["values"] == [3.0]  # never reached: last step 2 + eval_steps 1
+    assert results["primary"]["differences"]["mig"]["values"] == [-2.0]
+    markdown = study_markdown(config, results)
+    assert "## Primary: steps to reach 50 % test pass@1" in markdown and "lower is better" in markdown
+    assert "(censored: 1 of these 2 runs;" in markdown and "| 3.0* (seed 0) |" in markdown
+    assert results["primary"]["differences"]["mig"]["bootstrap_over"] == "seeds"  # these runs recorded no problems
+
+
+def test_without_a_primary_every_table_is_secondary(tmp_path):
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, seeds=[0], report_splits=["test"])))
+    runs = plan_runs(config)
+    _fake_finished_runs(runs, lambda run: {"validation": [[0, 0.3], [2, 0.4]], "test": [[0, 0.2], [2, 0.5]]})
+    results = summarize_study(config, runs)
+    assert "primary" not in results
+    markdown = study_markdown(config, results)
+    assert "No primary metric was declared" in markdown and "## Primary" not in markdown
+    assert compute_series(results, "test") == []  # runs without compute: no compute plot
 
 
 def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
@@ -157,6 +281,13 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
         ({"overrides": {"seed": 3}}, "['seed']"),
         ({"lr": 1}, "Unknown key(s) ['lr']"),
         ({"recipe": "missing.yaml"}, "does not exist"),
+        ({"primary": {"metric": "area", "split": "test"}}, "Study `primary.metric` must be one of"),
+        ({"primary": {"metric": "final", "split": "validation"}}, "Study `primary.split` must be one of the reported"),
+        ({"primary": {"metric": "auc", "split": "test", "steps": [1, 3]}}, "`primary.steps`: step 3 is after"),
+        ({"eval_steps": 2, "overrides": {**TINY, "max_steps": 4}, "primary": {"metric": "auc", "split": "test",
+                                                                              "steps": [1, 4]}},
+         "`primary.steps`: step 1 is not an evaluated step"),
+        ({"primary": {"metric": "steps_to", "split": "test", "threshold": 1.5}}, "`primary.threshold`"),
     ],
 )
 def test_bad_studies_name_the_problem(tmp_path, changes, message):

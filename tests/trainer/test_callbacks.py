@@ -46,6 +46,24 @@ def test_logs_heldout_accuracy_at_start_every_n_steps_and_at_the_end(tmp_path, c
                 assert 0.0 <= entry[f"heldout/{split}/{metric}"] <= 1.0
         assert entry["heldout/seconds"] > 0
     assert [e["step"] for e in callback.history] == [0, 2, 4, 5]
+    # compute at each measurement: training seconds (measurements left out) and TRL's rollout token count
+    seconds = [entry["heldout/train_seconds"] for entry in entries]
+    assert seconds[0] < 0.5 and seconds == sorted(seconds) and seconds[-1] > 0
+    # 8 completions a step, each at most its prompt's characters (a character tokenizer) + max_completion_length tokens
+    per_step = 8 * (len("<think>### Step 1\n4+4=") + 8)
+    tokens = [entry["heldout/num_tokens"] for entry in entries]
+    assert tokens[0] == 0 and tokens[-1] == trainer.state.num_input_tokens_seen
+    assert all(0 < b - a <= per_step * (step_b - step_a) for a, b, step_a, step_b in zip(tokens, tokens[1:], [0, 2, 4],
+                                                                                       [2, 4, 5]))
+    # and every problem's greedy correctness, in dataset order, matching pass@1
+    records = [json.loads(line) for line in (tmp_path / "heldout_problems.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4, 5]
+    for record, entry in zip(records, entries):
+        assert record["num_tokens"] == entry["heldout/num_tokens"]
+        for split, size in (("test", 4), ("ood", 3)):
+            text = record["correct"][split]
+            assert len(text) == size and set(text) <= {"0", "1"}
+            assert text.count("1") / size == entry[f"heldout/{split}/pass@1"]
     # the training metrics of GRPO/MIG are still logged every step, in entries of their own
     assert sum("mig/gain_sum" in entry for entry in trainer.state.log_history) == 5
     # and they reach trainer_state.json like any metric

@@ -1,5 +1,6 @@
 """`trl-mig study`: arms x sweep settings x seeds of `trl-mig train` runs, resumable, summarised and plotted
-(`runner`: the plan and the runs; `report`: study.json, study.md and the plots)."""
+(`runner`: the plan and the runs; `report`: study.json, study.md and the plots; `statistics`: the primary metric's
+paired differences and intervals)."""
 
 from .report import plot_study, study_markdown, write_outputs
 from .runner import (

@@ -8,8 +8,10 @@ reported), so that no arm is tuned on the test split and every arm gets the same
 
 Every run is an ordinary `trl-mig train` in a subprocess, with its merged recipe saved as `RUN_DIR/recipe.yaml`; a run
 is finished when `RUN_DIR/run_summary.json` exists, so re-running the command skips finished runs and continues an
-interrupted study. Outputs, in the study's output folder: `study.json` (every run's curves and numbers, the selection
-and the summary), `study.md` (tables) and PNG plots (`pass_at_1_<split>.png`, `train_reward.png`).
+interrupted study. Outputs, in the study's output folder: `study.json` (every run's curves, per-problem results,
+compute and numbers, the selection, the summary and the primary metric's statistics), `study.md` (the declared
+`primary` metric first, then the secondary tables) and PNG plots (`pass_at_1_<split>.png`,
+`pass_at_1_<split>_compute.png`, `train_reward.png`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from ..builtin import is_builtin, resolve_builtin_model
 from ..cli.errors import CLIError
 from ..cli.recipes import make_train_parser, parse_recipe_dict, read_recipe
 from .report import setting_name, write_outputs
+from .statistics import check_primary, compare_arms
 
 STUDY_KEYS = {
     "recipe", "output_dir", "overrides", "arms", "seeds", "sweep", "sweep_seeds", "select_split", "select_by",
     "report_splits", "eval_steps", "eval_max_samples", "reference_arm", "jobs", "threads_per_job", "description",
+    "primary",
 }
 SELECT_BY = ("final", "best")
 # recipe fields a study sets itself for every run
@@ -60,6 +64,7 @@ class StudyConfig:
     eval_steps: int = 25
     eval_max_samples: int | None = None
     reference_arm: str | None = None
+    primary: dict | None = None  # the primary metric, declared before the study runs (see `statistics.check_primary`)
     jobs: int = 1
     threads_per_job: int | None = None
     description: str = ""
@@ -121,6 +126,16 @@ class StudyConfig:
             raise CLIError(f"Study `eval_steps` must be an integer >= 1, got {self.eval_steps!r}.")
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise CLIError(f"Study `jobs` must be an integer >= 1, got {self.jobs!r}.")
+        if self.primary is not None:
+            base = read_recipe(self.recipe)
+            max_steps = [
+                make_run(self, base, arm, setting, self.seeds[0]).recipe.get("max_steps")
+                for arm in self.arms for setting in self.settings()
+            ]
+            try:
+                check_primary(self.primary, splits=self.report_splits, eval_steps=self.eval_steps, max_steps=max_steps)
+            except ValueError as err:
+                raise CLIError(f"Study {err}") from None
 
     def settings(self) -> list[dict]:
         """The sweep grid: one dict of field -> value per setting (a single empty setting without a sweep)."""
@@ -305,16 +320,31 @@ def execute(runs: list[Run], config: StudyConfig, train_command=None) -> None:
 
 # ------------------------------------------------------------------------------------------------------ results
 def read_run(run: Run) -> dict:
-    """Curves and final numbers of a finished run, from its trainer_state.json log history."""
+    """
+    Curves and final numbers of a finished run, from its trainer_state.json log history: held-out pass@1 per split
+    (`curves`), the training accuracy reward, `compute` (`[step, train_seconds, num_tokens]` at every held-out
+    measurement, when the run logged them) and `problems` (split -> `[step, per-problem correctness]`, from
+    `heldout_problems.jsonl` when the run wrote it; see `HeldOutAccuracyCallback`).
+    """
     state = json.loads((run.directory / "trainer_state.json").read_text())
     curves: dict[str, list[list[float]]] = {}
     reward: list[list[float]] = []
+    compute: list[list[float]] = []
     for entry in state["log_history"]:
         for key, value in entry.items():
             if key.startswith("heldout/") and key.endswith("/pass@1") and value is not None:
                 curves.setdefault(key.split("/")[1], []).append([entry["step"], value])
             elif key.startswith("rewards/") and "accuracy" in key and key.endswith("/mean") and value is not None:
                 reward.append([entry["step"], value])
+        if entry.get("heldout/train_seconds") is not None:
+            compute.append([entry["step"], entry["heldout/train_seconds"], entry.get("heldout/num_tokens")])
+    problems: dict[str, dict[int, str]] = {}
+    problems_file = run.directory / "heldout_problems.jsonl"
+    if problems_file.is_file():
+        for line in problems_file.read_text().splitlines():
+            record = json.loads(line)
+            for split, text in record["correct"].items():
+                problems.setdefault(split, {})[record["step"]] = text  # a resumed run measured again: the last wins
     summary = json.loads((run.directory / "run_summary.json").read_text())
     return {
         "arm": run.arm,
@@ -326,6 +356,8 @@ def read_run(run: Run) -> dict:
         "best": {split: max(v for _, v in points) if points else None for split, points in curves.items()},
         "start": {split: points[0][1] if points else None for split, points in curves.items()},
         "seconds": summary.get("timings", {}).get("total_seconds"),
+        "compute": compute,
+        "problems": {split: [[step, text] for step, text in sorted(texts.items())] for split, texts in problems.items()},
     }
 
 
@@ -420,13 +452,17 @@ def summarize_study(config: StudyConfig, runs: list[Run]) -> dict:
                 entry["splits"][split]["reference_improved"] = improved
                 entry["splits"][split]["steps_to_reference_best"] = reached
                 entry["splits"][split]["steps_ratio"] = reached / target_step if reached is not None else None
-    return {
+    results = {
         "config": dict(vars(config)),
         "runs": records,
         "sweep": sweep_table,
         "selection": selection,
         "summary": summary,
     }
+    if config.primary is not None:
+        cells = {arm: by_cell[(arm, setting_name(selection[arm]["setting"]))] for arm in config.arms}
+        results["primary"] = compare_arms(config.primary, cells, config.reference_arm, eval_steps=config.eval_steps)
+    return results
 
 
 def mean_reward_curve(records: list[dict]) -> list[list[float]]:
