@@ -25,7 +25,8 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions, by name: 'answer_accuracy', 'step_format' (trl-mig, answer in tags), "
+            "help": "Reward functions, by name: 'answer_accuracy', 'partial_credit' (the leading right values of an "
+            "answer that lists values), 'step_format' (trl-mig, answer in tags), "
             "'accuracy_reward', 'reasoning_accuracy_reward', 'think_format_reward' (TRL, \\boxed answers), or a "
             "dotted import path (an importable module, or a module or package in the working directory). Default: "
             "answer_accuracy + step_format. Weights: `reward_weights`."
