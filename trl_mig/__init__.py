@@ -16,7 +16,13 @@ from .credit import (
     step_gains,
 )
 from .inspection import CompletionCredit, StepCredit, inspect_completion
-from .rewards import AnswerAccuracyReward, StepFormatReward, answer_accuracy_reward, step_format_reward
+from .rewards import (
+    AnswerAccuracyReward,
+    PartialCreditReward,
+    StepFormatReward,
+    answer_accuracy_reward,
+    step_format_reward,
+)
 from .scoring import StepLikelihoodScorer
 from .segmentation import FormatSpec, segment_completion, segment_turns
 from .step_batch import StepBatch
@@ -34,6 +40,7 @@ __all__ = [
     "MIGGRPOTrainer",
     "MIGMixin",
     "MIGSettings",
+    "PartialCreditReward",
     "StepBatch",
     "StepCredit",
     "StepFormatReward",

@@ -16,7 +16,7 @@ MIG_SCALINGS = ("group", "batch", "none")
 LIKELIHOOD_MODELS = ("policy", "reference")
 STEP_FALLBACKS = ("paragraph", "line", "none")
 SCORING_METHODS = ("auto", "block", "prefix")
-ANSWER_MATCHES = ("math", "exact")
+ANSWER_MATCHES = ("math", "exact", "last")
 TURN_STEP_MODES = ("auto", "always", "never")
 # a Markdown step header: "### Step 1", "## Step 2", "#Step3"
 DEFAULT_STEP_PATTERN = r"#+[ \t]*Step[ \t]*\d+"
@@ -42,8 +42,9 @@ class MIGSettings:
             searched after the chain of thought. Used by the structural gate of gated SFT and by the built-in rewards.
         answer_match (`str`, defaults to `"math"`): how the built-in rewards, the gated SFT's default correctness
             check and the accuracy evaluation compare an answer with the ground truth: `"math"` (math-verify, falling
-            back to exact text when either side does not parse) or `"exact"` (text equal up to whitespace; for answers
-            math-verify would read as one number, e.g. a list of values).
+            back to exact text when either side does not parse), `"exact"` (text equal up to whitespace; for answers
+            math-verify would read as one number, e.g. a list of values) or `"last"` (the last whitespace-separated
+            values equal: a list of values scored on its final value).
         mig_scaffold (`str`, defaults to `"\n</think>\n<answer>"`): text teacher-forced between a step prefix and the
             answer: it closes the thought and opens the answer.
         mig_max_steps (`int`, defaults to `16`): cap on steps per completion; extra steps are merged into evenly sized
@@ -121,7 +122,8 @@ class MIGSettings:
         default="math",
         metadata={
             "help": "How answers are compared with the ground truth by the built-in rewards and the accuracy eval: "
-            "'math' (math-verify) or 'exact' (text equal up to whitespace).",
+            "'math' (math-verify), 'exact' (text equal up to whitespace) or 'last' (the last whitespace-separated "
+            "values equal: a list of values '3 7 9' scored on its final value).",
             "choices": list(ANSWER_MATCHES),
         },
     )

@@ -2,8 +2,9 @@
 
 TRL's own rewards are reused where they fit: `trl.rewards.accuracy_reward` for `\\boxed{}` answers and
 `trl.rewards.think_format_reward` for the think block. What TRL lacks is added here: the accuracy of an answer inside
-answer tags (TRL's extractor needs LaTeX anchors, so `<answer>7</answer>` scores 0 there) and a step-structure format
-check. Both read the completion with the same `FormatSpec` the trainer uses for the structural gate.
+answer tags (TRL's extractor needs LaTeX anchors, so `<answer>7</answer>` scores 0 there), partial credit for an
+answer that lists values (its leading right values), and a step-structure format check. All read the completion with
+the same `FormatSpec` the trainer uses for the structural gate.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ def answer_variants(value, column: str = "solution") -> list[str]:
 def answers_match(answer: str, gold: list[str], match: str = "math") -> bool:
     """
     True when `answer` equals one of the `gold` variants. `match="math"`: math-verify when both parse, else exact text;
-    `match="exact"`: text equal up to whitespace.
+    `match="exact"`: text equal up to whitespace; `match="last"`: the last whitespace-separated values equal (a list
+    of values "3 7 9" is scored on its final value 9, and so is the list's ground truth).
     """
     if match == "exact":
         return any(answer.split() == variant.split() for variant in gold)
+    if match == "last":
+        return any(answer.split()[-1:] == variant.split()[-1:] for variant in gold)
     if match != "math":
-        raise ValueError(f"Unknown answer match {match!r}; expected 'math' or 'exact'.")
+        raise ValueError(f"Unknown answer match {match!r}; expected 'math', 'exact' or 'last'.")
     from math_verify import parse, verify
 
     # math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere it runs without one (and
@@ -106,6 +110,53 @@ class AnswerAccuracyReward:
             answer = analyze_text(completion_text(completion), self.spec).answer
             rewards.append(float(answer is not None and answers_match(answer.strip(), variants, self.spec.answer_match)))
         return rewards
+
+
+class PartialCreditReward:
+    """
+    The share of an answer's values that are right, counted from the first value up to the first wrong one: for answers
+    that list values separated by whitespace (e.g. every step's result, `task_answer: running`). The answer is found by
+    `spec.answer_pattern` after the thought, as `AnswerAccuracyReward` finds it, and each value is compared with the
+    ground truth's value at the same position as `spec.answer_match` compares answers. For the ground truth "3 7 9":
+
+        "3 7 9" -> 1, "3 7 10" -> 2/3, "3 8 9" -> 1/3 (nothing after the first wrong value counts), "4 7 9" -> 0,
+        "3 7" -> 2/3 and "3 7 9 12" -> 3/4 (missing and extra values are wrong: the count is divided by the longer of
+        the two lists, so only the exact answer earns 1), no answer or an empty one -> 0.
+
+    With a one-value ground truth (a final answer) it scores one-value answers as `AnswerAccuracyReward` does, and an
+    answer of n values 1/n at most. With several variants, the best score; None for rows without a ground truth (as
+    `AnswerAccuracyReward`). Its name, `partial_credit_reward`, has no "accuracy"
+    on purpose: gated SFT's default correctness check is the first reward whose name contains "accuracy", and a
+    half-right completion must not pass it.
+    """
+
+    def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
+        self.spec = spec or FormatSpec()
+        self.column = column
+        self.__name__ = "partial_credit_reward"
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        if self.column not in kwargs:
+            raise KeyError(f"partial_credit_reward needs the dataset column {self.column!r}; got {sorted(kwargs)}.")
+        rewards = []
+        for completion, gold in zip(completions, kwargs[self.column], strict=True):
+            variants = answer_variants(gold, self.column)
+            if not variants:
+                rewards.append(None)
+                continue
+            answer = analyze_text(completion_text(completion), self.spec).answer
+            values = answer.split() if answer is not None else []
+            rewards.append(max(self.score(values, variant.split()) for variant in variants))
+        return rewards
+
+    def score(self, values: list[str], gold_values: list[str]) -> float:
+        """Leading right values of `values` (compared with `gold_values` position by position), over the longer list."""
+        leading = 0
+        for value, gold_value in zip(values, gold_values):
+            if not answers_match(value, [gold_value], self.spec.answer_match):
+                break
+            leading += 1
+        return leading / max(len(values), len(gold_values))
 
 
 class StepFormatReward:

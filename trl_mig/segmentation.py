@@ -49,7 +49,7 @@ class FormatSpec:
     answer_pattern: str = _DEFAULT["answer_pattern"]
     step_fallback: str = _DEFAULT["step_fallback"]
     max_steps: int = _DEFAULT["mig_max_steps"]
-    answer_match: str = _DEFAULT["answer_match"]  # how an answer is compared with the ground truth: "math" or "exact"
+    answer_match: str = _DEFAULT["answer_match"]  # how an answer is compared with the ground truth: "math", "exact", "last"
 
     @classmethod
     def from_config(cls, config, **overrides) -> FormatSpec:

@@ -92,6 +92,40 @@ def test_running_answers_need_exact_matching():
     assert answers_match(" 3  7 9", ["3 7 9"], "exact")
 
 
+def test_final_answers_change_the_solutions_and_the_taught_answers_not_the_prompts():
+    """task_answer: final (the mig_final_answer arm) asks the same problems and teaches the same thoughts; only the
+    answer is the last result, so its warm start is another cached model."""
+    from dataclasses import replace
+
+    from trl_mig.builtin import check_answer_match
+    from trl_mig.builtin.model import TinyModelSpec, WarmStartConfig, cache_key
+
+    final = replace(SMALL, answer="final")
+    running_splits, final_splits = generate_splits(SMALL), generate_splits(final)
+    for name, rows in running_splits.items():
+        assert len(rows) == len(final_splits[name]) > 0
+        for running_row, final_row in zip(rows, final_splits[name], strict=True):
+            assert final_row["prompt"] == running_row["prompt"] and final_row["expression"] == running_row["expression"]
+            assert final_row["solution"] == running_row["solution"].split()[-1]  # the last result only
+            # the same thought, then an answer holding the final value
+            thought = running_row["gold_completion"].rsplit("<answer>", 1)[0]
+            assert final_row["gold_completion"] == f"{thought}<answer>{final_row['solution']}</answer>"
+    # the warm start's demonstrations: same problems, slips and thoughts, in the same order; the answers differ
+    for running_row, final_row in zip(sft_rows(SMALL, 200, 0, slip_rate=0.8), sft_rows(final, 200, 0, slip_rate=0.8),
+                                      strict=True):
+        assert final_row["prompt"] == running_row["prompt"]
+        running_thought, running_answer = running_row["completion"].rsplit("<answer>", 1)
+        final_thought, final_answer = final_row["completion"].rsplit("<answer>", 1)
+        assert final_thought == running_thought
+        assert final_answer.removesuffix("</answer>") == running_answer.removesuffix("</answer>").split()[-1]
+    assert cache_key(TinyModelSpec(), WarmStartConfig(), final) != cache_key(TinyModelSpec(), WarmStartConfig(), SMALL)
+    # a running answer may be scored on its final value ('last'), never by math-verify
+    args = BuiltinArguments(task_answer="running")
+    assert check_answer_match("builtin:arithmetic", args, "last", "accuracy_eval_answer_match") == "last"
+    with pytest.raises(ValueError, match="accuracy_eval_answer_match='math' cannot compare the running answers"):
+        check_answer_match("builtin:arithmetic", args, "math", "accuracy_eval_answer_match")
+
+
 def test_sft_rows_exclude_held_out_problems_and_are_deterministic():
     rows = sft_rows(SMALL, 500, seed=0)
     assert rows == sft_rows(SMALL, 500, seed=0) and rows != sft_rows(SMALL, 500, seed=1)

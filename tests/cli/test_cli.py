@@ -146,6 +146,38 @@ def test_train_grpo_twin_runs_plain_grpo(tmp_path, cache_dir, capsys):
     assert set(json.loads((out / "accuracy.json").read_text())["accuracy"]) == {"after"}
 
 
+def test_grpo_with_partial_credit_and_the_final_value_eval(tmp_path, cache_dir, capsys, monkeypatch):
+    """The grpo_partial_credit arm of recipes/study/cpu_arms.yaml: partial credit by name, accuracy logged at weight
+    0, and the accuracy eval comparing final values while training compares every value."""
+    import trl_mig.cli.train as train_module
+
+    specs = []
+    real_evaluate = train_module.evaluate_splits
+
+    def recording_evaluate(*args, **kwargs):
+        specs.append(kwargs["spec"])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_splits", recording_evaluate)
+    out = tmp_path / "partial"
+    code, _, stderr = run_main(
+        ["train", "--config", str(ROOT / "recipes" / "demo" / "grpo.yaml"), "--output_dir", str(out),
+         "--builtin_cache_dir", cache_dir, *SMOKE, "--max_steps", "1", "--accuracy_eval_splits", "test",
+         "--accuracy_eval_steps", "0", "--reward_funcs", "answer_accuracy", "partial_credit", "step_format",
+         "--reward_weights", "0.0", "1.0", "0.2", "--accuracy_eval_answer_match", "last"], capsys
+    )
+    assert code == 0, stderr
+    assert [spec.answer_match for spec in specs] == ["last", "last"]  # before and after training
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = {key for entry in history for key in entry}
+    assert {"rewards/partial_credit_reward/mean", "rewards/answer_accuracy_reward/mean"} <= logged
+    code, _, stderr = run_main(
+        ["train", "--config", DEMO, "--output_dir", str(tmp_path / "x"), "--builtin_cache_dir", cache_dir, *SMOKE,
+         "--accuracy_eval_answer_match", "math"], capsys
+    )
+    assert code == 2 and "accuracy_eval_answer_match='math' cannot compare the running answers" in stderr
+
+
 def _local_model_and_data(tmp_path):
     """A tiny model saved with save_pretrained and a GSM8K-like JSONL file: the local-path route of real users."""
     model_dir = save_tiny_model(tmp_path / "local-model", **SMALLEST_MODEL)

@@ -288,6 +288,12 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
                                                                               "steps": [1, 4]}},
          "`primary.steps`: step 1 is not an evaluated step"),
         ({"primary": {"metric": "steps_to", "split": "test", "threshold": 1.5}}, "`primary.threshold`"),
+        ({"warmstart_per_seed": "yes"}, "`warmstart_per_seed` must be true or false"),
+        ({"warmstart_per_seed": True, "arms": {"grpo": {}, "mig": {"model_name_or_path": "Qwen/Qwen2.5-0.5B"}}},
+         "needs a built-in model (builtin:..., whose initialisation and warm start its seeds decide), but arm 'mig'"),
+        ({"warmstart_per_seed": True, "arms": {"grpo": {}, "mig": {"warmstart_seed": 3}}},
+         "arm 'mig' sets ['warmstart_seed'], which `warmstart_per_seed: true` sets to each run's seed"),
+        ({"warmstart_per_seed": True, "sweep": {"tiny_seed": [0, 1]}}, "sweep sets ['tiny_seed']"),
     ],
 )
 def test_bad_studies_name_the_problem(tmp_path, changes, message):
@@ -366,3 +372,73 @@ def test_a_run_recipe_parses_from_its_mapping_and_names_the_run_in_errors(tmp_pa
         parse_run_recipe({**run.recipe, "mig_wieght": 1.0}, "the recipe of run 'grpo'")
     with pytest.raises(CLIError, match="mig_scoring_batch_size"):
         parse_run_recipe({**run.recipe, "mig_scoring_batch_size": 0})
+
+
+def test_warmstart_per_seed_builds_one_cached_warm_start_per_seed_shared_by_its_arms(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import trl_mig.builtin.model as model_module
+    from trl_mig.study.runner import prepare_builtin_models
+
+    config = StudyConfig.from_yaml(str(write_study(tmp_path, warmstart_per_seed=True)))
+    runs = plan_runs(config)
+    assert {(run.arm, run.seed, run.recipe["tiny_seed"], run.recipe["warmstart_seed"]) for run in runs} == {
+        (arm, seed, seed, seed) for arm in ("grpo", "mig") for seed in (0, 1)
+    }
+    built = []
+    real_warm_start = model_module._warm_start
+
+    def counting_warm_start(model, tokenizer, warm, *args, **kwargs):
+        built.append(warm.seed)
+        return real_warm_start(model, tokenizer, warm, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "_warm_start", counting_warm_start)
+    paths = prepare_builtin_models(runs)
+    assert built == [0, 1] and len(paths) == 2 and paths[0] != paths[1]  # once per seed, not per arm
+    weights = [load_file(str(Path(path) / "model.safetensors")) for path in paths]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(not weights[0][name].equal(weights[1][name]) for name in weights[0])  # another init and SFT
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached warm start was built again")
+
+    monkeypatch.setattr(model_module, "_warm_start", fail)
+    assert prepare_builtin_models(runs) == paths
+    # seed 0's warm start is the one every seed shares without the option (the demo's)
+    shared = StudyConfig.from_yaml(str(write_study(tmp_path, seeds=[0, 1])))
+    assert prepare_builtin_models(plan_runs(shared)) == paths[:1]
+
+
+def test_the_arms_study_parses_every_run_and_its_arms_differ_only_as_intended(tmp_path, capsys):
+    import dataclasses
+
+    from trl_mig.cli.train import build_reward_funcs
+    from trl_mig.study import parse_run_recipe, run_study
+
+    config = StudyConfig.from_yaml(str(ROOT / "recipes" / "study" / "cpu_arms.yaml"))
+    assert set(config.arms) == {"grpo", "grpo_partial_credit", "mig", "mig_final_answer", "mig_no_sft"}
+    assert config.warmstart_per_seed and len(config.seeds) == 5 and config.report_splits == ["test"]
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "cpu_arms"))
+    assert run_study(config, dry_run=True) == {}
+    out = capsys.readouterr().out
+    assert "35 runs: 5 arms x 2 settings x 2 seed(s)" in out and out.count("to run:") == 20
+    runs = plan_runs(config, {arm: config.settings()[-1] for arm in config.arms})
+    assert len(runs) == 35 and {run.seed for run in runs} == set(config.seeds)
+    parsed = {}
+    for run in runs:
+        script_args, builtin_args, training_args, _, _ = parse_run_recipe(run.recipe, run.label)
+        # the same held-out evaluation for every arm: the final value, greedy, on the same splits
+        assert script_args.accuracy_eval_answer_match == "last"
+        assert script_args.accuracy_eval_splits == ["validation", "test"]
+        assert builtin_args.tiny_seed == builtin_args.warmstart_seed == run.seed
+        parsed[run.arm] = (script_args, builtin_args, training_args)
+    for arm, (script_args, builtin_args, training_args) in parsed.items():
+        assert script_args.algorithm == ("grpo" if arm.startswith("grpo") else "mig")
+        assert builtin_args.task_answer == ("final" if arm == "mig_final_answer" else "running")
+        assert training_args.sft_weight == (0.0 if arm == "mig_no_sft" else 0.1)
+        names = [f.__name__ for f in build_reward_funcs(script_args.reward_funcs, training_args, "solution")]
+        if arm == "grpo_partial_credit":  # partial credit in place of accuracy, which stays at weight 0 (logged only)
+            assert names == ["answer_accuracy_reward", "partial_credit_reward", "step_format_reward"]
+            assert training_args.reward_weights == [0.0, 1.0, 0.2]
+        else:
+            assert names == ["answer_accuracy_reward", "step_format_reward"] and training_args.reward_weights == [1.0, 0.2]

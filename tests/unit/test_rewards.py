@@ -1,10 +1,16 @@
-"""Reward functions: answer-tag accuracy with math-verify, step-structure format, ground-truth parsing."""
+"""Reward functions: answer-tag accuracy with math-verify, partial credit, step-structure format, ground-truth parsing."""
 
 import pickle
 
 import pytest
 
-from trl_mig import AnswerAccuracyReward, FormatSpec, answer_accuracy_reward, step_format_reward
+from trl_mig import (
+    AnswerAccuracyReward,
+    FormatSpec,
+    PartialCreditReward,
+    answer_accuracy_reward,
+    step_format_reward,
+)
 from trl_mig.rewards import answer_variants, completion_text, default_reward_funcs
 
 GOOD = "<think>### Step 1\n2+3=5\n</think>\n<answer>5</answer>"
@@ -69,7 +75,8 @@ def test_tool_conversations_count_their_turns_as_steps():
 
 
 def test_rewards_are_picklable_and_named():
-    for reward in (answer_accuracy_reward, step_format_reward, AnswerAccuracyReward(FormatSpec(step_fallback="line"))):
+    for reward in (answer_accuracy_reward, step_format_reward, AnswerAccuracyReward(FormatSpec(step_fallback="line")),
+                   PartialCreditReward()):
         clone = pickle.loads(pickle.dumps(reward))
         assert clone.__name__ == reward.__name__ and clone([GOOD], solution=["5"]) == reward([GOOD], solution=["5"])
 
@@ -97,6 +104,67 @@ def test_answer_match_modes():
     assert exact(completions, solution=["3 7 9", "3 7 9"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="answer_match='fuzzy' is not one of"):
         FormatSpec(answer_match="fuzzy")
+
+
+def test_last_match_compares_the_final_values():
+    last = AnswerAccuracyReward(FormatSpec(answer_match="last"))
+    completions = [f"<think>x</think><answer>{a}</answer>" for a in ("3 8 9", "3 7 8", "9", "", "3 7 9")]
+    # a running answer and a final-only ground truth, or the reverse, are scored on their final values
+    assert last(completions, solution=["3 7 9"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert last(completions, solution=["9"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def _answers(*answers):
+    return [f"<think>### Step 1\n3+4=7\n</think>\n<answer>{answer}</answer>" for answer in answers]
+
+
+def test_partial_credit_counts_the_leading_right_values():
+    reward = PartialCreditReward(FormatSpec(answer_match="exact"))
+    assert reward.__name__ == "partial_credit_reward"
+    # all right, a wrong last value, a wrong middle value (the right one after it earns nothing), a wrong first value
+    got = reward(_answers("3 7 9", "3 7 10", "3 8 9", "4 7 9", " 3  7 9 "), solution=["3 7 9"] * 5)
+    assert got == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 1.0])
+    # missing and extra values are wrong: only the exact answer earns 1
+    assert reward(_answers("3 7", "3 7 9 12", "3"), solution=["3 7 9"] * 3) == pytest.approx([2 / 3, 3 / 4, 1 / 3])
+    # malformed: no answer tag, an empty answer, words instead of numbers, no thought closed before the answer tag
+    malformed = ["<think>### Step 1\n3 7 9</think>", *_answers("", "three seven nine"), "<think>3 7 9"]
+    assert reward(malformed, solution=["3 7 9"] * 4) == [0.0, 0.0, 0.0, 0.0]
+    # variants: the best; no ground truth: None (left out, as the accuracy reward does); chat completions
+    assert reward(_answers("3 7 1", "3 7 1"), solution=[["3 8 1", "3 7 2"], None]) == pytest.approx([2 / 3, None])
+    assert reward([[{"role": "assistant", "content": _answers("3 7 1")[0]}]], solution=["3 7 9"]) == pytest.approx([2 / 3])
+    with pytest.raises(KeyError, match="partial_credit_reward needs the dataset column 'answer'"):
+        PartialCreditReward(column="answer")(_answers("3"), solution=["3"])
+
+
+def test_partial_credit_on_a_final_answer_is_answer_accuracy():
+    completions = _answers("9", "8", "9.0", "", "nine")
+    for match, expected in (("exact", [1.0, 0.0, 0.0, 0.0, 0.0]), ("math", [1.0, 0.0, 1.0, 0.0, 0.0])):
+        spec = FormatSpec(answer_match=match)
+        partial = PartialCreditReward(spec)(completions, solution=["9"] * len(completions))
+        assert partial == AnswerAccuracyReward(spec)(completions, solution=["9"] * len(completions)) == expected
+    # answers of several values against a final value: the first must be it, and the extra ones are wrong
+    exact = PartialCreditReward(FormatSpec(answer_match="exact"))
+    assert exact(_answers("3 7 9", "9 9"), solution=["9", "9"]) == [0.0, 0.5]
+    # values compared as answer_match compares answers: math-verify reads 9.0 as 9
+    assert PartialCreditReward(FormatSpec(answer_match="math"))(_answers("3 9.0"), solution=["3 9"]) == [1.0]
+    assert exact(_answers("3 9.0"), solution=["3 9"]) == [0.5]
+
+
+def test_partial_credit_never_gates_sft_by_accident():
+    """Gated SFT's default correctness reward is the first named *accuracy*: partial credit is never picked."""
+    from types import SimpleNamespace
+
+    from trl_mig import MIGMixin
+
+    def gate(*names, wanted=None):
+        trainer = SimpleNamespace(reward_func_names=list(names), args=SimpleNamespace(sft_correctness_reward=wanted))
+        return MIGMixin._resolve_correctness_reward(trainer)
+
+    partial, accuracy, fmt = (reward.__name__ for reward in (PartialCreditReward(), answer_accuracy_reward,
+                                                             step_format_reward))
+    assert gate(partial, fmt) is None  # SFT off, with its warning
+    assert gate(partial, accuracy, fmt) == 1
+    assert gate(partial, wanted=partial) == 0  # only when named
 
 
 def test_default_rewards_read_the_default_format_and_built_ones_read_theirs():

@@ -114,7 +114,9 @@ class BuiltinArguments:
         default=_TASK.answer,
         metadata={
             "help": "The answer: 'running' (every step's result, in order) or 'final' (the last result). With "
-            "'running', compare answers with answer_match: exact (math-verify reads a list as one number).",
+            "'running', compare answers with answer_match: exact (math-verify reads a list as one number), or last "
+            "(the final value only). It sets the solution column of every split and the answers the warm start is "
+            "taught (another cached model); the prompts are the same.",
             "choices": list(ANSWER_FORMATS),
         },
     )
@@ -277,16 +279,18 @@ def check_answer_match(dataset_name, args: BuiltinArguments | None, answer_match
     """
     The answer comparison to use on `dataset_name`: `answer_match`, or when None, "exact" for the running answers
     (a list of values) of the built-in arithmetic and tool tasks, and "math" otherwise. Asking math-verify to
-    compare running answers is an error: it reads "3 7 9" as the number 9, so wrong lists would count as right.
+    compare running answers is an error: it reads "3 7 9" as the number 9, so wrong lists would count as right
+    ("last" does that on purpose: it scores the final value only).
     """
     with_steps = dataset_name in (BUILTIN_PREFIX + "arithmetic", *TOOL_TASK_DATASETS)
     running = with_steps and (args or BuiltinArguments()).task_answer == "running"
     if answer_match is None:
         return "exact" if running else "math"
-    if running and answer_match != "exact":
+    if running and answer_match == "math":
         raise ValueError(
             f"{field_name}={answer_match!r} cannot compare the running answers of {dataset_name} (task_answer: "
-            "running, e.g. '3 7 9'): math-verify reads them as their last number. Use exact, or task_answer: final."
+            "running, e.g. '3 7 9'): math-verify reads them as their last number. Use exact (every value), last (the "
+            "final value only), or task_answer: final."
         )
     return answer_match
 

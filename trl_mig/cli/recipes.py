@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from ..builtin import BuiltinArguments
-from ..config import MIGConfig
+from ..config import ANSWER_MATCHES, MIGConfig
 from .data import DataArguments
 from .errors import CLIError
 
@@ -25,7 +25,8 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions, by name: 'answer_accuracy', 'step_format' (trl-mig, answer in tags), "
+            "help": "Reward functions, by name: 'answer_accuracy', 'partial_credit' (the leading right values of an "
+            "answer that lists values), 'step_format' (trl-mig, answer in tags), "
             "'accuracy_reward', 'reasoning_accuracy_reward', 'think_format_reward' (TRL, \\boxed answers), or a "
             "dotted import path (an importable module, or a module or package in the working directory). Default: "
             "answer_accuracy + step_format. Weights: `reward_weights`."
@@ -69,6 +70,15 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
     accuracy_eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch (per rank)."})
     accuracy_eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Generation length of the accuracy eval. Default: max_completion_length."}
+    )
+    accuracy_eval_answer_match: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the accuracy eval compares answers with the ground truth: 'math', 'exact' or 'last' (the "
+            "final values equal: runs trained on a list of values, task_answer: running, and runs trained on the final "
+            "value alone, task_answer: final, get the same held-out score). Default: answer_match, as training.",
+            "choices": list(ANSWER_MATCHES),
+        },
     )
     cpu_keep_freed_memory: bool = field(
         default=True,

@@ -38,6 +38,7 @@ from ..config import MIGConfig
 from ..evaluation import evaluate_splits
 from ..rewards import (
     AnswerAccuracyReward,
+    PartialCreditReward,
     StepFormatReward,
     answer_accuracy_reward,
     default_reward_funcs,
@@ -97,9 +98,13 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     spec = FormatSpec.from_config(training_args)
     trainer = build_trainer(script_args, training_args, model_args, data, spec, tool_task=tool_task,
                             trainer_cls=trainer_cls)
-    eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, spec)
+    # the accuracy eval reads answers as training does, unless it is told to compare them another way
+    eval_spec = FormatSpec.from_config(
+        training_args, answer_match=script_args.accuracy_eval_answer_match or spec.answer_match
+    )
+    eval_kwargs = accuracy_eval_kwargs(script_args, training_args, trainer, data.accuracy, eval_spec)
     if tool_task:  # rollouts with the calculator, as in training (evaluate_splits generates single turns)
-        eval_kwargs = tool_eval_kwargs(script_args, training_args, trainer, spec)
+        eval_kwargs = tool_eval_kwargs(script_args, training_args, trainer, eval_spec)
     if script_args.accuracy_eval_steps:
         add_heldout_callback(script_args, trainer, data.accuracy, eval_kwargs)
     accuracy, completions = {}, {}
@@ -151,6 +156,9 @@ def load_training_data(script_args, builtin_args, training_args, mixture_args) -
     if not mixture_args.datasets:
         try:
             check_answer_match(script_args.dataset_name, builtin_args, training_args.answer_match, "answer_match")
+            if script_args.accuracy_eval_answer_match is not None:
+                check_answer_match(script_args.dataset_name, builtin_args, script_args.accuracy_eval_answer_match,
+                                   "accuracy_eval_answer_match")
         except ValueError as err:
             raise CLIError(str(err)) from None
     with training_args.main_process_first(desc="load and map the dataset"):
@@ -250,9 +258,10 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         return None
     own = {
         "answer_accuracy": lambda: AnswerAccuracyReward(spec, solution_column),
+        "partial_credit": lambda: PartialCreditReward(spec, solution_column),
         "step_format": lambda: StepFormatReward(spec),
     }
-    own["answer_accuracy_reward"], own["step_format_reward"] = own["answer_accuracy"], own["step_format"]
+    own.update({f"{name}_reward": build for name, build in list(own.items())})  # the functions' own names too
     trl_names = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
     funcs = []
     for name in names:
@@ -269,7 +278,7 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         else:
             raise CLIError(
                 f"reward_funcs: unknown reward function {name!r}; expected one of "
-                f"{['answer_accuracy', 'step_format', *trl_names]} or a dotted import path."
+                f"{['answer_accuracy', 'partial_credit', 'step_format', *trl_names]} or a dotted import path."
             )
     if not funcs:
         raise CLIError("reward_funcs is empty: name at least one reward function, or leave it unset.")

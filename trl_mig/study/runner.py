@@ -41,10 +41,13 @@ STUDY_KEYS = {
     "recipe", "output_dir", "overrides", "arms", "seeds", "sweep", "sweep_seeds", "select_split", "select_by",
     "report_splits", "eval_steps", "eval_max_samples", "reference_arm", "jobs", "threads_per_job", "description",
     "primary",
+    "warmstart_per_seed",
 }
 SELECT_BY = ("final", "best")
 # recipe fields a study sets itself for every run
 MANAGED_FIELDS = ("output_dir", "seed", "accuracy_eval_splits", "accuracy_eval_steps", "save_strategy")
+# the built-in model's seeds, set to each run's seed by `warmstart_per_seed`
+PER_SEED_WARMSTART_FIELDS = ("tiny_seed", "warmstart_seed")
 
 
 @dataclass
@@ -67,6 +70,8 @@ class StudyConfig:
     primary: dict | None = None  # the primary metric, declared before the study runs (see `statistics.check_primary`)
     jobs: int = 1
     threads_per_job: int | None = None
+    # each seed its own built-in warm start (tiny_seed = warmstart_seed = the run's seed), shared by the seed's arms
+    warmstart_per_seed: bool = False
     description: str = ""
     source: str = ""  # the YAML file it was read from
     reproduce: str = ""  # the command that reproduces it, when not `trl-mig study --config SOURCE` (a benchmark's)
@@ -91,7 +96,7 @@ class StudyConfig:
         return config
 
     def validate(self) -> None:
-        read_recipe(self.recipe)  # exists and is a YAML mapping
+        base = read_recipe(self.recipe)  # exists and is a YAML mapping
         if not isinstance(self.arms, dict) or not self.arms:
             raise CLIError("Study `arms` must be a mapping of arm name -> recipe overrides, with at least one arm.")
         for name, overrides in self.arms.items():
@@ -127,7 +132,6 @@ class StudyConfig:
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise CLIError(f"Study `jobs` must be an integer >= 1, got {self.jobs!r}.")
         if self.primary is not None:
-            base = read_recipe(self.recipe)
             max_steps = [
                 make_run(self, base, arm, setting, self.seeds[0]).recipe.get("max_steps")
                 for arm in self.arms for setting in self.settings()
@@ -136,6 +140,30 @@ class StudyConfig:
                 check_primary(self.primary, splits=self.report_splits, eval_steps=self.eval_steps, max_steps=max_steps)
             except ValueError as err:
                 raise CLIError(f"Study {err}") from None
+        self._validate_warmstart_per_seed(base)
+
+    def _validate_warmstart_per_seed(self, base: dict) -> None:
+        if not isinstance(self.warmstart_per_seed, bool):
+            raise CLIError(f"Study `warmstart_per_seed` must be true or false, got {self.warmstart_per_seed!r}.")
+        if not self.warmstart_per_seed:
+            return
+        for scope, mapping in [("recipe", base), ("overrides", self.overrides), ("sweep", self.sweep)] + [
+            (f"arm {name!r}", arm) for name, arm in self.arms.items()
+        ]:
+            fixed = sorted(set(mapping) & set(PER_SEED_WARMSTART_FIELDS))
+            if fixed:
+                raise CLIError(
+                    f"Study {scope} sets {fixed}, which `warmstart_per_seed: true` sets to each run's seed; remove "
+                    "them, or the option."
+                )
+        for arm in self.arms:
+            for setting in self.settings():
+                model = run_recipe(self, base, arm, setting).get("model_name_or_path")
+                if not is_builtin(model):
+                    raise CLIError(
+                        f"Study `warmstart_per_seed: true` needs a built-in model (builtin:..., whose initialisation "
+                        f"and warm start its seeds decide), but arm {arm!r} trains {model!r}."
+                    )
 
     def settings(self) -> list[dict]:
         """The sweep grid: one dict of field -> value per setting (a single empty setting without a sweep)."""
@@ -169,11 +197,16 @@ class Run:
         return (self.directory / "run_summary.json").is_file()
 
 
+def run_recipe(config: StudyConfig, base: dict, arm: str, setting: dict) -> dict:
+    """The base recipe, the study's overrides, the arm's, then the sweep setting (before the study's own fields)."""
+    return {**base, **config.overrides, **config.arms[arm], **setting}
+
+
 def make_run(config: StudyConfig, base: dict, arm: str, setting: dict, seed: int) -> Run:
     """One run: the base recipe, the study's overrides, the arm's, the sweep setting, then the study's own fields."""
     splits = [config.select_split, *[s for s in config.report_splits if s != config.select_split]]
     directory = Path(config.output_dir) / "runs" / arm / (setting_name(setting) or "default") / f"seed{seed}"
-    recipe = {**base, **config.overrides, **config.arms[arm], **setting}
+    recipe = run_recipe(config, base, arm, setting)
     recipe.update(
         output_dir=str(directory),
         seed=seed,
@@ -181,6 +214,8 @@ def make_run(config: StudyConfig, base: dict, arm: str, setting: dict, seed: int
         accuracy_eval_steps=config.eval_steps,
         save_strategy="no",
     )
+    if config.warmstart_per_seed:
+        recipe.update(dict.fromkeys(PER_SEED_WARMSTART_FIELDS, seed))
     if config.eval_max_samples is not None:
         recipe["accuracy_eval_max_samples"] = config.eval_max_samples
     return Run(arm, setting, seed, directory, recipe)
@@ -251,9 +286,13 @@ def _run_all(runs: list[Run], config: StudyConfig, train_command=None) -> None:
         )
 
 
-def prepare_builtin_models(runs: list[Run]) -> None:
-    """Build every `builtin:` warm start the runs need once, before they start, so parallel runs never race on it."""
-    seen = set()
+def prepare_builtin_models(runs: list[Run]) -> list[str]:
+    """
+    Build every `builtin:` warm start the runs need once, one after the other, before they start, so parallel runs
+    never race on it (with `warmstart_per_seed`, one per seed and answer format, shared by the seed's arms); the cache
+    keeps them for later studies. Returns the distinct models' folders, in the order of the runs.
+    """
+    seen, paths = set(), []
     for run in runs:
         if not is_builtin(run.recipe.get("model_name_or_path")):
             continue
@@ -264,9 +303,12 @@ def prepare_builtin_models(runs: list[Run]) -> None:
             continue
         seen.add(key)
         try:
-            resolve_builtin_model(model_args.model_name_or_path, builtin_args, use_cpu=training_args.use_cpu)
+            path = resolve_builtin_model(model_args.model_name_or_path, builtin_args, use_cpu=training_args.use_cpu)
         except ValueError as err:
             raise CLIError(str(err)) from None
+        if path not in paths:  # settings that do not shape the model (e.g. visual_*) give the same folder
+            paths.append(path)
+    return paths
 
 
 def parse_run_recipe(recipe: dict, name: str = "the run's recipe"):
