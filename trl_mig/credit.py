@@ -281,8 +281,8 @@ def mig_advantages(
     """
     The MIG advantages of whole groups, from their per-step MIG rewards: one per completion (`credit="trajectory"`,
     the paper's: the sum of gains, normalised within the group) or one per step (`credit="step"`,
-    [`step_advantages`], or `credit="return_to_go"`, [`return_to_go_advantages`]). The trainer calls it on the groups gathered from every process, `trl-mig inspect` on one
-    group, so both give the same credit.
+    [`step_advantages`], or `credit="return_to_go"`, [`return_to_go_advantages`]). The trainer calls it on the groups
+    gathered from every process, `trl-mig inspect` on one group, so both give the same credit.
 
     Args:
         gains (`torch.Tensor` of shape `(N, K)`): per-step MIG rewards, 0 past a completion's own steps, the
@@ -458,7 +458,9 @@ def correctness_reward_index(reward_names, wanted: str | None = None) -> int | N
     names = list(reward_names)
     if wanted is not None:
         if wanted not in names:
-            raise ValueError(f"MIGConfig.sft_correctness_reward={wanted!r} is not one of the reward functions {names}.")
+            raise ValueError(
+                f"MIGConfig.sft_correctness_reward={wanted!r} is not one of the reward functions {names}."
+            )
         return names.index(wanted)
     return next((index for index, name in enumerate(names) if "accuracy" in name), None)
 

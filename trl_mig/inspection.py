@@ -69,8 +69,8 @@ class CompletionCredit:
     ground truth. The advantages are set when a group of completions was inspected together (the trainer normalises
     within the group): `outcome_advantage` (GRPO's), `mig_advantage` (trajectory credit, or None for per-step credit,
     `mig_credit="step"` or `"return_to_go"`), and per step the advantage the trainer gives the step's tokens;
-    `outside_advantage` is the one of the tokens outside the thought (tags, answer). `messages` explain what is special about the completion (no steps,
-    truncated, no ground truth, fallback segmentation, merged steps).
+    `outside_advantage` is the one of the tokens outside the thought (tags, answer). `messages` explain what is special
+    about the completion (no steps, truncated, no ground truth, fallback segmentation, merged steps).
     """
 
     prompt: str  # the prompt as the model sees it (chat template applied)
