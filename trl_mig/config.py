@@ -9,7 +9,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 
 from trl import GRPOConfig
 
-CREDIT_MODES = ("trajectory", "step")
+CREDIT_MODES = ("trajectory", "step", "return_to_go")
 GAIN_KINDS = ("watermark", "difference")
 TOKEN_SCOPES = ("cot", "all")
 MIG_SCALINGS = ("group", "batch", "none")
@@ -56,7 +56,14 @@ class MIGSettings:
         sft_weight (`float`, defaults to `0.1`): γ, weight of the gated SFT loss (`0` disables it).
         mig_credit (`str`, defaults to `"trajectory"`): `"trajectory"` (paper) gives every CoT token the normalised
             trajectory gain; `"step"` gives the tokens of step k the progress made by step k (sum of gains up to k)
-            compared with the group's completions at the same step index (see [`step_advantages`]).
+            compared with the group's completions at the same step index (see [`step_advantages`]);
+            `"return_to_go"` gives them the gains of step k and every later step (sum of gains from k on), compared
+            the same way (see [`return_to_go_advantages`]).
+        mig_failure_scaling (`float`, defaults to `0.0`): exponent p: the MIG advantage of a group's completions is
+            multiplied by f ** p, f the fraction of the group's completions that are not correct (the correctness
+            reward below `sft_correctness_threshold`, see [`group_failure_rates`]). `0` is off; `1` scales linearly.
+            With p > 0 a correctness reward is required (`sft_correctness_reward`, or a reward whose name contains
+            `"accuracy"`); without one, construction fails.
         mig_gain (`str`, defaults to `"watermark"`): per-step reward: `"watermark"` (the method's rectified gains
             over the running maximum) or `"difference"` (raw l_k - l_{k-1}, an ablation).
         mig_token_scope (`str`, defaults to `"cot"`): tokens that receive the MIG advantage: `"cot"` (the method's
@@ -64,9 +71,10 @@ class MIGSettings:
         mig_scale_rewards (`str`, defaults to `"group"`): normalisation of the MIG reward, as GRPO's `scale_rewards`:
             `"group"`, `"batch"` or `"none"` (centred only).
         sft_correctness_reward (`str` or `None`, defaults to `None`): name of the reward function that says a
-            completion is correct (the factual gate). `None` picks the first reward function whose name contains
-            `"accuracy"`; when there is none, gated SFT is off (one warning, `sft/enabled` logged as 0). A name that
-            is not among the reward functions is an error.
+            completion is correct (the factual gate of gated SFT, and the failure rate of `mig_failure_scaling`).
+            `None` picks the first reward function whose name contains `"accuracy"`; when there is none, gated SFT is
+            off (one warning, `sft/enabled` logged as 0) and `mig_failure_scaling > 0` is an error. A name that is
+            not among the reward functions is an error.
         sft_correctness_threshold (`float`, defaults to `1.0`): a completion is correct when that reward is at least
             this value.
 
@@ -148,8 +156,19 @@ class MIGSettings:
         default="trajectory",
         metadata={
             "help": "'trajectory': every CoT token gets the normalised trajectory gain (paper). 'step': the tokens of "
-            "step k get the progress made by step k, compared with the group's completions at the same step.",
+            "step k get the progress made by step k, compared with the group's completions at the same step. "
+            "'return_to_go': the tokens of step k get the gains of step k and every later step, compared the same "
+            "way.",
             "choices": list(CREDIT_MODES),
+        },
+    )
+    mig_failure_scaling: float = field(
+        default=0.0,
+        metadata={
+            "help": "Exponent p: the MIG advantage of a group is multiplied by (fraction of its completions that are "
+            "not correct) ** p, correct meaning the correctness reward (sft_correctness_reward, default the first "
+            "reward named *accuracy*) is >= sft_correctness_threshold. 0: off; 1: linear. p > 0 needs a "
+            "correctness reward."
         },
     )
     mig_gain: str = field(
@@ -178,8 +197,9 @@ class MIGSettings:
     sft_correctness_reward: str | None = field(
         default=None,
         metadata={
-            "help": "Name of the reward function that marks a completion correct for gated SFT. Default: the first "
-            "reward function whose name contains 'accuracy'; without one, gated SFT is off (with a warning)."
+            "help": "Name of the reward function that marks a completion correct for gated SFT and "
+            "mig_failure_scaling. Default: the first reward function whose name contains 'accuracy'; without one, "
+            "gated SFT is off (with a warning) and mig_failure_scaling > 0 is an error."
         },
     )
     sft_correctness_threshold: float = field(
@@ -242,7 +262,7 @@ class MIGSettings:
     def validate(self) -> None:
         """Raise a `ValueError` naming the field (`<class>.<field>`) for the first invalid setting."""
         owner = type(self).__name__
-        for name in ("mig_weight", "outcome_weight", "sft_weight"):
+        for name in ("mig_weight", "outcome_weight", "sft_weight", "mig_failure_scaling"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")

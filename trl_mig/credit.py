@@ -11,6 +11,7 @@ gain and does not move the watermark. Shorter completions in a padded batch use 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -144,6 +145,58 @@ def step_gains(loglik: torch.Tensor, kind: str = "watermark") -> torch.Tensor:
     raise ValueError(f"Unknown MIG gain {kind!r}; expected 'watermark' or 'difference'.")
 
 
+def _masked_step_normalise(
+    values: torch.Tensor, valid: torch.Tensor, group_size: int, scale: str, eps: float
+) -> torch.Tensor:
+    """
+    Normalise per-step values within each group and step index, over the completions valid at that index (the masked
+    step-index baseline of [`step_advantages`] and [`return_to_go_advantages`]).
+
+    Args:
+        values (`torch.Tensor` of shape `(N, K)`): one value per completion and step index, finite where `valid`.
+        valid (`torch.Tensor` of shape `(N, K)`, bool): the completion reached step k and is usable.
+        group_size (`int`), scale (`str`), eps (`float`): as in [`step_advantages`].
+
+    Returns:
+        `torch.Tensor` of shape `(N, K)`: `(v - mean) / (std + eps)` over the valid members of the index, 0 where not
+        valid and at an index with fewer than two valid members of the group.
+    """
+    steps = values.shape[1]
+    values = torch.where(valid, values, torch.zeros_like(values))
+    grouped = values.view(-1, group_size, steps)
+    mask = valid.view(-1, group_size, steps).to(values.dtype)
+    count = mask.sum(1, keepdim=True)
+    mean = (grouped * mask).sum(1, keepdim=True) / count.clamp(min=1)
+    centred = (grouped - mean) * mask
+    if scale == "none":
+        divisor = torch.ones_like(mean)
+    elif scale == "group":
+        variance = (centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        divisor = variance.sqrt() + eps
+    else:
+        total = mask.sum()
+        batch_mean = (values * valid).sum() / total.clamp(min=1)
+        batch_var = (((values - batch_mean) * valid) ** 2).sum() / (total - 1).clamp(min=1)
+        divisor = torch.full_like(mean, batch_var.sqrt().item() + eps)
+    credit = torch.where(count >= 2, centred / divisor, torch.zeros_like(centred))
+    return credit.reshape(-1, steps) * valid
+
+
+def _valid_steps(gains: torch.Tensor, num_steps: torch.Tensor, group_size: int, scale: str, caller: str):
+    """Checked float gains `(N, K)` and the `(N, K)` mask of the steps each usable completion reached."""
+    if gains.dim() != 2 or gains.shape[0] % group_size != 0:
+        raise ValueError(
+            f"{caller} needs gains of shape (N, K) with N ({gains.shape[0]}) a multiple of group_size ({group_size})."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"Unknown MIG reward scaling {scale!r}; expected 'group', 'batch' or 'none'.")
+    gains = gains if gains.is_floating_point() else gains.float()
+    usable = torch.isfinite(gains).all(1)
+    in_range = torch.arange(gains.shape[1], device=gains.device).unsqueeze(0) < num_steps.to(gains.device).unsqueeze(1)
+    valid = in_range & usable.unsqueeze(1)
+    return torch.where(valid, gains, torch.zeros_like(gains)), valid
+
+
 def step_advantages(
     gains: torch.Tensor, num_steps: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
@@ -173,37 +226,48 @@ def step_advantages(
     Returns:
         `torch.Tensor` of shape `(N, K)`: credit per step, 0 past K_i.
     """
-    if gains.dim() != 2 or gains.shape[0] % group_size != 0:
-        raise ValueError(
-            f"step_advantages needs gains of shape (N, K) with N ({gains.shape[0]}) a multiple of group_size "
-            f"({group_size})."
-        )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"Unknown MIG reward scaling {scale!r}; expected 'group', 'batch' or 'none'.")
-    gains = gains if gains.is_floating_point() else gains.float()
-    steps = gains.shape[1]
-    usable = torch.isfinite(gains).all(1)
-    in_range = torch.arange(steps, device=gains.device).unsqueeze(0) < num_steps.to(gains.device).unsqueeze(1)
-    valid = in_range & usable.unsqueeze(1)
-    progress = torch.where(valid, gains, torch.zeros_like(gains)).cumsum(1)
+    gains, valid = _valid_steps(gains, num_steps, group_size, scale, "step_advantages")
+    return _masked_step_normalise(gains.cumsum(1), valid, group_size, scale, eps)
 
-    grouped = progress.view(-1, group_size, steps)
-    mask = valid.view(-1, group_size, steps).to(gains.dtype)
-    count = mask.sum(1, keepdim=True)
-    mean = (grouped * mask).sum(1, keepdim=True) / count.clamp(min=1)
-    centred = (grouped - mean) * mask
-    if scale == "none":
-        divisor = torch.ones_like(mean)
-    elif scale == "group":
-        variance = (centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
-        divisor = variance.sqrt() + eps
-    else:
-        total = mask.sum()
-        batch_mean = (progress * valid).sum() / total.clamp(min=1)
-        batch_var = (((progress - batch_mean) * valid) ** 2).sum() / (total - 1).clamp(min=1)
-        divisor = torch.full_like(mean, batch_var.sqrt().item() + eps)
-    credit = torch.where(count >= 2, centred / divisor, torch.zeros_like(centred))
-    return credit.reshape(-1, steps) * valid
+
+def return_to_go_advantages(
+    gains: torch.Tensor, num_steps: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    r"""
+    Return-to-go step credit (`mig_credit="return_to_go"`): the tokens of step k are credited with the gains of step
+    k and of every later step of the completion, compared with the completions of its group that reached step k too
+    (the masked step-index baseline of [`step_advantages`]):
+
+        G_{i,k} = sum_{j=k..K_i} g_{i,j}                              (for watermark gains: h_{K_i} - h_{k-1})
+        A_{i,k} = (G_{i,k} - mean_{i' in G, K_{i'} >= k} G_{i',k}) / (std_{i' in G, K_{i'} >= k} G_{i',k} + eps)
+
+    This is the policy-gradient reading of step rewards (a step is credited with what follows from it, as in
+    DeepSeekMath's process supervision), where [`step_advantages`] credits a step with the progress made up to it. A
+    step that sets up a later breakthrough shares its gain; a wrong step after a right one is credited only with what
+    follows it, so it gets negative credit when the group's other completions still gain from the same step index on.
+    With watermark gains, G_{i,1} = h_{K_i} - h_0 is the trajectory MIG reward, so when every completion of a group has
+    at least one step, step 1's credit equals the trajectory credit. Masking, missing values and the zero-credit cases
+    are those of [`step_advantages`].
+
+    Args:
+        gains (`torch.Tensor` of shape `(N, K)`): per-step rewards, the `group_size` completions of a prompt adjacent;
+            values past a completion's own step count are ignored. NaN marks a completion without usable likelihoods:
+            it gets 0 and is left out of the statistics.
+        num_steps (`torch.Tensor` of shape `(N,)`): K_i, the steps of each completion.
+        group_size (`int`): completions per prompt (G).
+        scale (`str`): `"group"`, `"batch"` or `"none"`, as in [`step_advantages`].
+        eps (`float`): added to the std.
+
+    Returns:
+        `torch.Tensor` of shape `(N, K)`: credit per step, 0 past K_i.
+    """
+    gains, valid = _valid_steps(gains, num_steps, group_size, scale, "return_to_go_advantages")
+    # gains past K_i are zeroed, so the reversed cumulative sum from the end is the sum over steps k..K_i
+    to_go = gains.flip(1).cumsum(1).flip(1)
+    return _masked_step_normalise(to_go, valid, group_size, scale, eps)
+
+
+STEP_CREDITS = {"step": step_advantages, "return_to_go": return_to_go_advantages}
 
 
 def mig_advantages(
@@ -217,8 +281,8 @@ def mig_advantages(
     """
     The MIG advantages of whole groups, from their per-step MIG rewards: one per completion (`credit="trajectory"`,
     the paper's: the sum of gains, normalised within the group) or one per step (`credit="step"`,
-    [`step_advantages`]). The trainer calls it on the groups gathered from every process, `trl-mig inspect` on one
-    group, so both give the same credit.
+    [`step_advantages`], or `credit="return_to_go"`, [`return_to_go_advantages`]). The trainer calls it on the groups
+    gathered from every process, `trl-mig inspect` on one group, so both give the same credit.
 
     Args:
         gains (`torch.Tensor` of shape `(N, K)`): per-step MIG rewards, 0 past a completion's own steps, the
@@ -227,17 +291,18 @@ def mig_advantages(
         scorable (`torch.Tensor` of shape `(N,)`, bool): completions with a ground truth and finite likelihoods; the
             others carry no MIG information: advantage 0, and left out of their group's statistics.
         group_size (`int`): completions per prompt (G).
-        credit (`str`): `"trajectory"` or `"step"`, as `mig_credit`.
+        credit (`str`): `"trajectory"`, `"step"` or `"return_to_go"`, as `mig_credit`.
         scale (`str`): `"group"`, `"batch"` or `"none"`, as `mig_scale_rewards`.
 
     Returns:
-        `torch.Tensor` of shape `(N,)` for trajectory credit, `(N, K)` for step credit.
+        `torch.Tensor` of shape `(N,)` for trajectory credit, `(N, K)` for per-step credit.
     """
     scorable = scorable.to(device=gains.device, dtype=torch.bool)
-    if credit == "step":
-        return step_advantages(gains.masked_fill(~scorable.unsqueeze(1), float("nan")), num_steps, group_size, scale)
+    if credit in STEP_CREDITS:
+        unusable = gains.masked_fill(~scorable.unsqueeze(1), float("nan"))
+        return STEP_CREDITS[credit](unusable, num_steps, group_size, scale)
     if credit != "trajectory":
-        raise ValueError(f"Unknown MIG credit {credit!r}; expected 'trajectory' or 'step'.")
+        raise ValueError(f"Unknown MIG credit {credit!r}; expected 'trajectory', 'step' or 'return_to_go'.")
     gain_sums = torch.where(scorable, gains.sum(1), torch.full_like(gains[:, 0], float("nan")))
     return normalize_rewards(gain_sums, group_size, scale)[0]
 
@@ -373,6 +438,61 @@ def outcome_advantages(
     return weighted, torch.nan_to_num(advantages, nan=0.0)
 
 
+def correctness_reward_index(reward_names, wanted: str | None = None) -> int | None:
+    """
+    Which outcome reward says a completion is correct (gated SFT's factual gate, `mig_failure_scaling`): the one named
+    `wanted` (`sft_correctness_reward`), or, when None, the first whose name contains `"accuracy"`.
+
+    Args:
+        reward_names (sequence of `str`): the reward functions' names, in the order of the columns of
+            `rewards_per_func` (`GRPOTrainer.reward_func_names`).
+        wanted (`str`, *optional*): the name asked for.
+
+    Returns:
+        The column index, or None when nothing is asked for and no name contains `"accuracy"` (the caller decides
+        whether that is an error).
+
+    Raises:
+        ValueError: `wanted` is not among the names.
+    """
+    names = list(reward_names)
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(
+                f"MIGConfig.sft_correctness_reward={wanted!r} is not one of the reward functions {names}."
+            )
+        return names.index(wanted)
+    return next((index for index, name in enumerate(names) if "accuracy" in name), None)
+
+
+def group_failure_rates(correctness: torch.Tensor, group_size: int, threshold: float = 1.0) -> torch.Tensor:
+    r"""
+    The failure rate of each completion's group: the fraction of the group's completions that are not correct,
+
+        f_i = (1/G) sum_{i' in group(i)} [not (c_{i'} >= threshold)]
+
+    A completion is correct when its correctness reward is at least `threshold`, as in gated SFT; a missing reward
+    (NaN, a reward function that returned None) counts as not correct, as it does there.
+
+    Args:
+        correctness (`torch.Tensor` of shape `(N,)`): the correctness reward of every completion, the `group_size`
+            completions of a prompt adjacent.
+        group_size (`int`): completions per prompt (G).
+        threshold (`float`): `sft_correctness_threshold`.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`: f_i in [0, 1], the same for every completion of a group.
+    """
+    if correctness.dim() != 1 or correctness.numel() % group_size != 0:
+        raise ValueError(
+            f"group_failure_rates needs a 1-D tensor whose length ({correctness.numel()}) is a multiple of group_size "
+            f"({group_size})."
+        )
+    correctness = correctness if correctness.is_floating_point() else correctness.float()
+    correct = torch.nan_to_num(correctness, nan=float("-inf")) >= threshold
+    return (~correct).to(correctness.dtype).view(-1, group_size).mean(1).repeat_interleave(group_size)
+
+
 @dataclass(frozen=True)
 class Credit:
     """
@@ -382,10 +502,12 @@ class Credit:
         outcome_rewards (`torch.Tensor` of shape `(N,)`): weighted sum of the outcome rewards, NaN without any.
         outcome_advantages (`torch.Tensor` of shape `(N,)`): GRPO's outcome advantage A_out.
         mig_rewards (`torch.Tensor` of shape `(N,)`): sum of the per-step MIG rewards, NaN where not scorable.
-        trajectory_mig_advantages (`torch.Tensor` of shape `(N,)`): A_mig, the normalised `mig_rewards` (the trainer
-            logs it as `mig_advantage` whatever `mig_credit` is).
-        mig_advantages (`torch.Tensor` of shape `(N,)` or `(N, K)`): the MIG credit used: `trajectory_mig_advantages`,
-            or per step (`mig_credit="step"`).
+        trajectory_mig_advantages (`torch.Tensor` of shape `(N,)`): A_mig, the normalised `mig_rewards` times
+            `mig_scale` (the trainer logs it as `mig_advantage` whatever `mig_credit` is).
+        mig_advantages (`torch.Tensor` of shape `(N,)` or `(N, K)`): the MIG credit used, times `mig_scale`:
+            `trajectory_mig_advantages`, or per step (`mig_credit="step"` or `"return_to_go"`).
+        mig_scale (`torch.Tensor` of shape `(N,)`): the factor the MIG advantages were multiplied by: the group's
+            failure rate to the power `mig_failure_scaling`, 1 when that is 0 (off).
         advantages (`torch.Tensor` of shape `(N, T)`, or `(N,)` for a sequence-level loss): what the loss is given.
     """
 
@@ -394,6 +516,7 @@ class Credit:
     mig_rewards: torch.Tensor
     trajectory_mig_advantages: torch.Tensor
     mig_advantages: torch.Tensor
+    mig_scale: torch.Tensor
     advantages: torch.Tensor
 
     def rows(self, index) -> Credit:
@@ -418,14 +541,20 @@ def compose_credit(
     mig_scale_rewards: str = "group",
     mig_token_scope: str = "cot",
     token_level: bool = True,
+    mig_failure_scaling: float = 0.0,
+    correctness_index: int | None = None,
+    correctness_threshold: float = 1.0,
 ) -> Credit:
     r"""
     Outcome and MIG credit of whole groups, combined into the advantages the GRPO loss is given:
 
-        A[i,t] = outcome_weight * A_out_i + mig_weight * A_mig[i, step(t)] * M_cot[i,t]
+        A[i,t] = outcome_weight * A_out_i + mig_weight * s_i * A_mig[i, step(t)] * M_cot[i,t],   s_i = f_i ** p
 
     A_out is GRPO's outcome advantage with every option of TRL's that changes it ([`outcome_advantages`]); A_mig the
-    MIG advantage ([`mig_advantages`]); the masking is [`per_token_advantages`]. The trainer calls it on the batch
+    MIG advantage ([`mig_advantages`]); the masking is [`per_token_advantages`]. s_i scales the MIG advantage by the
+    failure rate f_i of the completion's group ([`group_failure_rates`]) to the power p = `mig_failure_scaling`: MIG
+    credit where most samples fail, less as the outcome reward starts to separate completions; p = 0 (the default)
+    gives s = 1. The trainer calls it on the batch
     gathered from every process (as TRL normalises rewards) and keeps its own rows ([`Credit.rows`]);
     `trl-mig inspect` calls it on one group, so both show the same numbers.
 
@@ -443,9 +572,13 @@ def compose_credit(
         mig_weight (`float`): alpha. outcome_weight (`float`): beta.
         mig_credit (`str`), mig_scale_rewards (`str`), mig_token_scope (`str`): as in `MIGConfig`.
         token_level (`bool`): False for a loss that takes one advantage per completion (e.g. GMPO's geometric mean):
-            `advantages` is then `(N,)`, `outcome_weight * A_out + mig_weight * A_mig`, which is what
+            `advantages` is then `(N,)`, `outcome_weight * A_out + mig_weight * s * A_mig`, which is what
             `mig_token_scope="all"` gives every token; it needs `mig_credit="trajectory"` and
             `mig_token_scope="all"`.
+        mig_failure_scaling (`float`): p, as in `MIGConfig`; 0 turns the scaling off.
+        correctness_index (`int`, *optional*): the column of `rewards_per_func` that says a completion is
+            correct ([`correctness_reward_index`]); needed when `mig_failure_scaling > 0`.
+        correctness_threshold (`float`): correct when that reward is at least this (`sft_correctness_threshold`).
 
     Returns:
         A [`Credit`].
@@ -467,6 +600,10 @@ def compose_credit(
         mig_adv = trajectory_adv
     else:
         mig_adv = mig_advantages(gains, num_steps, scorable, group_size, mig_credit, mig_scale_rewards)
+    mig_scale = _failure_scale(rewards_per_func, group_size, mig_failure_scaling, correctness_index,
+                               correctness_threshold).to(gains.device)
+    trajectory_adv = trajectory_adv * mig_scale
+    mig_adv = mig_adv * (mig_scale if mig_adv.dim() == 1 else mig_scale.unsqueeze(1))
     outcome_adv = outcome_adv.to(gains.device)
     if token_level:
         if step_ids is None or step_ids.dim() != 2 or step_ids.shape[0] != rows:
@@ -491,8 +628,31 @@ def compose_credit(
         mig_rewards=mig_rewards,
         trajectory_mig_advantages=trajectory_adv,
         mig_advantages=mig_adv,
+        mig_scale=mig_scale,
         advantages=advantages,
     )
+
+
+def _failure_scale(rewards_per_func, group_size, exponent, correctness_index, threshold) -> torch.Tensor:
+    """`(N,)` factors of the MIG advantages: the group failure rate to the power `exponent`, all 1 when it is 0."""
+    rows = rewards_per_func.shape[0]
+    if not isinstance(exponent, (int, float)) or not math.isfinite(exponent) or exponent < 0:
+        raise ValueError(f"mig_failure_scaling must be a finite number >= 0, got {exponent!r}.")
+    if exponent == 0:
+        return torch.ones(rows, dtype=torch.float32, device=rewards_per_func.device)
+    if correctness_index is None:
+        raise ValueError(
+            f"mig_failure_scaling={exponent} scales MIG credit by the share of wrong answers, which needs the reward "
+            "that says a completion is correct: pass correctness_index (the trainer takes it from "
+            "MIGConfig.sft_correctness_reward, or the first reward whose name contains 'accuracy')."
+        )
+    if not -rewards_per_func.shape[1] <= correctness_index < rewards_per_func.shape[1]:
+        raise ValueError(
+            f"correctness_index={correctness_index} is not a column of rewards_per_func "
+            f"({rewards_per_func.shape[1]} reward functions)."
+        )
+    rates = group_failure_rates(rewards_per_func[:, correctness_index].float(), group_size, threshold)
+    return rates**exponent
 
 
 def gated_sft_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ are the numbers training uses. [`record_completion_credit`] and
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -18,7 +19,14 @@ import torch
 from trl import GRPOConfig
 
 from .config import MIG_SCALINGS, MIGSettings, field_like
-from .credit import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS_ALIASES, compose_credit, hwm_gains, step_gains
+from .credit import (
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    SCALE_REWARDS_ALIASES,
+    compose_credit,
+    correctness_reward_index,
+    hwm_gains,
+    step_gains,
+)
 from .rewards import answer_variants, default_reward_funcs
 from .scoring import ScoringItem, StepLikelihoodScorer, encode_answer
 from .segmentation import (
@@ -59,10 +67,10 @@ class CompletionCredit:
     `loglik` is l_0..l_K (l_0: the prompt and what precedes the thought only), `watermark` h_0..h_K, `gains` g_1..g_K
     (the per-step rewards of `mig_gain`) and `reward` their sum, the completion's MIG reward; all None without a
     ground truth. The advantages are set when a group of completions was inspected together (the trainer normalises
-    within the group): `outcome_advantage` (GRPO's), `mig_advantage` (trajectory credit, or None for step credit, which
-    is per step), and per step the advantage the trainer gives the step's tokens; `outside_advantage` is the one of the
-    tokens outside the thought (tags, answer). `messages` explain what is special about the completion (no steps,
-    truncated, no ground truth, fallback segmentation, merged steps).
+    within the group): `outcome_advantage` (GRPO's), `mig_advantage` (trajectory credit, or None for per-step credit,
+    `mig_credit="step"` or `"return_to_go"`), and per step the advantage the trainer gives the step's tokens;
+    `outside_advantage` is the one of the tokens outside the thought (tags, answer). `messages` explain what is special
+    about the completion (no steps, truncated, no ground truth, fallback segmentation, merged steps).
     """
 
     prompt: str  # the prompt as the model sees it (chat template applied)
@@ -428,6 +436,13 @@ def _rewards(settings, funcs, prompt, results, solution) -> torch.Tensor:
     return out
 
 
+def _reward_name(func) -> str:
+    """A reward function's name as `GRPOTrainer.reward_func_names` gives it for a callable (a partial: the wrapped)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return getattr(func, "__name__", type(func).__name__)
+
+
 def _group_advantages(settings, reward_funcs, prompt, solution, results, segments, loglik, gains, scorable):
     """Fill the advantages of a group with `compose_credit`, as `MIGGRPOTrainer._generate_and_score_completions`
     does for the whole batch (here the batch is this group)."""
@@ -440,6 +455,15 @@ def _group_advantages(settings, reward_funcs, prompt, solution, results, segment
     padded[:, : gains.shape[1]] = gains[:, :width]
     num_steps = torch.tensor([seg.num_steps for seg in segments])
     length = max(seg.boundaries[-1] for seg in segments) + 1  # the last column lies outside every thought
+    correctness = None
+    if settings.mig_failure_scaling > 0:  # the trainer's rule over these reward functions' names
+        correctness = correctness_reward_index([_reward_name(f) for f in funcs], settings.sft_correctness_reward)
+        if correctness is None:
+            raise ValueError(
+                f"mig_failure_scaling={settings.mig_failure_scaling} needs a reward that says a completion is "
+                f"correct, and no reward function name contains 'accuracy' among "
+                f"{[_reward_name(f) for f in funcs]}: set sft_correctness_reward, or mig_failure_scaling=0."
+            )
     composed = compose_credit(
         per_func, padded, num_steps, scorable, step_ids_tensor(segments, length), size,
         reward_weights=settings.reward_weights,
@@ -450,6 +474,9 @@ def _group_advantages(settings, reward_funcs, prompt, solution, results, segment
         mig_credit=settings.mig_credit,
         mig_scale_rewards=settings.mig_scale_rewards,
         mig_token_scope=settings.mig_token_scope,
+        mig_failure_scaling=settings.mig_failure_scaling,
+        correctness_index=correctness,
+        correctness_threshold=settings.sft_correctness_threshold,
     )
     outcome, mig_adv, tokens = composed.outcome_rewards, composed.mig_advantages, composed.advantages
     batch_level = [

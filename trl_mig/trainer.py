@@ -33,7 +33,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
-from .credit import NOT_COT, Credit, compose_credit, gated_sft_loss, hwm_gains, step_gains
+from .credit import NOT_COT, Credit, compose_credit, correctness_reward_index, gated_sft_loss, hwm_gains, step_gains
 from .callbacks import attach_credit_page
 from .inspection import record_completion_credit
 from .multimodal import split_multimodal_inputs
@@ -128,6 +128,7 @@ class MIGMixin:
                 "one) or train with a `peft_config` (the adapter-free base is the reference)."
             )
         self._sft_reward_index = self._resolve_correctness_reward() if args.sft_weight > 0 else None
+        self._failure_reward_index = self._failure_scaling_reward() if args.mig_failure_scaling > 0 else None
         self._pending_mig = None
         self._capture_policy_logps = False
         self._captured_policy_logps = None
@@ -140,16 +141,9 @@ class MIGMixin:
     def _resolve_correctness_reward(self) -> int | None:
         """Index of the reward that gates SFT; None (SFT off, one warning) when none is named and none is found."""
         names = self.reward_func_names
-        wanted = self.args.sft_correctness_reward
-        if wanted is not None:
-            if wanted not in names:
-                raise ValueError(
-                    f"MIGConfig.sft_correctness_reward={wanted!r} is not one of the reward functions {names}."
-                )
-            return names.index(wanted)
-        for index, name in enumerate(names):
-            if "accuracy" in name:
-                return index
+        index = correctness_reward_index(names, self.args.sft_correctness_reward)
+        if index is not None:
+            return index
         logger.warning(
             "Gated SFT is off: it needs a reward that says a completion is correct, and no reward function name "
             "contains 'accuracy' among %s. Training uses MIG and outcome credit only (logged as sft/enabled = 0). "
@@ -158,6 +152,19 @@ class MIGMixin:
             names,
         )
         return None
+
+    def _failure_scaling_reward(self) -> int:
+        """Index of the reward whose failure rate scales MIG credit (`mig_failure_scaling`); none found is an error."""
+        index = correctness_reward_index(self.reward_func_names, self.args.sft_correctness_reward)
+        if index is None:
+            raise ValueError(
+                f"MIGConfig.mig_failure_scaling={self.args.mig_failure_scaling} scales MIG credit by the share of "
+                "wrong answers in a group, which needs a reward that says a completion is correct, and no reward "
+                f"function name contains 'accuracy' among {self.reward_func_names}. Set "
+                "MIGConfig.sft_correctness_reward=<one of those names> (correct: that reward >= "
+                "sft_correctness_threshold), or mig_failure_scaling=0."
+            )
+        return index
 
     def _max_over_processes(self, count: int) -> int:
         local = torch.tensor([count], device=self.accelerator.device)
@@ -257,8 +264,9 @@ class MIGMixin:
         """
         Combine outcome and MIG credit for the batch gathered from every process: [`~trl_mig.credit.compose_credit`]
         with this trainer's settings (TRL's `reward_weights`, `scale_rewards` and `multi_objective_aggregation`;
-        MIG's `mig_weight`, `outcome_weight`, `mig_credit`, `mig_scale_rewards`, `mig_token_scope`; one advantage
-        per completion when `mig_token_level_advantages` is False). `_generate_and_score_completions` calls it and
+        MIG's `mig_weight`, `outcome_weight`, `mig_credit`, `mig_scale_rewards`, `mig_token_scope`,
+        `mig_failure_scaling` with the correctness reward; one advantage per completion when
+        `mig_token_level_advantages` is False). `_generate_and_score_completions` calls it and
         keeps this process's rows; override it to compose credit differently, returning a `Credit` of the same
         shapes.
 
@@ -285,6 +293,9 @@ class MIGMixin:
             mig_scale_rewards=self.args.mig_scale_rewards,
             mig_token_scope=self.args.mig_token_scope,
             token_level=self.mig_token_level_advantages,
+            mig_failure_scaling=self.args.mig_failure_scaling,
+            correctness_index=self._failure_reward_index,
+            correctness_threshold=self.args.sft_correctness_threshold,
         )
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):

@@ -14,7 +14,19 @@ import torch
 from datasets import Dataset
 from trl import GRPOTrainer
 
-from helpers import PROMPTS, SCRIPT, SOLUTIONS, cpu_config, scripted_batch, scripted_rollout
+from helpers import (
+    OUTCOME,
+    PROMPTS,
+    SCRIPT,
+    SOLUTIONS,
+    assert_loss_is_reference,
+    cpu_config,
+    group_normalise,
+    make_trainer,
+    reference_logliks,
+    scripted_batch,
+    scripted_rollout,
+)
 from trl_mig import MIGGRPOTrainer, compose_credit, inspect_completion, mig_trainer_class, outcome_advantages
 from trl_mig.builtin.tiny import build_tiny_model
 from trl_mig.credit import NOT_COT
@@ -101,20 +113,23 @@ def test_options_reach_the_trainers_outcome_advantage(tmp_path, char_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "aggregation, scale, credit",
+    "aggregation, scale, credit, failure_scaling",
     [
-        ("sum_then_normalize", "group", "trajectory"),
-        ("normalize_then_sum", "group", "trajectory"),
-        ("normalize_then_sum", "none", "step"),
-        ("sum_then_normalize", "batch", "step"),
+        ("sum_then_normalize", "group", "trajectory", 0.0),
+        ("normalize_then_sum", "group", "trajectory", 0.0),
+        ("normalize_then_sum", "none", "step", 0.0),
+        ("sum_then_normalize", "batch", "step", 0.0),
+        ("sum_then_normalize", "group", "return_to_go", 1.0),
     ],
 )
-def test_inspect_gives_the_trainers_per_token_advantages(tmp_path, char_tokenizer, aggregation, scale, credit):
+def test_inspect_gives_the_trainers_per_token_advantages(
+    tmp_path, char_tokenizer, aggregation, scale, credit, failure_scaling
+):
     """One group is the whole batch, so the batch-level options normalise the same completions in both."""
     group = scripted_batch()[:4]
     trainer = build(tmp_path, char_tokenizer, rows=group, per_device_train_batch_size=4, reward_weights=WEIGHTS,
                     scale_rewards=scale, multi_objective_aggregation=aggregation, mig_credit=credit,
-                    mig_weight=0.7, outcome_weight=1.3)
+                    mig_weight=0.7, outcome_weight=1.3, mig_failure_scaling=failure_scaling)
     composed = capture_credit(trainer)
     output = trainer._generate_and_score_completions(group)
     credits = inspect_completion(trainer.model, char_tokenizer, PROMPTS[0], SCRIPT[PROMPTS[0]], SOLUTIONS[0],
@@ -127,6 +142,8 @@ def test_inspect_gives_the_trainers_per_token_advantages(tmp_path, char_tokenize
             lo, hi = step.token_span
             expected[lo:hi] = [step.advantage] * (hi - lo)
         assert output["advantages"][row, :length].tolist() == pytest.approx(expected, abs=1e-4), row
+    if failure_scaling:  # half of this group fails: its MIG credit is halved, in both
+        assert composed[0].mig_scale.tolist() == [0.5] * 4
     if aggregation == "normalize_then_sum":  # inspect really used it: summing first gives other advantages
         rewards = composed.inputs[0][0]  # the trainer's rewards_per_func, (4, 3), NaN for the abstentions
         assert torch.isnan(rewards).any()
@@ -182,6 +199,49 @@ def test_trainer_and_inspect_strip_the_same_end_of_generation(tmp_path, char_tok
     assert trainer._content_ids(ids + [eos, pad, pad]) == ids
     credit = inspect_completion(trainer.model, char_tokenizer, PROMPTS[0], ids + [eos, pad], SOLUTIONS[0])
     assert credit.completion == SCRIPT[PROMPTS[0]][0]
+
+
+# ---------------------------------------------------------------------------------------- pre-registered variants
+def test_return_to_go_and_failure_scaling_reach_the_loss(tmp_path, char_tokenizer):
+    """mig_credit="return_to_go" with mig_failure_scaling=1: the step tokens' advantages equal an independent
+    computation (l_k by plain forwards, G_k = sum of the watermark gains from step k on, normalised per step index,
+    times the group's failure rate), and the loss is GRPO's on those advantages."""
+    model = build_tiny_model(char_tokenizer).float()
+    trainer = make_trainer(tmp_path, char_tokenizer, model=model, mig_weight=0.7, outcome_weight=1.3,
+                           mig_credit="return_to_go", mig_failure_scaling=1.0, sft_weight=0.0)
+    output = trainer._generate_and_score_completions(scripted_batch())
+    prompt = PROMPTS[0]  # the other group's completions are identical: no advantage at all
+    # accuracy: completions 0 and 3 are right, 1 wrong, 2 truncated: the group's failure rate is 1/2
+    failure_rate = 0.5
+    logliks = [reference_logliks(trainer.model, char_tokenizer, prompt, c, SOLUTIONS[0]) for c in SCRIPT[prompt]]
+    to_go = []
+    for values, _ in logliks:
+        gains = [max(0.0, values[k] - max(values[:k])) for k in range(1, len(values))]
+        to_go.append([sum(gains[k:]) for k in range(len(gains))])
+    outcome = group_normalise(OUTCOME[prompt])
+    lifted = 0
+    for j, (values, bounds) in enumerate(logliks):
+        tokens = output["advantages"][j, : int(output["completion_mask"][j].sum())]
+        for k in range(len(bounds) - 1):
+            peers = torch.tensor([g[k] for g in to_go if len(g) > k], dtype=torch.float64)
+            mig = (to_go[j][k] - peers.mean().item()) / (peers.std().item() + 1e-4)
+            lifted += abs(mig) > 0.1
+            expected = 1.3 * outcome[j] + 0.7 * failure_rate * mig
+            step_tokens = tokens[bounds[k] : bounds[k + 1]]
+            assert step_tokens.tolist() == pytest.approx([expected] * len(step_tokens), abs=2e-3), (j, k)
+    assert lifted, "the scripted group has return-to-go credit to scale"
+    assert (output["advantages"][4:] == 0).all()
+    assert_loss_is_reference(trainer, output)
+
+
+def test_failure_scaling_without_a_correctness_reward_fails_at_construction(tmp_path, char_tokenizer):
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    with pytest.raises(ValueError, match=r"mig_failure_scaling=1.0 .*'accuracy' among \['length_reward'\]"):
+        MIGGRPOTrainer(build_tiny_model(char_tokenizer), reward_funcs=[length_reward],
+                       args=cpu_config(tmp_path, mig_failure_scaling=1.0, sft_weight=0.0),
+                       train_dataset=Dataset.from_list(scripted_batch()), processing_class=char_tokenizer)
 
 
 # ------------------------------------------------------------------------------------- TRL's sequence-level masks

@@ -50,6 +50,8 @@ def test_every_mig_field_has_help():
         ({"mig_max_steps": 0}, "mig_max_steps"),
         ({"mig_scoring_batch_size": 0}, "mig_scoring_batch_size"),
         ({"sft_correctness_threshold": float("inf")}, "sft_correctness_threshold"),
+        ({"mig_failure_scaling": -0.5}, "mig_failure_scaling"),
+        ({"mig_failure_scaling": float("nan")}, "mig_failure_scaling"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
     ],
 )
@@ -159,12 +161,34 @@ def test_default_step_pattern_is_the_one_the_docs_quote():
         assert ast.literal_eval(text) == declared[name].default, name
 
 
+def test_the_config_reference_lists_every_field_with_its_default():
+    """docs/config.md has a row for every MIGSettings field, whose default column is the field's default."""
+    import ast
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    rows = {}
+    for names, defaults in re.findall(r"^\| ([^|]+) \| ([^|]+) \|", page, re.MULTILINE):
+        listed = re.findall(r"`(\w+)`", names)
+        values = [value.strip("`") for value in defaults.split(", ")]
+        rows.update(zip(listed, values) if len(values) == len(listed) else ((name, None) for name in listed))
+    declared = _declared()
+    assert set(declared) <= set(rows), sorted(set(declared) - set(rows))
+    for name, text in rows.items():
+        if name in declared and text is not None and declared[name].default is not None:
+            # a regex default is written bare, every other default as a Python literal
+            bare = isinstance(declared[name].default, str) and not text.startswith('"')
+            assert (text if bare else ast.literal_eval(text)) == declared[name].default, name
+
+
 BAD_VALUES = [
     ("mig_weight", -1.0, "must be a finite number >= 0"),
     ("mig_credit", "token", "is not one of"),
     ("step_pattern", "(unclosed", "is not a valid regular expression"),
     ("answer_pattern", "<answer>.*</answer>", "needs a capture group"),
     ("mig_max_steps", 0, "must be an integer >= 1"),
+    ("mig_failure_scaling", -1.0, "must be a finite number >= 0"),
 ]
 CHOICE_FIELDS = {"mig_credit"}
 

@@ -11,16 +11,18 @@ from trl_mig import (
     Credit,
     compose_credit,
     gated_sft_loss,
+    group_failure_rates,
     hwm_gains,
     likelihood_differences,
     mig_advantages,
     normalize_rewards,
     outcome_advantages,
     per_token_advantages,
+    return_to_go_advantages,
     step_advantages,
     step_gains,
 )
-from trl_mig.credit import NOT_COT
+from trl_mig.credit import NOT_COT, correctness_reward_index
 
 logliks = st.lists(st.floats(-20, 0, allow_nan=False, allow_infinity=False), min_size=1, max_size=24)
 
@@ -270,6 +272,130 @@ def test_step_credit_is_centred_per_step_index(groups):
             assert credit[members, k].sum().item() == pytest.approx(0.0, abs=1e-9)
 
 
+# ---------------------------------------------------------------------------------------------- return-to-go credit
+def test_return_to_go_by_hand_a_wrong_step_after_a_right_one_gets_negative_credit():
+    # one group of 2 completions x 3 steps. Completion 0 lifts the answer likelihood at step 1 (a right step), then
+    # writes two steps that lift nothing (wrong); completion 1 lifts nothing until its last step.
+    gains = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    num_steps = torch.tensor([3, 3])
+    # G_{i,k} = sum_{j>=k} g_{i,j}: completion 0 [1, 0, 0], completion 1 [1, 1, 1]; per index mean [1, .5, .5]
+    centred = return_to_go_advantages(gains, num_steps, group_size=2, scale="none")
+    assert centred.tolist() == [pytest.approx([0.0, -0.5, -0.5]), pytest.approx([0.0, 0.5, 0.5])]
+    # scaled: each index k >= 2 has the values {0, 1}: sample std 1/sqrt(2)
+    scaled = return_to_go_advantages(gains, num_steps, group_size=2)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert scaled.tolist() == [pytest.approx([0.0, -a, -a], abs=1e-12), pytest.approx([0.0, a, a], abs=1e-12)]
+    assert scaled[0, 1] < 0 and scaled[0, 2] < 0, "the wrong steps after a right one are punished"
+    assert scaled[1, 0] == 0 and scaled[1, 1] > 0, "the steps before a breakthrough share it"
+    # step credit ("progress so far") reads the same group the other way round: completion 0's wrong step 2 keeps
+    # the credit of its right step 1
+    progress = step_advantages(gains, num_steps, group_size=2, scale="none")
+    assert progress.tolist() == [pytest.approx([0.5, 0.5, 0.0]), pytest.approx([-0.5, -0.5, 0.0])]
+
+
+def test_return_to_go_masks_ended_completions_and_ignores_values_past_their_steps():
+    # completion 1 has one step: the 9.0 past it is padding, not a gain, and it is left out of step 2's statistics
+    gains = torch.tensor([[0.5, 1.0], [0.0, 9.0]])
+    credit = return_to_go_advantages(gains, torch.tensor([2, 1]), group_size=2, scale="none")
+    assert credit.tolist() == [pytest.approx([0.75, 0.0]), pytest.approx([-0.75, 0.0])]  # G = [1.5, 1] and [0]
+    # three completions: the ended one does not move step 2's baseline; an unscorable (NaN) row gets 0
+    gains = torch.tensor([[1.0, 1.0], [1.0, 3.0], [2.0, 0.0], [float("nan")] * 2])
+    credit = return_to_go_advantages(gains, torch.tensor([2, 2, 1, 2]), group_size=4, scale="none")
+    assert credit[:, 1].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
+    assert credit[:, 0].tolist() == pytest.approx([2 - 8 / 3, 4 - 8 / 3, 2 - 8 / 3, 0.0])
+    assert torch.isfinite(return_to_go_advantages(gains, torch.tensor([2, 2, 1, 2]), 2, "batch")).all()
+    with pytest.raises(ValueError, match="return_to_go_advantages needs gains of shape"):
+        return_to_go_advantages(gains, torch.tensor([2, 2, 1, 2]), group_size=3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 5), min_size=1, max_size=6), min_size=4, max_size=4))
+def test_return_to_go_is_centred_per_step_index_and_starts_at_the_trajectory_credit(groups):
+    width = max(len(values) for values in groups)
+    gains = torch.zeros(4, width, dtype=torch.float64)
+    for row, values in enumerate(groups):
+        gains[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    num_steps = torch.tensor([len(values) for values in groups])
+    credit = return_to_go_advantages(gains, num_steps, group_size=4, scale="none")
+    for k in range(width):
+        members = num_steps > k
+        assert (credit[~members, k] == 0).all()
+        if members.sum() >= 2:
+            assert credit[members, k].sum().item() == pytest.approx(0.0, abs=1e-9)
+    # step 1 is credited with every gain of the completion: the trajectory MIG advantage
+    scorable = torch.ones(4, dtype=torch.bool)
+    trajectory = mig_advantages(gains, num_steps, scorable, group_size=4)
+    via_mig = mig_advantages(gains, num_steps, scorable, group_size=4, credit="return_to_go")
+    assert via_mig[:, 0].tolist() == pytest.approx(trajectory.tolist(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- failure scaling
+def test_group_failure_rates_count_wrong_and_missing_answers():
+    correctness = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, float("nan"), 0.5])
+    assert group_failure_rates(correctness, 2).tolist() == [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0]
+    assert group_failure_rates(correctness, 2, threshold=0.5).tolist() == [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert group_failure_rates(correctness, 4).tolist() == [0.5] * 4 + [0.75] * 4
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_failure_rates(correctness, 3)
+
+
+def test_correctness_reward_is_the_named_one_or_the_first_accuracy():
+    names = ["step_format_reward", "answer_accuracy_reward", "accuracy_2"]
+    assert correctness_reward_index(names) == 1
+    assert correctness_reward_index(names, "step_format_reward") == 0
+    assert correctness_reward_index(["step_format_reward"]) is None
+    with pytest.raises(ValueError, match="sft_correctness_reward='length' is not one of the reward functions"):
+        correctness_reward_index(names, "length")
+
+
+# three groups of two: all correct, all wrong, one of each; column 0 is the correctness reward
+SCALING_REWARDS = torch.tensor([[1.0, 0.2], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+SCALING_GAINS = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 0.5], [1.0, 1.0]])
+SCALING_STEP_IDS = torch.tensor([[NOT_COT, 0, 1, NOT_COT]] * 6)
+
+
+@pytest.mark.parametrize("credit", ["trajectory", "return_to_go"])
+def test_failure_scaling_by_hand(credit):
+    options = dict(mig_weight=0.7, outcome_weight=1.3, mig_credit=credit, correctness_index=0)
+    inputs = (SCALING_REWARDS, SCALING_GAINS, torch.tensor([2] * 6), torch.ones(6, dtype=torch.bool),
+              SCALING_STEP_IDS, 2)
+    plain = compose_credit(*inputs, **options)
+    linear = compose_credit(*inputs, mig_failure_scaling=1.0, **options)
+    squared = compose_credit(*inputs, mig_failure_scaling=2.0, **options)
+    assert plain.mig_scale.tolist() == [1.0] * 6
+    assert linear.mig_scale.tolist() == [0.0, 0.0, 1.0, 1.0, 0.5, 0.5]
+    assert squared.mig_scale.tolist() == [0.0, 0.0, 1.0, 1.0, 0.25, 0.25]
+    assert plain.mig_advantages[:2].abs().sum() > 0, "the all-correct group has MIG credit to remove"
+    assert torch.equal(plain.outcome_advantages, linear.outcome_advantages)
+    factor = linear.mig_scale if credit == "trajectory" else linear.mig_scale.unsqueeze(1)
+    assert torch.allclose(linear.mig_advantages, plain.mig_advantages * factor)
+    assert torch.allclose(linear.trajectory_mig_advantages, plain.trajectory_mig_advantages * linear.mig_scale)
+    # per token: the all-correct group keeps only the outcome advantage, the all-wrong group all of its MIG credit,
+    # the mixed group half of it (a quarter with p = 2)
+    outcome_part = 1.3 * plain.outcome_advantages.unsqueeze(1)
+    mig_part = plain.advantages - outcome_part
+    assert mig_part[:2].abs().sum() > 0 and mig_part[4:].abs().sum() > 0
+    assert torch.allclose(linear.advantages[:2], outcome_part[:2].expand(-1, 4))
+    assert torch.allclose(linear.advantages[2:4], plain.advantages[2:4])
+    assert torch.allclose(linear.advantages[4:], outcome_part[4:] + 0.5 * mig_part[4:])
+    assert torch.allclose(squared.advantages[4:], outcome_part[4:] + 0.25 * mig_part[4:])
+
+
+def test_failure_scaling_needs_a_correctness_reward_and_a_valid_exponent():
+    inputs = (SCALING_REWARDS, SCALING_GAINS, torch.tensor([2] * 6), torch.ones(6, dtype=torch.bool),
+              SCALING_STEP_IDS, 2)
+    with pytest.raises(ValueError, match="mig_failure_scaling=1.0 .* pass correctness_index"):
+        compose_credit(*inputs, mig_failure_scaling=1.0)
+    with pytest.raises(ValueError, match="correctness_index=2 is not a column"):
+        compose_credit(*inputs, mig_failure_scaling=1.0, correctness_index=2)
+    with pytest.raises(ValueError, match="mig_failure_scaling must be a finite number >= 0"):
+        compose_credit(*inputs, mig_failure_scaling=-1.0, correctness_index=0)
+    # off: no correctness reward needed, and a threshold that makes every answer wrong changes nothing
+    assert compose_credit(*inputs, correctness_threshold=5.0).mig_scale.tolist() == [1.0] * 6
+    scaled = compose_credit(*inputs, mig_failure_scaling=1.0, correctness_index=0, correctness_threshold=5.0)
+    assert scaled.mig_scale.tolist() == [1.0] * 6, "nothing reaches the threshold: every group fails"
+
+
 # ------------------------------------------------------------------------------------------------------- masking
 def test_answer_tokens_get_only_outcome_advantage_in_both_credit_modes():
     outcome = torch.tensor([1.0, -1.0])
@@ -431,7 +557,7 @@ SCORABLE = torch.tensor([True, True, True, False])
 OUTCOME_REWARDS = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
 
 
-@pytest.mark.parametrize("credit", ["trajectory", "step"])
+@pytest.mark.parametrize("credit", ["trajectory", "step", "return_to_go"])
 @pytest.mark.parametrize("scope", ["cot", "all"])
 def test_compose_credit_is_the_pieces_combined(credit, scope):
     composed = compose_credit(
@@ -450,6 +576,7 @@ def test_compose_credit_is_the_pieces_combined(credit, scope):
     mig = mig_advantages(GAINS, NUM_STEPS, SCORABLE, 2, credit, "none")
     assert torch.equal(composed.mig_advantages, mig)
     assert composed.mig_advantages.dim() == (1 if credit == "trajectory" else 2)
+    assert composed.mig_scale.tolist() == [1.0] * 4, "failure scaling is off by default"
     expected = per_token_advantages(outcome, mig, STEP_IDS, 0.7, 1.3, scope)
     assert composed.advantages.shape == (4, 4) and torch.equal(composed.advantages, expected)
     if scope == "cot":  # the answer part gets the outcome advantage only
