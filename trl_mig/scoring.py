@@ -272,9 +272,10 @@ class StepLikelihoodScorer:
             slot_base.append(num_slots)
             num_slots += item.num_prefixes * len(item.answers)
         sums = torch.zeros(num_slots, dtype=torch.float64)
-        # agree on the forward count before any forward: afterwards a slower rank may be inside an all-gather
-        budget = self._forward_budget(model, items, method)
-        required = budget if self.sync_forward_count is None else int(self.sync_forward_count(budget))
+        # agree on the forward count before any forward: afterwards another rank may be inside an all-gather
+        required = None
+        if self.sync_forward_count is not None:
+            required = int(self.sync_forward_count(self._forward_budget(model, items, method)))
         first_forward = self.forward_count
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start : start + self.batch_size]]
@@ -283,7 +284,8 @@ class StepLikelihoodScorer:
             else:
                 token_logps, slots = self._forward_prefix(model, batch, items, device, slot_base)
             sums.index_add_(0, slots, token_logps.double())
-        self._pad_forwards(model, device, required - (self.forward_count - first_forward))
+        if required is not None:
+            self._pad_forwards(model, device, required - (self.forward_count - first_forward))
         out = []
         for item, base in zip(items, slot_base):
             counts = torch.tensor([block.scored[1] - block.scored[0] for block in item.answers], dtype=torch.float64)

@@ -22,9 +22,9 @@ def run_worker(out_dir: Path, processes: int, worker: Path = WORKER, *args: str,
         command = [sys.executable, str(worker), str(out_dir), *args]
     else:
         # --multi_gpu without a GPU runs torchrun with gloo; `--cpu --num_processes 2` would silently run one process
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                   str(port), str(worker), str(out_dir), *args]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), str(worker), str(out_dir), *args]
     # a rank that waits for a collective the other never issues hangs: the timeout turns that into a failure
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -99,3 +99,12 @@ def test_fsdp_ranks_with_uneven_scoring_run_the_same_forwards_and_give_the_singl
     for record, rows in ((rank0, expected[:4]), (rank1, expected[4:])):
         assert record["block_split"]
         assert record["block_loglik"] == [pytest.approx(row, abs=1e-4) for row in rows]
+    # FSDP1 (torch's wrapper, which forwards `config` to the wrapped model): block with split attention, and prefix
+    for rank, rows in zip(ranks, (expected[:4], expected[4:])):
+        fsdp1 = rank["fsdp1"]
+        assert fsdp1["wrapper"] == "FullyShardedDataParallel" and fsdp1["block"]["split"]
+        for method in ("block", "prefix"):
+            assert fsdp1[method]["loglik"] == [pytest.approx(row, abs=1e-4) for row in rows]
+    prefix0, prefix1 = (rank["fsdp1"]["prefix"] for rank in ranks)
+    assert prefix0["needed"] != prefix1["needed"]
+    assert prefix0["forwards"] == prefix1["forwards"] == max(prefix0["needed"], prefix1["needed"])

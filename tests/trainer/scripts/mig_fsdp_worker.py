@@ -5,9 +5,10 @@ Trains two steps on 2 prompts x 4 scripted completions whose step counts differ 
 have 2-3 steps, the other's 1. Each rank holds one prompt's group (GRPO repeats a prompt `num_generations` times in a
 row), and scores one row per prefix, one row per forward, so the two ranks need different numbers of scoring forwards.
 With `fsdp` the policy is sharded with FSDP2 (every forward all-gathers the parameters, so unequal forward counts hang
-or abort with a collective mismatch). Writes what this rank saw to OUT/rank<k>.json, one record per scoring call: the forwards its rows needed, the
-forwards it ran, its l_k, the gathered gains; for the first call also l_k by the block method (split attention) on the
-same, sharded, model.
+or abort with a collective mismatch). Writes what this rank saw to OUT/rank<k>.json, one record per scoring call: the
+forwards its rows needed, the forwards it ran, its l_k, the gathered gains; for the first call also l_k by the block
+method (split attention) on the same, sharded, model, and l_k of the first call's rows by the initial model wrapped
+in torch's FSDP1.
 """
 
 import json
@@ -85,6 +86,7 @@ class RecordingTrainer(MIGGRPOTrainer):
                 for prompt, content, seg, blocks in zip(batch.prompt_ids, batch.completion_ids, batch.segments,
                                                         batch.answers)
             ]
+            self.first_items = items
             block = StepLikelihoodScorer("block", batch_size=2, sync_forward_count=self.mig_scorer.sync_forward_count)
             with torch.no_grad():
                 scores = block.score(self.model, items)
@@ -97,6 +99,34 @@ class RecordingTrainer(MIGGRPOTrainer):
     def compose_credit(self, rewards_per_func, gains, num_steps, scorable, step_ids, group_size):
         self.records[-1]["gains"] = gains.tolist()  # gathered from every rank, (8, mig_max_steps)
         return super().compose_credit(rewards_per_func, gains, num_steps, scorable, step_ids, group_size)
+
+
+def score_with_fsdp1(tokenizer, items, sync) -> dict:
+    """
+    l_k of `items` by the initial model wrapped in torch's FSDP1 (accelerate cannot prepare FSDP1 on CPU: it passes
+    `device_id=cpu:0`, which FSDP1 rejects against its compute device `cpu`), block (split) and prefix, one row per
+    forward. FSDP1 is a wrapper that forwards attribute look-ups (`config`) to the wrapped model.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    model = FullyShardedDataParallel(
+        build_tiny_model(tokenizer, seed=3).float().eval(),
+        auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )
+    result = {"wrapper": type(model).__name__}
+    for method in ("block", "prefix"):
+        scorer = StepLikelihoodScorer(method, batch_size=1, sync_forward_count=sync)
+        result[method] = {
+            "loglik": [score.tolist() for score in scorer.score(model, items)],
+            "forwards": scorer.forward_count,
+            "needed": scorer.plan(items, method),
+            "split": scorer.split_attention and scorer._split_verified,
+        }
+    return result
 
 
 PROMPTS = ["Compute (2+3)*4.\n", "Compute 7-1.\n"]
@@ -133,13 +163,16 @@ def run(out_dir: str, fsdp: bool) -> dict:
         rollout_func=scripted_rollout(SCRIPT),
     )
     trainer.train()  # two real steps: must not hang
-    return {
+    result = {
         "rank": trainer.accelerator.process_index,
         "world": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "calls": trainer.records,
         "global_step": trainer.state.global_step,
     }
+    if fsdp:
+        result["fsdp1"] = score_with_fsdp1(tokenizer, trainer.first_items, trainer.mig_scorer.sync_forward_count)
+    return result
 
 
 if __name__ == "__main__":
