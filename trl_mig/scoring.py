@@ -180,8 +180,10 @@ class StepLikelihoodScorer:
         batch_size (`int`): rows per forward pass (completions for `block`, prefixes x variants for `prefix`).
         pad_token_id (`int`): id used to fill padding columns (never attended to by real tokens).
         sync_forward_count (`callable`, *optional*): maps this process's number of forwards to the number every
-            process must run (the max over processes). Under ZeRO-3 every forward all-gathers the parameters, so
-            all ranks must run the same count; this rank pads with dummy forwards.
+            process must run (the max over processes); called once per `score`, before the first forward. Under
+            ZeRO-3 and FSDP every forward all-gathers the parameters, so all ranks must run the same count and agree
+            on it before any of them starts: a collective issued while another rank is still inside a forward would
+            be paired with that forward's all-gathers. This rank pads with dummy forwards.
         split_attention (`bool`, defaults to `True`): with sdpa, run the block method's prompt + completion queries
             with plain causal attention and only the answer copies under the block mask (same result, less attention
             work). `False` always passes the full (B, 1, W, W) block mask.
@@ -227,6 +229,19 @@ class StepLikelihoodScorer:
         rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
         return math.ceil(rows / self.batch_size)
 
+    def _uses_split(self, model) -> bool:
+        """Whether block forwards on `model` route attention through `_split_sdpa_attention`."""
+        return self.split_attention and _config_attn(model) == "sdpa" and _split_available()
+
+    def _forward_budget(self, model, items: Sequence[ScoringItem], method: str) -> int:
+        """
+        Forwards this process may run for `items`: the plan, plus one while the split attention is unverified (a
+        first split forward that cannot split is redone with the full mask).
+        """
+        planned = self.plan(items, method)
+        unverified = method == "block" and len(items) > 0 and self._uses_split(model) and not self._split_verified
+        return planned + 1 if unverified else planned
+
     @torch.no_grad()
     def score(self, model, items: Sequence[ScoringItem]) -> list[torch.Tensor]:
         """
@@ -257,6 +272,10 @@ class StepLikelihoodScorer:
             slot_base.append(num_slots)
             num_slots += item.num_prefixes * len(item.answers)
         sums = torch.zeros(num_slots, dtype=torch.float64)
+        # agree on the forward count before any forward: afterwards another rank may be inside an all-gather
+        required = None
+        if self.sync_forward_count is not None:
+            required = int(self.sync_forward_count(self._forward_budget(model, items, method)))
         first_forward = self.forward_count
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start : start + self.batch_size]]
@@ -265,8 +284,8 @@ class StepLikelihoodScorer:
             else:
                 token_logps, slots = self._forward_prefix(model, batch, items, device, slot_base)
             sums.index_add_(0, slots, token_logps.double())
-        # forwards actually run (the plan, plus one if a first split forward had to be redone with the full mask)
-        self._pad_forwards(model, device, self.forward_count - first_forward)
+        if required is not None:
+            self._pad_forwards(model, device, required - (self.forward_count - first_forward))
         out = []
         for item, base in zip(items, slot_base):
             counts = torch.tensor([block.scored[1] - block.scored[0] for block in item.answers], dtype=torch.float64)
@@ -274,11 +293,12 @@ class StepLikelihoodScorer:
             out.append((per_variant / counts.unsqueeze(1)).max(dim=0).values.float())
         return out
 
-    def _pad_forwards(self, model, device, forwards: int) -> None:
-        """Run dummy forwards until this process has run as many as the synchronised count (ZeRO-3)."""
-        required = forwards if self.sync_forward_count is None else int(self.sync_forward_count(forwards))
+    def _pad_forwards(self, model, device, missing: int) -> None:
+        """Run `missing` dummy forwards, so that this process runs the synchronised count (ZeRO-3, FSDP)."""
+        if missing < 0:  # the budget covers every forward `score` can run
+            raise RuntimeError(f"MIG scoring ran {-missing} forward(s) more than the count agreed across processes.")
         dummy = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device)
-        for _ in range(required - forwards):
+        for _ in range(missing):
             self._call(model, input_ids=dummy, attention_mask=torch.ones_like(dummy), logits_to_keep=1)
 
     def _call(self, model, **kwargs):
@@ -290,7 +310,7 @@ class StepLikelihoodScorer:
         """One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,)."""
         shared = max(row.shared_len for row in batch)
         copies = max(row.length - row.shared_len for row in batch)
-        split = self.split_attention and _config_attn(model) == "sdpa" and _split_available()
+        split = self._uses_split(model)
         if split and copies < 2:
             copies = 2  # a (B, 1, 1, W) mask would broadcast over every query: keep it unambiguous
         width = shared + copies
@@ -344,6 +364,8 @@ class StepLikelihoodScorer:
                 logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets)
         finally:
             _SPLIT_STATE.reset(token)
+        if state.error is not None:
+            raise RuntimeError(state.error)
         if state.calls == 0:
             raise RuntimeError("no attention layer called the split attention function")
         return logps
@@ -512,6 +534,7 @@ def _prefix_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Te
 class _SplitState:
     shared_width: int
     calls: int = 0
+    error: str | None = None  # why an attention layer could not split, raised once the forward is over
 
 
 _SPLIT_STATE: contextvars.ContextVar[_SplitState | None] = contextvars.ContextVar("trl_mig_split", default=None)
@@ -523,7 +546,9 @@ def _split_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     sdpa attention for a block row: queries `[0, S)` with `is_causal=True` over keys `[0, S)`, queries `[S, W)` with
     `attention_mask` of shape (B, 1, W - S, W) over all keys. query (B, H, W, D), key/value (B, H_kv, W, D).
 
-    Returns (B, W, H, D), like transformers' sdpa function, which does the work for both parts.
+    Returns (B, W, H, D), like transformers' sdpa function, which does the work for both parts. A mask of another
+    shape is recorded in the state and answered with zeros: the forward runs to its end (under ZeRO-3 or FSDP every
+    layer's all-gather must still happen, as on the other ranks) and `_run_split` raises after it.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -535,7 +560,9 @@ def _split_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     width = state.shared_width
     if attention_mask is None or attention_mask.shape[-2] != query.shape[2] - width:
         shape = None if attention_mask is None else tuple(attention_mask.shape)
-        raise RuntimeError(f"the split attention got the mask {shape} for {query.shape[2]} queries")
+        state.error = state.error or f"the split attention got the mask {shape} for {query.shape[2]} queries"
+        batch, heads, queries, head_dim = query.shape
+        return query.new_zeros(batch, queries, heads, head_dim), None
     shared = slice(0, width)
     head, _ = sdpa(module, query[:, :, shared], key[:, :, shared], value[:, :, shared], None, is_causal=True, **kwargs)
     tail, _ = sdpa(module, query[:, :, width:], key, value, attention_mask, is_causal=False, **kwargs)

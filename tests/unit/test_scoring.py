@@ -269,6 +269,39 @@ def test_split_attention_not_routed_falls_back_to_the_full_mask(char_tokenizer, 
     assert counter.count == 2 and asked == [2] and scorer.forward_count == 2
 
 
+def test_split_attention_given_another_mask_ends_the_forward_then_falls_back(char_tokenizer, caplog):
+    """
+    An attention layer handed a mask of another shape than the copies' fails only once the forward has run to its
+    end (under ZeRO-3 or FSDP every layer's all-gather must happen, as on a rank with nothing to split), then the
+    scorer redoes it with the full mask, within the forward count agreed beforehand, and is exact.
+    """
+    model = build_tiny_model(char_tokenizer, "qwen2").float().eval()
+    items = sample_items(char_tokenizer)
+    expected = [reference_scores(model, item) for item in items]
+
+    def widen_split_mask(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        if mask is not None and mask.shape[-2] != kwargs["hidden_states"].shape[1]:  # the copies-only split mask
+            kwargs["attention_mask"] = torch.ones(mask.shape[0], 1, mask.shape[-1], mask.shape[-1], dtype=torch.bool)
+        return args, kwargs
+
+    layers = model.model.layers
+    hooks = [layer.self_attn.register_forward_pre_hook(widen_split_mask, with_kwargs=True) for layer in layers]
+    finished = []
+    hooks.append(model.model.norm.register_forward_hook(lambda *_: finished.append(True)))
+    asked = []
+    scorer = StepLikelihoodScorer("block", batch_size=8, sync_forward_count=lambda n: asked.append(n) or n)
+    with caplog.at_level(logging.WARNING, logger="trl_mig.scoring"):
+        got = scorer.score(model, items)
+    for hook in hooks:
+        hook.remove()
+    assert any("the split attention got the mask" in record.getMessage() for record in caplog.records)
+    assert_scores_close(got, expected)
+    assert not scorer.split_attention and model.config._attn_implementation == "sdpa"
+    # one forward planned, one in reserve: the failed split forward reached the last layer, then the full-mask one ran
+    assert asked == [2] and len(finished) == 2 and scorer.forward_count == 2
+
+
 def test_split_attention_mask_covers_only_the_copies(char_tokenizer, tiny_model):
     model = tiny_model.eval()
     items = sample_items(char_tokenizer)
@@ -307,27 +340,35 @@ def test_attention_implementation_restored_after_an_error(tiny_model, char_token
 # ------------------------------------------------------------------------------------- forward count and memory
 @pytest.mark.parametrize("method", ["block", "prefix"])
 def test_forward_count_is_planned_and_synchronised(char_tokenizer, tiny_model, method):
-    """Under ZeRO-3 every rank must run the same number of forwards: the scorer pads up to the synchronised count."""
+    """
+    Under ZeRO-3 and FSDP every rank must run the same number of forwards, agreed before any of them starts (a
+    collective issued while another rank is inside a forward would be paired with its all-gathers): the scorer asks
+    for the count first, then pads up to it.
+    """
     model = tiny_model.eval()
     items = sample_items(char_tokenizer)
     rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
+    counter = ForwardCounter(model)
     asked = []
 
     def sync(count):
-        asked.append(count)
+        asked.append((count, counter.count))  # the count asked for, and the forwards run so far
         return count + 3  # another rank has more rows
 
     scorer = StepLikelihoodScorer(method, batch_size=2, sync_forward_count=sync)
-    counter = ForwardCounter(model)
     expected = -(-rows // 2)
+    # until a split forward has worked, block scoring keeps one forward in reserve for redoing it with the full mask
+    reserve = 1 if method == "block" else 0
     scores = scorer.score(model, items)
-    assert asked == [expected] and counter.count == expected + 3 and scorer.forward_count == expected + 3
+    assert asked == [(expected + reserve, 0)] and counter.count == scorer.forward_count == expected + reserve + 3
     # deterministic given the items: same plan whatever the order, and the same scores
+    ran = counter.count
     reordered = scorer.score(model, items[::-1])
-    assert asked == [expected, expected] and counter.count == 2 * (expected + 3)
+    assert asked[-1] == (expected, ran) and counter.count == ran + expected + 3
     assert_scores_close(reordered[::-1], scores)
     # a rank with nothing to score still runs the synchronised count
-    assert scorer.score(model, []) == [] and asked[-1] == 0 and counter.count == 2 * (expected + 3) + 3
+    ran = counter.count
+    assert scorer.score(model, []) == [] and asked[-1] == (0, ran) and counter.count == ran + 3
     counter.handle.remove()
 
 
