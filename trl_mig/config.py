@@ -76,6 +76,12 @@ class MIGSettings:
             forward with a block attention mask; `"prefix"` scores each prefix as its own batched row; `"auto"` uses
             `"block"` when the attention implementation takes custom 4-D masks (sdpa, eager), else `"prefix"`.
         mig_scoring_batch_size (`int`, defaults to `8`): rows per scoring forward; bounds the scoring pass's memory.
+        mig_fuse_scoring (`bool`, defaults to `True`): when TRL runs its own no-gradient forward over the completions
+            (old log-probs: vLLM importance-sampling correction, or generation not aligned with optimizer steps, e.g.
+            `num_iterations` > 1; reference log-probs when `beta` > 0 and `mig_likelihood_model="reference"`), the
+            scoring pass computes those log-probs too and TRL's forward is skipped: one pass instead of two. Where it
+            cannot apply (prefix scoring, no TRL fused LM head, post-processed logits, an overridden
+            `step_log_likelihoods`) TRL's forward runs as usual.
 
     Agent trajectories (docs/agents.md):
         mig_turn_steps (`str`, defaults to `"auto"`): how a multi-turn completion (TRL `tools`, `environment_factory`,
@@ -200,6 +206,13 @@ class MIGSettings:
     )
     mig_scoring_batch_size: int = field(
         default=8, metadata={"help": "Rows per scoring forward pass; bounds the memory of the scoring pass."}
+    )
+    mig_fuse_scoring: bool = field(
+        default=True,
+        metadata={
+            "help": "When TRL runs its own no-gradient forward over the completions (old log-probs, or reference "
+            "log-probs with mig_likelihood_model='reference'), compute them in MIG's scoring pass and skip TRL's."
+        },
     )
     mig_inspect_html: bool = field(
         default=False,
