@@ -92,6 +92,7 @@ def same_logliks(fused, plain):
         ("char", dict(steps_per_generation=2)),  # generation not aligned with optimizer steps: old log-probs
         ("char", dict(num_iterations=2, temperature=0.7)),  # TRL's temperature on the old log-probs, not on l_k
         ("char", dict(steps_per_generation=2, mask_truncated_completions=True, mig_scoring_batch_size=3)),
+        ("char", dict(gradient_accumulation_steps=2, steps_per_generation=3)),
         ("bpe", dict(steps_per_generation=2, mig_scoring_batch_size=1)),
     ],
 )
@@ -170,3 +171,49 @@ def test_lora_adapters_on_and_off(tmp_path, char_tokenizer, likelihood_model):
     assert_same_batch(fused_out, plain_out, "ref_per_token_logps")
     assert not torch.allclose(plain_out["old_per_token_logps"], plain_out["ref_per_token_logps"], atol=1e-3)
     assert_same_loss(fused, plain, fused_out, plain_out)
+
+
+def test_agent_turns_with_tool_mask(tmp_path, char_tokenizer):
+    """A rollout_func with an env_mask (TRL's tool_mask): steps follow turns, tool results are in the pass."""
+    from test_agent_trainer import make_trainer as agent_trainer, batch as agent_batch
+
+    fused, plain = (
+        agent_trainer(tmp_path / f"agent{fuse}", char_tokenizer, steps_per_generation=2, mig_fuse_scoring=fuse)
+        for fuse in (True, False)
+    )
+    plain.model.load_state_dict(fused.model.state_dict())
+    (fused_out, plain_out), calls = generate_both(fused, plain, agent_batch())
+    assert calls == [0, 1]
+    assert (fused_out["tool_mask"] == 0).any()
+    assert_same_batch(fused_out, plain_out, "old_per_token_logps")
+    assert fused._logs["extra"]["mig_steps"] == plain._logs["extra"]["mig_steps"]
+    assert_same_loss(fused, plain, fused_out, plain_out)
+
+
+@pytest.mark.parametrize("architecture", ["llava"])
+def test_image_prompts(tmp_path, architecture):
+    """Image prompts, LoRA, sampled completions: both trainers sample the same completions from the same seed.
+    (The tiny Qwen2-VL of test_vision cannot take this path: TRL's own old-logp forward fails on its batch, whose
+    processor pads mm_token_type_ids differently from the prompt ids.)"""
+    from test_vision import vlm_trainer
+
+    made = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        trainer, _ = vlm_trainer(tmp_path / f"vlm{fuse}", architecture, steps_per_generation=2,
+                                 mig_fuse_scoring=fuse)
+        trainer.current_gradient_accumulation_steps = 1
+        made.append(trainer)
+    fused, plain = made
+    plain.model.load_state_dict(fused.model.state_dict())
+    batch = [fused.train_dataset[i] for i in range(8)]
+    outputs, calls = [], []
+    for trainer in made:
+        torch.manual_seed(1)
+        with counting_trl_forwards() as counted:
+            outputs.append(trainer._generate_and_score_completions(batch))
+        calls.append(len(counted))
+    assert calls == [0, 1]
+    assert torch.equal(outputs[0]["completion_ids"], outputs[1]["completion_ids"])
+    assert_same_batch(outputs[0], outputs[1], "old_per_token_logps")
+    assert_same_loss(fused, plain, *outputs)
