@@ -311,6 +311,11 @@ class StepLikelihoodScorer:
         self.forward_count += 1
         return model(use_cache=False, **kwargs)
 
+    def _call_with_cache(self, model, inputs: dict, logits_to_keep: torch.Tensor):
+        """A counted forward that reads (and extends) the key/value cache in `inputs` (cached_scoring.py)."""
+        self.forward_count += 1
+        return model(use_cache=True, logits_to_keep=logits_to_keep, **inputs)
+
     # ---------------------------------------------------------------------------------------------------- block
     def _forward_block(
         self, model, batch: list[_Row], items, device, slot_base, completion_logps: list | None = None

@@ -35,11 +35,19 @@ from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
 from .credit import NOT_COT, Credit, compose_credit, gated_sft_loss, hwm_gains, step_gains
+from .cached_scoring import GenerationCache, cache_unsupported_reason, capture_generation_cache, score_from_cache
 from .callbacks import attach_credit_page
 from .inspection import record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
-from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer, fusion_unsupported_reason
+from .scoring import (
+    AnswerBlock,
+    ScoringItem,
+    StepLikelihoodScorer,
+    _unwrapped,
+    encode_answer,
+    fusion_unsupported_reason,
+)
 from .segmentation import FormatSpec, content_token_ids, segment_completion, segment_turns, step_ids_tensor
 from .step_batch import StepBatch
 from .trl_surface import (
@@ -82,6 +90,7 @@ class MIGMixin:
     mig_token_level_advantages: bool = True
     _warned_outcome_mismatch = False
     _fusion: _Fusion | None = None  # set while a generation batch whose TRL forward the scoring pass may replace
+    _generation_cache: GenerationCache | None = None  # set while step_log_likelihoods may read generation's cache
 
     def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, *more, **kwargs):
         kwargs = _keyword_arguments(more, kwargs)
@@ -172,9 +181,16 @@ class MIGMixin:
         return rewards_per_func
 
     def _generate(self, prompts):
-        generated = super()._generate(prompts)
-        if self._fusion is not None:
-            self._fusion.generated = generated
+        fusion = self._fusion
+        if fusion is None:
+            return super()._generate(prompts)
+        if fusion.target == "old":  # policy likelihoods: generation's key/value cache can serve the scoring pass
+            with capture_generation_cache(_backbone(self.model)) as captured:
+                generated = super()._generate(prompts)
+            fusion.generation = captured.result
+        else:
+            generated = super()._generate(prompts)
+        fusion.generated = generated
         return generated
 
     def _generate_and_score_completions(self, inputs):
@@ -197,7 +213,13 @@ class MIGMixin:
             # a vision-language model's images, per completion, exactly as the policy forward indexes them
             multimodal = split_multimodal_inputs(output, output["prompt_mask"])
             step_batch = self._step_batch(inputs, prompt_rows, completion_ids_list, output.get("tool_mask"), multimodal)
-            loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K_max+1)
+            self._generation_cache = None if fusion is None else fusion.generation
+            try:
+                loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K+1)
+            finally:  # the cache holds generation's memory: let it go now
+                self._generation_cache = None
+                if fusion is not None:
+                    fusion.generation = None
         contents, segments, answers = step_batch.completion_ids, step_batch.segments, step_batch.answers
         prompt_rows = step_batch.prompt_ids
 
@@ -297,6 +319,7 @@ class MIGMixin:
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         if self._fusion is not None and self._fusion.replaces(self, args, kwargs):
+            self._fusion.generation = None  # this pass scores l_k itself: free generation's cache first
             old_or_ref_logps = self._fused_scoring_pass(self._fusion, *args, **kwargs)
             if old_or_ref_logps is not None:
                 return old_or_ref_logps, None, None
@@ -543,13 +566,21 @@ class MIGMixin:
                 items.append(ScoringItem(prompt, content, seg.boundaries, blocks, images))
                 rows.append(row)
         model, context = self._scoring_model_context()
+        generation = self._generation_cache
+        if generation is not None and (
+            len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items)
+        ):
+            generation = None
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             context,
             self.accelerator.autocast(),
         ):
-            scores = self.mig_scorer.score(model, items)
+            if generation is not None:  # only the answer copies run, against generation's key/value cache
+                scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
+            else:
+                scores = self.mig_scorer.score(model, items)
         for row, score in zip(rows, scores):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
@@ -619,6 +650,7 @@ class _Fusion:
     inputs: list
     target: str
     generated: tuple | None = None
+    generation: GenerationCache | None = None
     step_batch: StepBatch | None = None
     loglik: torch.Tensor | None = None
     done: bool = False
@@ -637,6 +669,14 @@ class _Fusion:
 
     def give_up(self) -> None:
         self.done = True
+
+
+def _backbone(model):
+    """The transformer body of `model` (through DDP and PEFT wrappers): the module every forward calls."""
+    causal_lm = _unwrapped(model)
+    if hasattr(causal_lm, "get_base_model"):
+        causal_lm = causal_lm.get_base_model()
+    return causal_lm.base_model
 
 
 def _keyword_arguments(positional: tuple, keywords: dict) -> dict:

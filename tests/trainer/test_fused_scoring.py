@@ -217,3 +217,65 @@ def test_image_prompts(tmp_path, architecture):
     assert torch.equal(outputs[0]["completion_ids"], outputs[1]["completion_ids"])
     assert_same_batch(outputs[0], outputs[1], "old_per_token_logps")
     assert_same_loss(fused, plain, *outputs)
+
+
+# ------------------------------------------------------------------------ the default configuration: the generation cache
+def sampling_pair(tmp_path, tokenizer, lora=False, **overrides):
+    """Two trainers that sample with transformers' generate (no rollout_func), identical weights."""
+    from peft import LoraConfig
+
+    from helpers import addition_dataset
+
+    made = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        trainer = MIGGRPOTrainer(
+            build_tiny_model(tokenizer).float(),
+            args=cpu_config(tmp_path / f"gen{fuse}", mig_fuse_scoring=fuse, **overrides),
+            train_dataset=addition_dataset(),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+            if lora else None,
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        made.append(trainer)
+    made[1].model.load_state_dict(made[0].model.state_dict())
+    return made
+
+
+def sample_both(trainers, batch):
+    outputs, block_forwards = [], []
+    for trainer in trainers:
+        torch.manual_seed(7)
+        before = trainer.mig_scorer.forward_count
+        calls = []
+        forward_block = trainer.mig_scorer._forward_block
+        trainer.mig_scorer._forward_block = lambda *a, **k: calls.append(1) or forward_block(*a, **k)
+        outputs.append(trainer._generate_and_score_completions(batch))
+        block_forwards.append(len(calls))
+        assert trainer.mig_scorer.forward_count > before
+    return outputs, block_forwards
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        # truncated completions whose last step ends at the last token: the cache is extended by that token
+        dict(mig_scoring_batch_size=3, max_completion_length=12),
+        # LoRA with beta > 0: TRL's reference forward runs (adapters off); l_k come from the policy's cache
+        dict(lora=True, beta=0.1, temperature=0.7),
+    ],
+)
+def test_default_configuration_scores_from_the_generation_cache(tmp_path, char_tokenizer, options):
+    """No forward of TRL's to fold into: the answer copies run against generate's key/value cache, and give the
+    block pass's l_k (same advantages), without a block forward over prompt + completion."""
+    fused, plain = sampling_pair(tmp_path, char_tokenizer, **options)
+    batch = [fused.train_dataset[i] for i in range(8)]
+    (fused_out, plain_out), block_forwards = sample_both((fused, plain), batch)
+    assert torch.equal(fused_out["completion_ids"], plain_out["completion_ids"])
+    assert block_forwards[0] == 0 and block_forwards[1] > 0
+    gains = same_logliks(fused, plain)
+    assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
