@@ -85,6 +85,15 @@ class MIGSettings:
             forward with a block attention mask; `"prefix"` scores each prefix as its own batched row; `"auto"` uses
             `"block"` when the attention implementation takes custom 4-D masks (sdpa, eager), else `"prefix"`.
         mig_scoring_batch_size (`int`, defaults to `8`): rows per scoring forward; bounds the scoring pass's memory.
+        mig_fuse_scoring (`bool`, defaults to `True`): reuse work TRL does anyway instead of a forward over prompt +
+            completion of MIG's own. When TRL runs its own no-gradient forward over the completions (old log-probs:
+            vLLM importance-sampling correction, or generation not aligned with optimizer steps, e.g.
+            `num_iterations` > 1; reference log-probs when `beta` > 0 and `mig_likelihood_model="reference"`), the
+            scoring pass computes those log-probs too and TRL's forward is skipped. Otherwise, when transformers'
+            `generate` sampled the completions (no vLLM, tools, environment or `rollout_func`), only the answer
+            copies run, against generation's key/value cache. Where neither applies (prefix scoring, no TRL fused LM
+            head, post-processed logits, multimodal prompts for the cache, an overridden `step_log_likelihoods`)
+            MIG runs its own pass.
 
     Agent trajectories (docs/agents.md):
         mig_turn_steps (`str`, defaults to `"auto"`): how a multi-turn completion (TRL `tools`, `environment_factory`,
@@ -222,6 +231,14 @@ class MIGSettings:
     )
     mig_scoring_batch_size: int = field(
         default=8, metadata={"help": "Rows per scoring forward pass; bounds the memory of the scoring pass."}
+    )
+    mig_fuse_scoring: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse work TRL does anyway: when TRL runs its own no-gradient forward over the completions (old "
+            "log-probs, or reference log-probs with mig_likelihood_model='reference'), compute them in MIG's scoring "
+            "pass and skip TRL's; otherwise score only the answer copies against generation's key/value cache."
+        },
     )
     mig_inspect_html: bool = field(
         default=False,

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -121,6 +123,11 @@ class ScoringItem:
     boundaries: Sequence[int]
     answers: Sequence[AnswerBlock]
     multimodal: Mapping[str, torch.Tensor] | None = None
+    # added to every position id (the shared part and the answer copies): TRL's forward over a left-padded prompt
+    # without position ids counts the pads, and a fused pass reproduces its positions
+    position_offset: int = 0
+    # the shared part holds the whole completion, not only up to b_K, so that its tokens can be scored too
+    keep_completion: bool = False
 
     @property
     def num_prefixes(self) -> int:
@@ -243,13 +250,24 @@ class StepLikelihoodScorer:
         return planned + 1 if unverified else planned
 
     @torch.no_grad()
-    def score(self, model, items: Sequence[ScoringItem]) -> list[torch.Tensor]:
+    def score(self, model, items: Sequence[ScoringItem], completion_logps: bool = False):
         """
+        Args:
+            model: the causal LM (a PEFT or DDP wrapper is fine).
+            items (`Sequence[ScoringItem]`): the completions to score.
+            completion_logps (`bool`, defaults to `False`): also return the log-prob of every completion token, in the
+                same forwards, through TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, at the temperature
+                it was added with), as `GRPOTrainer._get_per_token_logps_and_entropies` computes them. Needs the
+                block method, `keep_completion` items and a model that has that head; an item may then have no
+                answer variant (its l_k are NaN).
+
         Returns:
-            One float32 tensor of shape `(K_i + 1,)` per item: l_0..l_K (max over variants), on the CPU.
+            One float32 tensor of shape `(K_i + 1,)` per item: l_0..l_K (max over variants), on the CPU. With
+            `completion_logps`, a tuple of that list and one float32 tensor of shape `(C_i,)` per item (C_i =
+            `len(completion_ids)`), on the model's device.
         """
         for item in items:
-            if not item.answers:
+            if not item.answers and not completion_logps:
                 raise ValueError("Every scoring item needs at least one answer variant.")
             if not item.boundaries:
                 raise ValueError("Every scoring item needs at least one step boundary (b_0).")
@@ -262,6 +280,8 @@ class StepLikelihoodScorer:
                     "(the completion's length)."
                 )
         method = self.resolve_method(model, items)
+        if completion_logps:
+            _check_fusable(model, items, method)
         device = _model_device(model)
         positions = [_item_positions(model, item) for item in items]
         rows = _block_rows(items, positions) if method == "block" else _prefix_rows(items, positions)
@@ -277,10 +297,13 @@ class StepLikelihoodScorer:
         if self.sync_forward_count is not None:
             required = int(self.sync_forward_count(self._forward_budget(model, items, method)))
         first_forward = self.forward_count
+        per_item_logps: list[torch.Tensor | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start : start + self.batch_size]]
             if method == "block":
-                token_logps, slots = self._forward_block(model, batch, items, device, slot_base)
+                token_logps, slots = self._forward_block(
+                    model, batch, items, device, slot_base, per_item_logps if completion_logps else None
+                )
             else:
                 token_logps, slots = self._forward_prefix(model, batch, items, device, slot_base)
             sums.index_add_(0, slots, token_logps.double())
@@ -288,10 +311,13 @@ class StepLikelihoodScorer:
             self._pad_forwards(model, device, required - (self.forward_count - first_forward))
         out = []
         for item, base in zip(items, slot_base):
+            if not item.answers:
+                out.append(torch.full((item.num_prefixes,), float("nan")))
+                continue
             counts = torch.tensor([block.scored[1] - block.scored[0] for block in item.answers], dtype=torch.float64)
             per_variant = sums[base : base + item.num_prefixes * len(item.answers)].view(len(item.answers), -1)
             out.append((per_variant / counts.unsqueeze(1)).max(dim=0).values.float())
-        return out
+        return (out, per_item_logps) if completion_logps else out
 
     def _pad_forwards(self, model, device, missing: int) -> None:
         """Run `missing` dummy forwards, so that this process runs the synchronised count (ZeRO-3, FSDP)."""
@@ -305,9 +331,20 @@ class StepLikelihoodScorer:
         self.forward_count += 1
         return model(use_cache=False, **kwargs)
 
+    def _call_with_cache(self, model, inputs: dict, logits_to_keep: torch.Tensor):
+        """A counted forward that reads (and extends) the key/value cache in `inputs` (cached_scoring.py)."""
+        self.forward_count += 1
+        return model(use_cache=True, logits_to_keep=logits_to_keep, **inputs)
+
     # ---------------------------------------------------------------------------------------------------- block
-    def _forward_block(self, model, batch: list[_Row], items, device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,)."""
+    def _forward_block(
+        self, model, batch: list[_Row], items, device, slot_base, completion_logps: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,). With a
+        `completion_logps` list, also writes each row's completion-token log-probs (C_i,) (TRL's fused LM head) at
+        `completion_logps[item index]`.
+        """
         shared = max(row.shared_len for row in batch)
         copies = max(row.length - row.shared_len for row in batch)
         split = self._uses_split(model)
@@ -337,10 +374,17 @@ class StepLikelihoodScorer:
         copy_rows = (key < copy_visible.unsqueeze(-1)) | ((key >= copy_start.unsqueeze(-1)) & (key <= query))
         inputs = dict(input_ids=input_ids.to(device), position_ids=_model_positions(position_ids).to(device))
         inputs |= _multimodal_inputs(batch, items, width, [0] * n, device)
+        if completion_logps is not None:
+            labels, spans = _completion_labels(batch, items, input_ids)
+            inputs |= {"shift_labels": labels.to(device), "fused_lm_head": True}
+            rows_and_spans = [(row.item, r, span) for r, (row, span) in enumerate(zip(batch, spans))]
+            collect = functools.partial(_collect_completion_logps, completion_logps, rows_and_spans)
+        else:
+            collect = None
         if split:
             attention_mask = _as_model_mask(model, copy_rows.unsqueeze(1))  # (B, 1, C, W)
             try:
-                logps = self._run_split(model, inputs, attention_mask, shared, rows, cols, targets)
+                logps = self._run_split(model, inputs, attention_mask, shared, rows, cols, targets, collect)
                 self._split_verified = True
                 return logps, slots
             except RuntimeError as err:
@@ -354,14 +398,14 @@ class StepLikelihoodScorer:
         shared_rows = key <= torch.arange(shared, device=device).view(-1, 1)  # (S, W) causal
         full = torch.cat([shared_rows.unsqueeze(0).expand(n, -1, -1), copy_rows], dim=1)  # (B, W, W)
         attention_mask = _as_model_mask(model, full.unsqueeze(1))
-        return self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets), slots
+        return self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets, collect), slots
 
-    def _run_split(self, model, inputs, attention_mask, shared, rows, cols, targets) -> torch.Tensor:
+    def _run_split(self, model, inputs, attention_mask, shared, rows, cols, targets, collect=None) -> torch.Tensor:
         state = _SplitState(shared)
         token = _SPLIT_STATE.set(state)
         try:
             with _attention_implementation(_text_config(model), SPLIT_ATTENTION):
-                logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets)
+                logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets, collect)
         finally:
             _SPLIT_STATE.reset(token)
         if state.error is not None:
@@ -388,10 +432,31 @@ class StepLikelihoodScorer:
         inputs |= _multimodal_inputs(batch, items, width, starts, device)
         return self._logps(model, inputs, rows, cols, targets), slots
 
-    def _logps(self, model, inputs, rows, cols, targets) -> torch.Tensor:
-        """Run the forward, keeping logits only at the columns that predict scored tokens; (N,) float32 on the CPU."""
-        keep, position = torch.unique(cols, return_inverse=True)  # sorted union of the predicting columns
+    def _logps(self, model, inputs, rows, cols, targets, collect=None) -> torch.Tensor:
+        """
+        Run the forward, keeping logits only at the columns that predict scored tokens; (N,) float32 on the CPU.
+
+        With `collect` (inputs then hold `shift_labels` and `fused_lm_head=True`), TRL's fused LM head scores the
+        labelled completion tokens, `collect(log_probs)` receives its (B, W) output, and the answer tokens are scored
+        from the backbone's last hidden states through the model's LM head at temperature 1.
+        """
         device = inputs["input_ids"].device
+        if collect is not None:
+            causal_lm = fused_head_model(model)
+            captured = []
+            hook = causal_lm.base_model.register_forward_hook(
+                lambda module, args, output: captured.append(output[0])  # last_hidden_state (B, W, H)
+            )
+            try:
+                output = self._call(model, **inputs)
+            finally:
+                hook.remove()
+            collect(output.log_probs)
+            hidden = captured[-1][rows.to(device), cols.to(device)]  # (N, H)
+            selected = causal_lm.get_output_embeddings()(hidden).float()  # (N, vocab), temperature 1
+            token_logps = selected.gather(1, targets.to(device).unsqueeze(1)).squeeze(1)
+            return (token_logps - torch.logsumexp(selected, -1)).cpu()
+        keep, position = torch.unique(cols, return_inverse=True)  # sorted union of the predicting columns
         logits = self._call(model, **inputs, logits_to_keep=keep.to(device)).logits
         selected = logits[rows.to(device), position.to(device)].float()  # (N, vocab), temperature 1
         token_logps = selected.gather(1, targets.to(device).unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
@@ -452,13 +517,17 @@ def _block_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Ten
     for i, (item, shared_positions) in enumerate(zip(items, item_positions)):
         prompt_len = len(item.prompt_ids)
         prompt = torch.as_tensor(list(item.prompt_ids), dtype=torch.long)
-        completion = torch.as_tensor(list(item.completion_ids[: item.boundaries[-1]]), dtype=torch.long)
+        kept = len(item.completion_ids) if item.keep_completion else item.boundaries[-1]
+        completion = torch.as_tensor(list(item.completion_ids[:kept]), dtype=torch.long)
         visible = prompt_len + torch.as_tensor(list(item.boundaries), dtype=torch.long)  # (K+1,)
         continue_at = _continuation_positions(shared_positions, visible)  # (K+1,)
         num_k = visible.numel()
         shared_len = prompt_len + completion.numel()
         ids, positions, starts, sees = [prompt, completion], [shared_positions[:, :shared_len]], [], []
-        predict, from_shared, targets, slots = [], [], [], []
+        nothing = torch.zeros(0, dtype=torch.long)  # an item without answers (fused scoring) has no copies
+        predict, from_shared, targets, slots = [nothing], [nothing.bool()], [nothing], [nothing]
+        starts.append(nothing)
+        sees.append(nothing)
         offset = 0
         for variant, block in enumerate(item.answers):
             block_ids = torch.as_tensor(block.ids, dtype=torch.long)
@@ -527,6 +596,72 @@ def _prefix_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Te
                     )
                 )
     return rows
+
+
+# ------------------------------------------------------------------------------------ completion log-probs
+def fused_head_model(model):
+    """
+    The causal LM inside `model` (through DDP and PEFT wrappers) when TRL's fused LM head is on it
+    (`trl.trainer.utils.add_fused_lm_head`, which GRPOTrainer adds to the policy and the reference model), else None.
+    """
+    causal_lm = _unwrapped(model)
+    if hasattr(causal_lm, "get_base_model"):  # PEFT: TRL patches the base model's forward
+        causal_lm = causal_lm.get_base_model()
+    forward = getattr(causal_lm, "forward", None)
+    try:  # TRL's patched forward keeps the model's signature for `generate` (functools.wraps): look past it
+        parameters = inspect.signature(getattr(forward, "__func__", forward), follow_wrapped=False).parameters
+    except (TypeError, ValueError):
+        return None
+    return causal_lm if "fused_lm_head" in parameters and "shift_labels" in parameters else None
+
+
+def fusion_unsupported_reason(model) -> str | None:
+    """Why completion log-probs cannot be computed in the scoring pass of `model`, or None when they can."""
+    causal_lm = fused_head_model(model)
+    if causal_lm is None:
+        return "the model has no TRL fused LM head (trl.trainer.utils.add_fused_lm_head)"
+    if not hasattr(causal_lm, "base_model") or causal_lm.base_model is causal_lm:
+        return "the model exposes no backbone (`base_model`) whose hidden states the answer tokens need"
+    config = _text_config(model)
+    # the answer tokens go through the LM head alone: models that rescale or cap their logits would need those too
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            return f"the model's logits are post-processed ({name}={value})"
+    return None
+
+
+def _check_fusable(model, items: Sequence[ScoringItem], method: str) -> None:
+    if method != "block":
+        raise ValueError("Completion log-probs are computed in the block method's pass only (got 'prefix').")
+    reason = fusion_unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"Completion log-probs cannot be computed in the scoring pass: {reason}.")
+    for item in items:
+        if not item.keep_completion or not item.prompt_ids:
+            raise ValueError("Completion log-probs need items with `keep_completion=True` and a non-empty prompt.")
+
+
+def _completion_labels(batch: list[_Row], items, input_ids: torch.Tensor):
+    """
+    The fused head's `shift_labels` (B, W) long: at the column before each completion token, that token (-100
+    elsewhere); and per row the span [start, end) of those columns.
+    """
+    labels = torch.full_like(input_ids, -100)
+    spans = []
+    for r, row in enumerate(batch):
+        item = items[row.item]
+        start = len(item.prompt_ids) - 1
+        end = start + len(item.completion_ids)
+        labels[r, start:end] = input_ids[r, start + 1 : end + 1]
+        spans.append((start, end))
+    return labels, spans
+
+
+def _collect_completion_logps(out: list, rows_and_spans, log_probs: torch.Tensor) -> None:
+    """Write row r's completion log-probs `log_probs[r, start:end]` (C_i,) at `out[item]`."""
+    for item, r, (start, end) in rows_and_spans:
+        out[item] = log_probs[r, start:end].float()
 
 
 # ------------------------------------------------------------------------------------------- split attention
@@ -625,12 +760,12 @@ def _item_positions(model, item: ScoringItem) -> torch.Tensor:
     model's 3-D multimodal rotary positions (D = 3) when it has a `get_rope_index` and the prompt has images.
     """
     prompt_len = len(item.prompt_ids)
-    length = prompt_len + max(item.boundaries)
+    length = prompt_len + (len(item.completion_ids) if item.keep_completion else max(item.boundaries))
     multimodal = item.multimodal or {}
     grids = {name: multimodal[name] for name in _ROPE_INDEX_FIELDS if multimodal.get(name) is not None}
     rope_index = _rope_index_function(model) if grids else None
     if rope_index is None:
-        return torch.arange(length).unsqueeze(0)
+        return item.position_offset + torch.arange(length).unsqueeze(0)
     if multimodal.get("mm_token_type_ids") is None:
         raise ValueError(
             f"The prompt has multimodal rotary inputs ({sorted(grids)}) but no 'mm_token_type_ids', which the "
@@ -644,7 +779,7 @@ def _item_positions(model, item: ScoringItem) -> torch.Tensor:
     positions, _ = rope_index(
         ids.unsqueeze(0).to(device), mm_token_type_ids=token_types.unsqueeze(0).to(device), **grids
     )  # (3, 1, length)
-    return positions[:, 0].long().cpu()
+    return item.position_offset + positions[:, 0].long().cpu()
 
 
 def _rope_index_function(model):

@@ -24,21 +24,30 @@ import contextlib
 import functools
 import logging
 import os
-from dataclasses import is_dataclass
+from dataclasses import dataclass, is_dataclass
 
 import torch
 from accelerate.utils import gather, is_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .config import MIGConfig, mig_config_class, mig_field_names
+from .cached_scoring import GenerationCache, cache_unsupported_reason, capture_generation_cache, score_from_cache
 from .credit import NOT_COT, Credit, compose_credit, correctness_reward_index, gated_sft_loss, hwm_gains, step_gains
 from .callbacks import attach_credit_page
 from .inspection import record_completion_credit
 from .multimodal import split_multimodal_inputs
 from .rewards import answer_variants, default_reward_funcs
-from .scoring import AnswerBlock, ScoringItem, StepLikelihoodScorer, encode_answer
+from .scoring import (
+    AnswerBlock,
+    ScoringItem,
+    StepLikelihoodScorer,
+    _unwrapped,
+    encode_answer,
+    fusion_unsupported_reason,
+)
 from .segmentation import FormatSpec, content_token_ids, segment_completion, segment_turns, step_ids_tensor
 from .step_batch import StepBatch
 from .trl_surface import (
@@ -80,6 +89,8 @@ class MIGMixin:
     # False when the base trainer's loss takes one advantage per completion, `(B,)` (e.g. GMPO's geometric mean)
     mig_token_level_advantages: bool = True
     _warned_outcome_mismatch = False
+    _fusion: _Fusion | None = None  # set while a generation batch whose TRL forward the scoring pass may replace
+    _generation_cache: GenerationCache | None = None  # set while step_log_likelihoods may read generation's cache
 
     def __init__(self, model, reward_funcs=None, args: MIGConfig | None = None, train_dataset=None, *more, **kwargs):
         kwargs = _keyword_arguments(more, kwargs)
@@ -176,8 +187,25 @@ class MIGMixin:
         self._pending_mig = (rewards_per_func, completion_ids_list)
         return rewards_per_func
 
+    def _generate(self, prompts):
+        fusion = self._fusion
+        if fusion is None:
+            return super()._generate(prompts)
+        if fusion.target == "old":  # policy likelihoods: generation's key/value cache can serve the scoring pass
+            with capture_generation_cache(_backbone(self.model)) as captured:
+                generated = super()._generate(prompts)
+            fusion.generation = captured.result
+        else:
+            generated = super()._generate(prompts)
+        fusion.generated = generated
+        return generated
+
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._fusion = self._plan_fusion(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            fusion, self._fusion = self._fusion, None
         rewards_per_func, completion_ids_list = self._pending_mig
         self._pending_mig = None
         mode = "train" if self.model.training else "eval"
@@ -185,20 +213,22 @@ class MIGMixin:
         local = len(completion_ids_list)
         process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
 
-        prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
-        contents = [self._content_ids(ids) for ids in completion_ids_list]
-        turn_masks = self._turn_masks(output, contents)
-        segments = [
-            segment_completion(self._tokenizer, ids, self.format_spec)
-            if mask is None
-            else segment_turns(self._tokenizer, ids, mask, self.format_spec)
-            for ids, mask in zip(contents, turn_masks)
-        ]
-        answers = [self._answer_blocks_for(row) for row in inputs]
-        # a vision-language model's images, per completion, exactly as the policy forward indexes them
-        multimodal = split_multimodal_inputs(output, output["prompt_mask"])
-        step_batch = StepBatch(inputs, prompt_rows, contents, segments, answers, multimodal)
-        loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K_max + 1)
+        if fusion is not None and fusion.loglik is not None:  # scored in the pass that replaced TRL's forward
+            step_batch, loglik = fusion.step_batch, fusion.loglik
+        else:
+            prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
+            # a vision-language model's images, per completion, exactly as the policy forward indexes them
+            multimodal = split_multimodal_inputs(output, output["prompt_mask"])
+            step_batch = self._step_batch(inputs, prompt_rows, completion_ids_list, output.get("tool_mask"), multimodal)
+            self._generation_cache = None if fusion is None else fusion.generation
+            try:
+                loglik = step_batch.check_log_likelihoods(self.step_log_likelihoods(step_batch), device)  # (B, K+1)
+            finally:  # the cache holds generation's memory: let it go now
+                self._generation_cache = None
+                if fusion is not None:
+                    fusion.generation = None
+        contents, segments, answers = step_batch.completion_ids, step_batch.segments, step_batch.answers
+        prompt_rows = step_batch.prompt_ids
 
         gains = step_gains(loglik, self.args.mig_gain)  # (B, K_max): the per-step MIG rewards
         num_steps = torch.tensor([seg.num_steps for seg in segments], device=device)
@@ -247,7 +277,7 @@ class MIGMixin:
             output["sft_gate"] = (correct & well_formed & breakthrough).float()
 
         self._log_mig_metrics(mode, loglik, gain_sum, lift, num_steps, segments, has_answer, output.get("sft_gate"))
-        if any(mask is not None for mask in turn_masks):
+        if output.get("tool_mask") is not None and self.args.mig_turn_steps != "never":
             self._log_turn_metrics(mode, loglik, gains, segments, scorable)
         self._metrics[mode]["sft/enabled"].append(float(self._sft_reward_index is not None))
         return output
@@ -299,6 +329,11 @@ class MIGMixin:
         )
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        if self._fusion is not None and self._fusion.replaces(self, args, kwargs):
+            self._fusion.generation = None  # this pass scores l_k itself: free generation's cache first
+            old_or_ref_logps = self._fused_scoring_pass(self._fusion, *args, **kwargs)
+            if old_or_ref_logps is not None:
+                return old_or_ref_logps, None, None
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._capture_policy_logps:
             self._captured_policy_logps = result[0]
@@ -367,14 +402,30 @@ class MIGMixin:
             )
             self._warned_outcome_mismatch = True
 
-    def _turn_masks(self, output, contents: list[list[int]]) -> list[list[int] | None]:
+    def _step_batch(self, inputs, prompt_rows, completion_ids_list, tool_mask, multimodal) -> StepBatch:
+        """
+        This process's completions as MIG scores them: content tokens, steps (by turn when `tool_mask` says so) and
+        ground-truth answers. prompt_rows: B lists of prompt ids (no padding); completion_ids_list: B lists of
+        completion ids as generated; tool_mask: `(B, T)` or None; multimodal: B dicts or None.
+        """
+        contents = [self._content_ids(ids) for ids in completion_ids_list]
+        turn_masks = self._turn_masks(tool_mask, contents)
+        segments = [
+            segment_completion(self._tokenizer, ids, self.format_spec)
+            if mask is None
+            else segment_turns(self._tokenizer, ids, mask, self.format_spec)
+            for ids, mask in zip(contents, turn_masks)
+        ]
+        answers = [self._answer_blocks_for(row) for row in inputs]
+        return StepBatch(inputs, prompt_rows, contents, segments, answers, multimodal)
+
+    def _turn_masks(self, tool_mask, contents: list[list[int]]) -> list[list[int] | None]:
         """
         Per completion, its model-token mask (1: the model's token, 0: a tool result or environment token) when its
         steps follow agent turns (`mig_turn_steps`), else None. The mask is TRL's `tool_mask` (a `rollout_func`'s
         `env_mask` becomes it), `(B, T)` right-padded with 1; each row is cut to the completion's content tokens.
         """
         mode = self.args.mig_turn_steps
-        tool_mask = output.get("tool_mask")
         if tool_mask is None and mode == "always":
             raise ValueError(
                 "MIGConfig.mig_turn_steps='always' needs TRL's tool_mask in the batch, and this batch has none: "
@@ -409,6 +460,87 @@ class MIGMixin:
                 self._answer_blocks[answer] = encode_answer(self._tokenizer, self.args.mig_scaffold, answer)
             blocks.append(self._answer_blocks[answer])
         return blocks
+
+    def _plan_fusion(self, inputs) -> _Fusion | None:
+        """
+        Whether the scoring pass of this generation batch may replace one of TRL's no-gradient forwards over the
+        completions: the old log-probs' (policy likelihoods) or the reference log-probs' (`mig_likelihood_model=
+        "reference"`). TRL decides whether it runs that forward; the pass replaces it only if it does.
+        """
+        if not self.args.mig_fuse_scoring or self.mig_scorer.method == "prefix":
+            return None
+        if type(self).step_log_likelihoods is not MIGMixin.step_log_likelihoods:
+            return None  # another step scorer: TRL's forward stays, the override scores
+        target = "reference" if self.args.mig_likelihood_model == "reference" else "old"
+        return _Fusion(inputs=inputs, target=target)
+
+    def _is_reference_forward(self, model) -> bool:
+        """Whether TRL's forward through `model` computes the reference log-probs (else the old ones)."""
+        if self.ref_model is not None:
+            return model is self.ref_model
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if model is not self.model or not is_peft_model(unwrapped):
+            return False
+        # TRL's reference with PEFT: the "ref" adapter, or the base model with every adapter disabled
+        return unwrapped.active_adapter == "ref" or any(
+            layer.disable_adapters for layer in unwrapped.modules() if isinstance(layer, BaseTunerLayer)
+        )
+
+    def _fused_scoring_pass(self, fusion, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        """
+        TRL's no-gradient forward over prompt + completion, replaced by the scoring pass: returns the completion
+        tokens' log-probs `(B, T)` as TRL computes them (its fused LM head, temperature and positions; 0 where
+        `attention_mask` is 0) and keeps the step batch and l_0..l_K `(B, K_max + 1)` in `fusion`. Returns None
+        (TRL's forward runs, MIG scores afterwards) where the pass cannot produce them.
+
+        input_ids, attention_mask: `(B, P + T)`, the prompt left-padded; logits_to_keep: T; kwargs: TRL's
+        `batch_size`, `num_images`, `num_tiles` and multimodal inputs.
+        """
+        generated = fusion.generated
+        if generated is None or fusion_unsupported_reason(model) is not None:
+            fusion.give_up()
+            return None
+        prompt_rows, completion_ids_list, tool_mask_list = generated[0], generated[1], generated[2]
+        width = input_ids.shape[1] - logits_to_keep
+        device = input_ids.device
+        tool_mask = None
+        if tool_mask_list is not None:
+            # as TRL pads it; its rows of truncated completions are zeroed when `mask_truncated_completions`
+            tool_mask = torch.ones(len(tool_mask_list), logits_to_keep, dtype=torch.long)
+            for row, mask in enumerate(tool_mask_list):
+                tool_mask[row, : len(mask)] = torch.as_tensor(mask)
+            tool_mask = tool_mask * attention_mask[:, width:].any(dim=1, keepdim=True).cpu()
+        multimodal_inputs = {name: value for name, value in kwargs.items() if name != "batch_size"}
+        multimodal = split_multimodal_inputs(multimodal_inputs, attention_mask[:, :width])
+        step_batch = self._step_batch(fusion.inputs, prompt_rows, completion_ids_list, tool_mask, multimodal)
+        items = [
+            ScoringItem(
+                prompt,
+                completion,
+                seg.boundaries,
+                blocks,
+                images,
+                # TRL passes no position ids, so its positions count the left padding (1-D positions only)
+                position_offset=width - len(prompt) if images is None else 0,
+                keep_completion=True,
+            )
+            for prompt, completion, seg, blocks, images in zip(
+                prompt_rows, completion_ids_list, step_batch.segments, step_batch.answers, step_batch.multimodal
+            )
+        ]
+        if self.mig_scorer.resolve_method(model, items) != "block":
+            fusion.give_up()
+            return None
+        with self.accelerator.autocast():
+            scores, completion_logps = self.mig_scorer.score(model, items, completion_logps=True)
+        loglik = step_batch.empty_log_likelihoods()
+        logps = torch.zeros(len(items), logits_to_keep, device=device)
+        for row, (score, row_logps) in enumerate(zip(scores, completion_logps)):
+            loglik[row, : score.numel()] = score
+            logps[row, : row_logps.numel()] = row_logps[:logits_to_keep].to(device)
+        fusion.step_batch = step_batch
+        fusion.loglik = step_batch.check_log_likelihoods(loglik.to(self.accelerator.device), self.accelerator.device)
+        return logps * attention_mask[:, width:]
 
     def _scoring_model_context(self):
         if self.args.mig_likelihood_model == "policy":
@@ -445,13 +577,21 @@ class MIGMixin:
                 items.append(ScoringItem(prompt, content, seg.boundaries, blocks, images))
                 rows.append(row)
         model, context = self._scoring_model_context()
+        generation = self._generation_cache
+        if generation is not None and (
+            len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items)
+        ):
+            generation = None
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             context,
             self.accelerator.autocast(),
         ):
-            scores = self.mig_scorer.score(model, items)
+            if generation is not None:  # only the answer copies run, against generation's key/value cache
+                scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
+            else:
+                scores = self.mig_scorer.score(model, items)
         for row, score in zip(rows, scores):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
@@ -509,6 +649,45 @@ class MIGMixin:
         if scored > 0:
             self._metrics[mode]["tools/mig_gain_per_call"].append(gain / scored)
             self._metrics[mode]["tools/mig_breakthrough_frac"].append(lifted / scored)
+
+
+@dataclass
+class _Fusion:
+    """
+    One generation batch's plan to compute TRL's old (`target="old"`) or reference (`"reference"`) log-probs in the
+    scoring pass: the dataset rows, what `_generate` returned, then the step batch and l_k once scored.
+    """
+
+    inputs: list
+    target: str
+    generated: tuple | None = None
+    generation: GenerationCache | None = None
+    step_batch: StepBatch | None = None
+    loglik: torch.Tensor | None = None
+    done: bool = False
+
+    def replaces(self, trainer, args: tuple, kwargs: dict) -> bool:
+        """Whether this call of `_get_per_token_logps_and_entropies` is the forward the scoring pass replaces."""
+        if self.done or torch.is_grad_enabled() or len(args) != 4 or kwargs.get("compute_entropy"):
+            return False
+        if kwargs.get("compute_aux_loss"):
+            return False
+        is_reference = trainer._is_reference_forward(args[0])
+        if is_reference != (self.target == "reference"):
+            return False
+        self.done = True
+        return True
+
+    def give_up(self) -> None:
+        self.done = True
+
+
+def _backbone(model):
+    """The transformer body of `model` (through DDP and PEFT wrappers): the module every forward calls."""
+    causal_lm = _unwrapped(model)
+    if hasattr(causal_lm, "get_base_model"):
+        causal_lm = causal_lm.get_base_model()
+    return causal_lm.base_model
 
 
 def _keyword_arguments(positional: tuple, keywords: dict) -> dict:

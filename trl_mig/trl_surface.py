@@ -244,8 +244,24 @@ PRIVATE_MEMBERS: tuple[PrivateMember, ...] = (
     PrivateMember(
         "trl:GRPOTrainer._get_per_token_logps_and_entropies",
         "trainer.py (MIGMixin._get_per_token_logps_and_entropies)",
-        "hook: captures the policy log-probs GRPO's loss computes, so gated SFT needs no second forward",
-        parameters=("model", "input_ids", "attention_mask", "logits_to_keep"),
+        "hook: captures the policy log-probs GRPO's loss computes, so gated SFT needs no second forward; and, with "
+        "mig_fuse_scoring, replaces GRPO's no-gradient old/reference log-prob forward by MIG's scoring pass (same "
+        "positional arguments, `compute_entropy` / `compute_aux_loss` keywords)",
+        parameters=("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                    "compute_aux_loss"),
+    ),
+    PrivateMember(
+        "trl:GRPOTrainer._generate", "trainer.py (MIGMixin._generate)",
+        "hook (mig_fuse_scoring): keeps what generation returned, (prompt ids, completion ids, tool mask, ...) in "
+        "that order, for the scoring pass that runs before GRPO has built its output",
+        parameters=("prompts",),
+    ),
+    PrivateMember(
+        "trl.trainer.utils:add_fused_lm_head", "scoring.py (fused_head_model, StepLikelihoodScorer._logps)",
+        "GRPOTrainer patches the policy's and the reference's forward with TRL's fused LM head; the fused scoring "
+        "pass calls that forward with `fused_lm_head=True` and `shift_labels` (its public API) and reads the "
+        "backbone's hidden states through a forward hook on `base_model`",
+        parameters=("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
     ),
     PrivateMember(
         "trl:GRPOTrainer._get_per_token_logps_and_entropies", "multimodal.py (split_multimodal_inputs)",

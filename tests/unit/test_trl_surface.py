@@ -70,7 +70,8 @@ def test_a_missing_helper_or_parameter_is_named(monkeypatch):
         check_members("library")
     monkeypatch.undo()
 
-    def multimodal_forward(self, model, input_ids, attention_mask, logits_to_keep, pixel_values=None):
+    def multimodal_forward(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                           compute_entropy=False, compute_aux_loss=False, pixel_values=None):
         return None
 
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", multimodal_forward)
