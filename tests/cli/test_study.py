@@ -416,14 +416,16 @@ def test_the_arms_study_parses_every_run_and_its_arms_differ_only_as_intended(tm
     from trl_mig.study import parse_run_recipe, run_study
 
     config = StudyConfig.from_yaml(str(ROOT / "recipes" / "study" / "cpu_arms.yaml"))
-    assert set(config.arms) == {"grpo", "grpo_partial_credit", "mig", "mig_final_answer", "mig_no_sft"}
+    assert set(config.arms) == {"grpo", "grpo_partial_credit", "mig", "mig_final_answer", "mig_no_sft", "mig_rtg",
+                                "mig_failure_scaled"}
+    assert config.primary == {"metric": "auc", "split": "test", "steps": [5, 20]}
     assert config.warmstart_per_seed and len(config.seeds) == 5 and config.report_splits == ["test"]
     config = dataclasses.replace(config, output_dir=str(tmp_path / "cpu_arms"))
     assert run_study(config, dry_run=True) == {}
     out = capsys.readouterr().out
-    assert "35 runs: 5 arms x 2 settings x 2 seed(s)" in out and out.count("to run:") == 20
+    assert "49 runs: 7 arms x 2 settings x 2 seed(s)" in out and out.count("to run:") == 28
     runs = plan_runs(config, {arm: config.settings()[-1] for arm in config.arms})
-    assert len(runs) == 35 and {run.seed for run in runs} == set(config.seeds)
+    assert len(runs) == 49 and {run.seed for run in runs} == set(config.seeds)
     parsed = {}
     for run in runs:
         script_args, builtin_args, training_args, _, _ = parse_run_recipe(run.recipe, run.label)
@@ -436,6 +438,8 @@ def test_the_arms_study_parses_every_run_and_its_arms_differ_only_as_intended(tm
         assert script_args.algorithm == ("grpo" if arm.startswith("grpo") else "mig")
         assert builtin_args.task_answer == ("final" if arm == "mig_final_answer" else "running")
         assert training_args.sft_weight == (0.0 if arm == "mig_no_sft" else 0.1)
+        assert training_args.mig_credit == ("return_to_go" if arm == "mig_rtg" else "trajectory")
+        assert training_args.mig_failure_scaling == (1.0 if arm == "mig_failure_scaled" else 0.0)
         names = [f.__name__ for f in build_reward_funcs(script_args.reward_funcs, training_args, "solution")]
         if arm == "grpo_partial_credit":  # partial credit in place of accuracy, which stays at weight 0 (logged only)
             assert names == ["answer_accuracy_reward", "partial_credit_reward", "step_format_reward"]
