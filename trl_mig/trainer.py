@@ -178,7 +178,7 @@ class MIGMixin:
         local = len(completion_ids_list)
         process_slice = slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
 
-        prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
+        prompt_rows = _unpadded_rows(output["prompt_ids"], output["prompt_mask"])
         contents = [self._content_ids(ids) for ids in completion_ids_list]
         turn_masks = self._turn_masks(output, contents)
         segments = [
@@ -372,7 +372,8 @@ class MIGMixin:
             )
         if tool_mask is None or mode == "never":
             return [None] * len(contents)
-        return [tool_mask[row, : len(ids)].tolist() for row, ids in enumerate(contents)]
+        rows = tool_mask.tolist()  # one device-to-host copy for the batch
+        return [row[: len(ids)] for row, ids in zip(rows, contents)]
 
     def _answer_blocks_for(self, row: dict) -> list:
         column = self.args.solution_column
@@ -498,6 +499,14 @@ class MIGMixin:
         if scored > 0:
             self._metrics[mode]["tools/mig_gain_per_call"].append(gain / scored)
             self._metrics[mode]["tools/mig_breakthrough_frac"].append(lifted / scored)
+
+
+def _unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each row's ids where `mask` is 1, as lists: (B, P) tensors read back in one copy each, then cut on the host."""
+    ids, mask = ids.cpu(), mask.cpu().bool()
+    values = ids[mask].tolist()  # row after row
+    ends = mask.sum(1).cumsum(0).tolist()
+    return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def _keyword_arguments(positional: tuple, keywords: dict) -> dict:
