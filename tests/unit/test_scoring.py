@@ -455,6 +455,7 @@ def test_block_batch_reproduces_a_left_padded_policy_forward(char_tokenizer, tin
         attention_mask=batch.full_attention().unsqueeze(1),
     ).logits.float().log_softmax(-1)
     rows, tokens, columns = batch.completion_columns()
+    assert rows.numel() == sum(len(item.completion_ids) for item in items)  # every completion token, past b_K too
     targets = batch.input_ids[rows, columns]
     got = logps[rows, columns - 1].gather(1, targets.unsqueeze(1)).squeeze(1)
     expected = policy[rows, prompt_width + tokens - 1].gather(1, targets.unsqueeze(1)).squeeze(1)
