@@ -252,20 +252,20 @@ class StepLikelihoodScorer:
         _check_items(items)
         method = self.resolve_method(model, items)
         device = _model_device(model)
-        flat = _FlatItems(items, _item_positions(model, items))
-        order = flat.block_order() if method == "block" else flat.prefix_order()
+        flat = _FlatItems(items, _item_positions(model, items), self.pad_token_id)
+        layout = _BlockLayout(flat, flat.block_order()) if method == "block" else _PrefixLayout(flat)
         token_logps, slots = [], []  # per micro-batch, on the device: read back once, after the last forward
         first_forward = self.forward_count
-        for start in range(0, order.numel(), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for start in range(0, layout.num_rows, self.batch_size):
+            end = min(start + self.batch_size, layout.num_rows)
             if method == "block":
                 split = self._split_enabled(model)
                 # a (B, 1, 1, W) copy mask would broadcast over every query: keep it unambiguous
-                batch = flat.block_batch(rows, self.pad_token_id, min_copy_width=2 if split else 1)
+                batch = layout.batch(start, end, min_copy_width=2 if split else 1)
                 token_logps.append(self._forward_block(model, batch, device, split))
                 slots.append(flat.slot_base[batch.item_index][batch.rows] + batch.slots)
             else:
-                batch = flat.prefix_batch(rows, self.pad_token_id)
+                batch = layout.batch(start, end)
                 token_logps.append(self._forward_prefix(model, batch, device))
                 slots.append(batch.slots)
         # forwards actually run (the plan, plus one if a first split forward had to be redone with the full mask)
@@ -520,10 +520,10 @@ def build_block_batches(
         longest_first (`bool`): order rows longest first, as the scorer does (less padding); False keeps `items`' order.
     """
     _check_items(items)
-    flat = _FlatItems(items, _item_positions(model, items))
-    order = flat.block_order() if longest_first else torch.arange(len(items))
+    flat = _FlatItems(items, _item_positions(model, items), pad_token_id)
+    layout = _BlockLayout(flat, flat.block_order() if longest_first else torch.arange(len(items)))
     return [
-        flat.block_batch(order[start : start + batch_size], pad_token_id, min_copy_width)
+        layout.batch(start, min(start + batch_size, len(items)), min_copy_width)
         for start in range(0, len(items), batch_size)
     ]
 
@@ -540,18 +540,22 @@ class _FlatItems:
     The items of one scoring call as flat tensors, gathered in one pass over the items; every micro-batch is then
     built from them by tensor operations (no Python loop over tokens, copies or prefixes).
 
-    Per item (n,): `prompt_lengths`, `completion_lengths` (completion tokens in the shared part), `token_base` (start
-    of its shared part in `tokens`), `num_prefixes` and `prefix_base` (start in the per-prefix tensors),
-    `num_variants` and `variant_base` (start in the per-variant tensors), `position_offsets`, `slot_base`,
-    `copies_lengths` (tokens of its answer copies), `has_rope`.
+    `shared_tokens` (n, S_max): each item's shared part (prompt + completion tokens), right-padded with
+    `pad_token_id`; `shared_positions` (3, n, S_max) or None: their position ids (offsets included, padding 0) when
+    some item has multimodal rotary positions (for text they are the column index plus the offset).
+    Per item (n,): `prompt_lengths`, `completion_lengths` (completion tokens in the shared part), `num_prefixes` and
+    `prefix_base` (start in the per-prefix tensors), `num_variants` and `variant_base` (start in the per-variant
+    tensors), `position_offsets`, `slot_base`, `copies_lengths` (tokens of its answer copies), `has_rope`.
     Per prefix (sum of K_i + 1,): `visible` (P + b_k) and `continue_at` (the position id of a text token after the
     prefix). Per variant (G,): `block_sizes`, `block_base` (start in `block_ids`), `scored_start`, `scored_end`,
-    `variant_index` (v within its item). `positions` (3, sum of shared lengths) or None: the shared parts' position
-    ids when some item has multimodal rotary positions (offsets included).
+    `variant_index` (v within its item).
     """
 
-    def __init__(self, items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor | None]):
+    def __init__(
+        self, items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor | None], pad_token_id: int = 0
+    ):
         self.items = items
+        self.pad_token_id = pad_token_id
         tokens, boundaries, block_ids, block_sizes, scored = [], [], [], [], []
         prompt_lengths, completion_lengths, num_prefixes, num_variants, offsets = [], [], [], [], []
         for item in items:
@@ -569,11 +573,13 @@ class _FlatItems:
                 block_ids += block.ids
                 block_sizes.append(len(block.ids))
                 scored += block.scored
-        self.tokens = _long_tensor(tokens)
         self.prompt_lengths = _long_tensor(prompt_lengths)
         self.completion_lengths = _long_tensor(completion_lengths)
         shared_lengths = self.prompt_lengths + self.completion_lengths
-        self.token_base = _starts(shared_lengths)
+        width = int(shared_lengths.max()) if items else 0
+        self.shared_mask = torch.arange(width) < shared_lengths.unsqueeze(1)  # (n, S_max)
+        self.shared_tokens = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+        self.shared_tokens.masked_scatter_(self.shared_mask, _long_tensor(tokens))
         self.num_prefixes = _long_tensor(num_prefixes)
         self.prefix_base = _starts(self.num_prefixes)
         self.position_offsets = _long_tensor(offsets)
@@ -581,10 +587,10 @@ class _FlatItems:
         self.visible = self.prompt_lengths[prefix_item] + _long_tensor(boundaries)
         self.continue_at = self.visible + self.position_offsets[prefix_item]  # text: the column index
         self.has_rope = torch.tensor([positions is not None for positions in item_positions], dtype=torch.bool)
-        self.positions = None
+        self.shared_positions = None
         if bool(self.has_rope.any()):
             dims = max(positions.shape[0] for positions in item_positions if positions is not None)
-            parts = []
+            self.shared_positions = torch.zeros((dims, len(items), width), dtype=torch.long)
             for i, positions in enumerate(item_positions):  # multimodal batches only
                 offset, length = offsets[i], int(shared_lengths[i])
                 if positions is None:
@@ -592,8 +598,7 @@ class _FlatItems:
                 else:
                     at = slice(int(self.prefix_base[i]), int(self.prefix_base[i]) + num_prefixes[i])
                     self.continue_at[at] = _continuation_positions(positions, self.visible[at]) + offset
-                parts.append(positions[:, :length].expand(dims, -1) + offset)
-            self.positions = torch.cat(parts, dim=1)
+                self.shared_positions[:, i, :length] = positions[:, :length] + offset
         self.num_variants = _long_tensor(num_variants)
         self.variant_base = _starts(self.num_variants)
         variant_item = torch.repeat_interleave(self.num_variants)
@@ -608,137 +613,184 @@ class _FlatItems:
         self.slot_base = _starts(slots_per_item)
         self.num_slots = int(slots_per_item.sum())
 
-    # ------------------------------------------------------------------------------------------------- block
     def block_order(self) -> torch.Tensor:
         """Items longest row first, ties in input order: similar lengths share a micro-batch (less padding)."""
         lengths = self.prompt_lengths + self.completion_lengths + self.copies_lengths
         return torch.sort(-lengths, stable=True).indices
 
-    def block_batch(self, items: torch.Tensor, pad_token_id: int, min_copy_width: int = 1) -> BlockBatch:
-        """The block micro-batch of `items` (B,), row r = item `items[r]`."""
-        n = items.numel()
-        prompt, completion = self.prompt_lengths[items], self.completion_lengths[items]
-        shared_lengths, copies_lengths = prompt + completion, self.copies_lengths[items]
-        shared = int(shared_lengths.max())
-        copies = max(int(copies_lengths.max()), min_copy_width)
-        width = shared + copies
-        rope = bool(self.has_rope[items].any())
-        input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-        # padding columns keep position 0: any valid position does, real tokens never see them
-        position_ids = torch.zeros((self.positions.shape[0] if rope else 1, n, width), dtype=torch.long)
 
-        # shared part: prompt + completion, left-aligned, causal
-        row, column = _segments(shared_lengths)
-        source = self.token_base[items][row] + column
-        input_ids[row, column] = self.tokens[source]
-        if rope:
-            position_ids[:, row, column] = self.positions[:, source]
-        else:
-            position_ids[0, row, column] = column + self.position_offsets[items][row]
+class _BlockLayout:
+    """
+    The block rows of `flat`'s items in `order` (row r = item `order[r]`): every answer-copy token and scored token
+    placed once, for all rows, relative to the copy region; `batch(start, end)` cuts rows [start, end) into a
+    `BlockBatch` with a few slices and scatters.
+    """
 
+    def __init__(self, flat: _FlatItems, order: torch.Tensor):
+        self.flat, self.order, self.num_rows = flat, order, order.numel()
+        self.shared_lengths = flat.prompt_lengths[order] + flat.completion_lengths[order]
+        self.copies_lengths = flat.copies_lengths[order]
         # copies, per row: for each variant, copy k = 0..K of its scaffold + answer, one after the other
-        variant_row, variant = _segments(self.num_variants[items])
-        copy_variant, copy_k = _segments(self.num_prefixes[items][variant_row])
+        variant_row, variant = _segments(flat.num_variants[order])
+        num_prefixes = flat.num_prefixes[order]
+        copy_variant, copy_k = _segments(num_prefixes[variant_row])
         copy_row = variant_row[copy_variant]
-        variant_id = (self.variant_base[items][variant_row] + variant)[copy_variant]  # (Q,) index of the variant
-        copy_size = self.block_sizes[variant_id]
-        copy_at = _starts(copy_size) - _starts(copies_lengths)[copy_row]  # start within the row's copy region
-        prefix = self.prefix_base[items][copy_row] + copy_k
-        visible, continue_at = self.visible[prefix], self.continue_at[prefix]
-        token_copy, within = _segments(copy_size)
-        token_row, token_column = copy_row[token_copy], copy_at[token_copy] + within
-        input_ids[token_row, shared + token_column] = self.block_ids[self.block_base[variant_id][token_copy] + within]
-        position_ids[:, token_row, shared + token_column] = continue_at[token_copy] + within
-        copy_start = torch.arange(shared, width).repeat(n, 1)
-        copy_visible = torch.zeros((n, copies), dtype=torch.long)
-        copy_start[token_row, token_column] = shared + copy_at[token_copy]
-        copy_visible[token_row, token_column] = visible[token_copy]
-
+        variant_id = (flat.variant_base[order][variant_row] + variant)[copy_variant]  # (Q,) index of the variant
+        copy_size = flat.block_sizes[variant_id]
+        copy_at = _starts(copy_size) - _starts(self.copies_lengths)[copy_row]  # start within the row's copy region
+        prefix = flat.prefix_base[order][copy_row] + copy_k
+        visible, continue_at = flat.visible[prefix], flat.continue_at[prefix]
+        token_copy, within = _segments(copy_size)  # every copy token, row after row
+        self.token_row, self.token_column = copy_row[token_copy], copy_at[token_copy] + within
+        self.token_ids = flat.block_ids[flat.block_base[variant_id][token_copy] + within]
+        self.token_positions = continue_at[token_copy] + within
+        self.token_copy_start, self.token_visible = copy_at[token_copy], visible[token_copy]
         # scored tokens: token m of copy k is predicted by the token before it: the copy's own, or the prefix's last
-        start, end = self.scored_start[variant_id], self.scored_end[variant_id]
+        start, end = flat.scored_start[variant_id], flat.scored_end[variant_id]
         scored_copy, offset = _segments(end - start)
         m = start[scored_copy] + offset
-        cols = torch.where(m == 0, visible[scored_copy] - 1, shared + copy_at[scored_copy] + m - 1)
-        targets = self.block_ids[self.block_base[variant_id][scored_copy] + m]
-        rows = copy_row[scored_copy]
-        slots = self.variant_index[variant_id][scored_copy] * self.num_prefixes[items][rows] + copy_k[scored_copy]
-        keep, index = torch.unique(cols, return_inverse=True)
+        self.scored_row = copy_row[scored_copy]
+        self.scored_from_shared = m == 0
+        self.scored_shared_column = visible[scored_copy] - 1
+        self.scored_copy_column = copy_at[scored_copy] + m - 1
+        self.scored_targets = flat.block_ids[flat.block_base[variant_id][scored_copy] + m]
+        self.scored_slots = flat.variant_index[variant_id][scored_copy] * num_prefixes[self.scored_row]
+        self.scored_slots += copy_k[scored_copy]
+        scored_per_row = torch.zeros(self.num_rows, dtype=torch.long).index_add_(0, copy_row, end - start)
+        self.token_bounds = [0, *torch.cumsum(self.copies_lengths, 0).tolist()]
+        self.scored_bounds = [0, *torch.cumsum(scored_per_row, 0).tolist()]
 
+    def batch(self, start: int, end: int, min_copy_width: int = 1) -> BlockBatch:
+        """Rows [start, end) as one micro-batch."""
+        flat, items, n = self.flat, self.order[start:end], end - start
+        shared_lengths = self.shared_lengths[start:end]
+        shared = int(shared_lengths.max())
+        copies = max(int(self.copies_lengths[start:end].max()), min_copy_width)
+        width = shared + copies
+        rope = bool(flat.has_rope[items].any())
+        input_ids = torch.full((n, width), flat.pad_token_id, dtype=torch.long)
+        # padding columns keep position 0: any valid position does, real tokens never see them
+        position_ids = torch.zeros((flat.shared_positions.shape[0] if rope else 1, n, width), dtype=torch.long)
+
+        # shared part: prompt + completion, left-aligned, causal
+        input_ids[:, :shared] = flat.shared_tokens[items, :shared]
+        if rope:
+            position_ids[:, :, :shared] = flat.shared_positions[:, items, :shared]
+        else:
+            column = torch.arange(shared) + flat.position_offsets[items].unsqueeze(1)
+            position_ids[0, :, :shared] = column * flat.shared_mask[items, :shared]
+
+        # the copy region
+        tokens = slice(self.token_bounds[start], self.token_bounds[end])
+        row, column = self.token_row[tokens] - start, self.token_column[tokens]
+        input_ids[row, shared + column] = self.token_ids[tokens]
+        position_ids[:, row, shared + column] = self.token_positions[tokens]
+        copy_start = torch.arange(shared, width).repeat(n, 1)
+        copy_visible = torch.zeros((n, copies), dtype=torch.long)
+        copy_start[row, column] = shared + self.token_copy_start[tokens]
+        copy_visible[row, column] = self.token_visible[tokens]
+
+        scored = slice(self.scored_bounds[start], self.scored_bounds[end])
+        cols = torch.where(
+            self.scored_from_shared[scored], self.scored_shared_column[scored], shared + self.scored_copy_column[scored]
+        )
+        keep, index = torch.unique(cols, return_inverse=True)
         chosen = items.tolist()
         return BlockBatch(
             input_ids=input_ids,
             position_ids=position_ids,
             copy_start=copy_start,
             copy_visible=copy_visible,
-            prompt_lengths=prompt,
-            completion_lengths=completion,
-            rows=rows,
+            prompt_lengths=flat.prompt_lengths[items],
+            completion_lengths=flat.completion_lengths[items],
+            rows=self.scored_row[scored] - start,
             cols=cols,
-            targets=targets,
-            slots=slots,
+            targets=self.scored_targets[scored],
+            slots=self.scored_slots[scored],
             logit_columns=keep,
             logit_index=index,
             item_index=items,
             shared_width=shared,
-            num_prefixes=tuple(self.num_prefixes[items].tolist()),
-            scored_lengths=tuple(_scored_lengths(self.items[i]) for i in chosen),
-            multimodal=_multimodal_inputs([self.items[i].multimodal for i in chosen], width, [0] * n),
+            num_prefixes=tuple(flat.num_prefixes[items].tolist()),
+            scored_lengths=tuple(_scored_lengths(flat.items[i]) for i in chosen),
+            multimodal=_multimodal_inputs([flat.items[i].multimodal for i in chosen], width, [0] * n),
         )
 
-    # ------------------------------------------------------------------------------------------------ prefix
-    def prefix_order(self) -> torch.Tensor:
-        """Prefix rows (item, variant, k; in that order) longest first, ties in that order."""
-        variant_item = torch.repeat_interleave(self.num_variants)
-        self.row_variant, row_k = _segments(self.num_prefixes[variant_item])
-        self.row_item = variant_item[self.row_variant]
-        self.row_prefix = self.prefix_base[self.row_item] + row_k
-        lengths = self.visible[self.row_prefix] + self.block_sizes[self.row_variant]
-        return torch.sort(-lengths, stable=True).indices
 
-    def prefix_batch(self, rows: torch.Tensor, pad_token_id: int) -> _PrefixBatch:
-        """The prefix micro-batch of the rows `rows` (B,) of `prefix_order`, left-padded: every row ends at W."""
-        n = rows.numel()
-        item, variant_id, prefix = self.row_item[rows], self.row_variant[rows], self.row_prefix[rows]
-        prefix_lengths, block_sizes = self.visible[prefix], self.block_sizes[variant_id]
-        lengths = prefix_lengths + block_sizes
+class _PrefixLayout:
+    """
+    The prefix rows of `flat`'s items (one per item, variant and k), longest first (ties in that order), with every
+    answer token and scored token placed once, relative to the row's end; `batch(start, end)` cuts rows [start, end)
+    into a left-padded micro-batch.
+    """
+
+    def __init__(self, flat: _FlatItems):
+        self.flat = flat
+        variant_item = torch.repeat_interleave(flat.num_variants)
+        row_variant, row_k = _segments(flat.num_prefixes[variant_item])
+        row_item = variant_item[row_variant]
+        row_prefix = flat.prefix_base[row_item] + row_k
+        lengths = flat.visible[row_prefix] + flat.block_sizes[row_variant]
+        order = torch.sort(-lengths, stable=True).indices
+        self.num_rows = order.numel()
+        self.item, self.variant_id, self.prefix = row_item[order], row_variant[order], row_prefix[order]
+        self.prefix_lengths, self.sizes = flat.visible[self.prefix], flat.block_sizes[self.variant_id]
+        self.lengths = self.prefix_lengths + self.sizes
+        # scaffold + answer after each prefix: column W - size + within
+        answer_row, within = _segments(self.sizes)
+        self.answer_row, self.answer_from_end = answer_row, within - self.sizes[answer_row]
+        self.answer_ids = flat.block_ids[flat.block_base[self.variant_id][answer_row] + within]
+        self.answer_positions = flat.continue_at[self.prefix][answer_row] + within
+        first, last = flat.scored_start[self.variant_id], flat.scored_end[self.variant_id]
+        scored_row, offset = _segments(last - first)
+        m = first[scored_row] + offset
+        self.scored_row, self.scored_from_end = scored_row, m - 1 - self.sizes[scored_row]  # predicted by token m - 1
+        self.scored_targets = flat.block_ids[flat.block_base[self.variant_id][scored_row] + m]
+        k = self.prefix - flat.prefix_base[self.item]
+        slots = flat.slot_base[self.item] + flat.variant_index[self.variant_id] * flat.num_prefixes[self.item] + k
+        self.scored_slots = slots[scored_row]
+        self.answer_bounds = [0, *torch.cumsum(self.sizes, 0).tolist()]
+        self.scored_bounds = [0, *torch.cumsum(last - first, 0).tolist()]
+
+    def batch(self, start: int, end: int) -> _PrefixBatch:
+        """Rows [start, end) as one micro-batch, left-padded: every row ends at column W."""
+        flat, n = self.flat, end - start
+        item, lengths = self.item[start:end], self.lengths[start:end]
         width = int(lengths.max())
-        start = width - lengths
-        rope = bool(self.has_rope[item].any())
-        input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-        attention_mask = (torch.arange(width) >= start.unsqueeze(1)).long()
-        position_ids = torch.zeros((self.positions.shape[0] if rope else 1, n, width), dtype=torch.long)
+        column = torch.arange(width) - (width - lengths).unsqueeze(1)  # (B, W): index in the row, < 0 on padding
+        attention_mask = (column >= 0).long()
+        # prompt + completion[:b_k], gathered from the items' shared parts
+        in_prefix = (column >= 0) & (column < self.prefix_lengths[start:end].unsqueeze(1))
+        source = column.clamp(0, flat.shared_tokens.shape[1] - 1)
+        input_ids = torch.gather(flat.shared_tokens[item], 1, source).masked_fill_(~in_prefix, flat.pad_token_id)
+        if bool(flat.has_rope[item].any()):
+            shared_positions = flat.shared_positions[:, item]
+            position_ids = torch.gather(shared_positions, 2, source.expand(shared_positions.shape[0], -1, -1))
+            position_ids *= in_prefix
+        else:  # text: the index in the row plus the offset, over the answer too (continue_at = P + b_k + offset)
+            position_ids = ((column + flat.position_offsets[item].unsqueeze(1)) * attention_mask).unsqueeze(0)
+        # then scaffold + answer
+        answer = slice(self.answer_bounds[start], self.answer_bounds[end])
+        row, column = self.answer_row[answer] - start, width + self.answer_from_end[answer]
+        input_ids[row, column] = self.answer_ids[answer]
+        position_ids[:, row, column] = self.answer_positions[answer]
 
-        row, column = _segments(prefix_lengths)  # prompt + completion[:b_k]
-        source = self.token_base[item][row] + column
-        input_ids[row, start[row] + column] = self.tokens[source]
-        if rope:
-            position_ids[:, row, start[row] + column] = self.positions[:, source]
-        else:
-            position_ids[0, row, start[row] + column] = column + self.position_offsets[item][row]
-        row, within = _segments(block_sizes)  # then scaffold + answer
-        answer_at = start + prefix_lengths
-        input_ids[row, answer_at[row] + within] = self.block_ids[self.block_base[variant_id][row] + within]
-        position_ids[:, row, answer_at[row] + within] = self.continue_at[prefix][row] + within
-
-        first, last = self.scored_start[variant_id], self.scored_end[variant_id]
-        rows_scored, offset = _segments(last - first)
-        m = first[rows_scored] + offset
-        cols = answer_at[rows_scored] + m - 1
-        targets = self.block_ids[self.block_base[variant_id][rows_scored] + m]
-        k = prefix - self.prefix_base[item]
-        slots = self.slot_base[item] + self.variant_index[variant_id] * self.num_prefixes[item] + k
+        scored = slice(self.scored_bounds[start], self.scored_bounds[end])
+        cols = width + self.scored_from_end[scored]
         keep, index = torch.unique(cols, return_inverse=True)
         return _PrefixBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            rows=rows_scored,
+            rows=self.scored_row[scored] - start,
             cols=cols,
-            targets=targets,
-            slots=slots[rows_scored],
+            targets=self.scored_targets[scored],
+            slots=self.scored_slots[scored],
             logit_columns=keep,
             logit_index=index,
-            multimodal=_multimodal_inputs([self.items[i].multimodal for i in item.tolist()], width, start.tolist()),
+            multimodal=_multimodal_inputs(
+                [flat.items[i].multimodal for i in item.tolist()], width, (width - lengths).tolist()
+            ),
         )
 
 
