@@ -468,11 +468,10 @@ class BlockBatch:
 
     def step_likelihoods(self, token_logps: torch.Tensor) -> list[torch.Tensor]:
         """l_0..l_K of each row (float32 `(K + 1,)`, on the CPU) from the log-probs of the scored tokens, (N,)."""
-        slot_base = _starts(_long_tensor([k * len(n) for k, n in zip(self.num_prefixes, self.scored_lengths)]))
-        slots = (slot_base.to(self.rows.device)[self.rows] + self.slots).cpu()
-        sums = torch.zeros(int(sum(k * len(n) for k, n in zip(self.num_prefixes, self.scored_lengths))),
-                           dtype=torch.float64)
-        sums.index_add_(0, slots, token_logps.detach().cpu().double())
+        slots_per_row = [num_k * len(lengths) for num_k, lengths in zip(self.num_prefixes, self.scored_lengths)]
+        row_base = _starts(_long_tensor(slots_per_row))
+        sums = torch.zeros(sum(slots_per_row), dtype=torch.float64)
+        sums.index_add_(0, row_base[self.rows.cpu()] + self.slots.cpu(), token_logps.detach().cpu().double())
         return _step_likelihoods(sums, list(self.num_prefixes), list(self.scored_lengths))
 
 
@@ -541,8 +540,9 @@ class _FlatItems:
     built from them by tensor operations (no Python loop over tokens, copies or prefixes).
 
     `shared_tokens` (n, S_max): each item's shared part (prompt + completion tokens), right-padded with
-    `pad_token_id`; `shared_positions` (3, n, S_max) or None: their position ids (offsets included, padding 0) when
-    some item has multimodal rotary positions (for text they are the column index plus the offset).
+    `pad_token_id`; `shared_mask` (n, S_max) bool: where it holds tokens; `shared_positions` (3, n, S_max) or None:
+    their position ids (offsets included, padding 0) when some item has multimodal rotary positions (for text items
+    the column index plus the offset).
     Per item (n,): `prompt_lengths`, `completion_lengths` (completion tokens in the shared part), `num_prefixes` and
     `prefix_base` (start in the per-prefix tensors), `num_variants` and `variant_base` (start in the per-variant
     tensors), `position_offsets`, `slot_base`, `copies_lengths` (tokens of its answer copies), `has_rope`.
@@ -821,16 +821,19 @@ def _moved(batch, device):
     device = torch.device(device)
     names = [f.name for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
     tensors = [getattr(batch, name) for name in names]
-    if all(tensor.device == device for tensor in tensors):
-        moved = tensors
-    else:
-        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
-        if device.type == "cuda":  # pinned: the copy does not wait for the forwards already queued
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=True)
-        moved = [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    if any(tensor.device != device for tensor in tensors):
+        tensors = _copy_together(tensors, device)
     multimodal = {name: value.to(device) for name, value in batch.multimodal.items()}
-    return dataclasses.replace(batch, **dict(zip(names, moved)), multimodal=multimodal)
+    return dataclasses.replace(batch, **dict(zip(names, tensors)), multimodal=multimodal)
+
+
+def _copy_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Same-dtype host tensors on `device`, through one flat copy (one transfer, not one per tensor)."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    if device.type == "cuda":  # pinned: the copy is queued without waiting for the forwards already queued
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 # ------------------------------------------------------------------------------------------- split attention

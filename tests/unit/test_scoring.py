@@ -392,7 +392,7 @@ def _real_columns(batch):
 
 
 def test_position_offset_shifts_every_position_and_keeps_the_scores(char_tokenizer, tiny_model):
-    """Rotary attention is relative: positions shifted by the offset (shared part and copies alike) give the same l_k."""
+    """Rotary attention is relative: positions shifted by the offset (shared part and copies alike) keep l_k."""
     model = tiny_model.eval()
     items = sample_items(char_tokenizer)
     offsets = [3 + 7 * i for i in range(len(items))]
@@ -465,3 +465,14 @@ def test_block_batch_reproduces_a_left_padded_policy_forward(char_tokenizer, tin
     reference = StepLikelihoodScorer("block").score(model, items)
     for value, ref in zip(batch.step_likelihoods(token_logps), reference):
         torch.testing.assert_close(value, ref, atol=1e-5, rtol=0)
+
+
+def test_a_micro_batch_goes_to_the_device_in_one_copy(char_tokenizer):
+    """Its index tensors travel as one flat copy, cut back into the same tensors on arrival."""
+    from trl_mig.scoring import _copy_together
+
+    batch = build_block_batch(sample_items(char_tokenizer))
+    tensors = [batch.input_ids, batch.position_ids, batch.copy_start, batch.rows, batch.logit_columns]
+    copied = _copy_together(tensors, torch.device("cpu"))
+    assert len(copied) == len(tensors)
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(copied, tensors))
