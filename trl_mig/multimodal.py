@@ -38,7 +38,7 @@ def split_multimodal_inputs(batch: dict, prompt_mask: torch.Tensor) -> list[dict
 
     Returns:
         B dicts (None where the batch has no multimodal input): row i's images along dim 0 of each field, and the
-        token-aligned fields as (P_i,) tensors over row i's unpadded prompt tokens.
+        token-aligned fields as (P_i,) tensors over row i's unpadded prompt tokens, on the CPU.
     """
     present = [name for name in MULTIMODAL_INPUT_FIELDS if batch.get(name) is not None]
     num_rows = prompt_mask.shape[0]
@@ -75,11 +75,13 @@ def split_multimodal_inputs(batch: dict, prompt_mask: torch.Tensor) -> list[dict
         _check_bounds(per_image, batch["image_sizes"].shape[0], "image_sizes")
         _slice_into(rows, "image_sizes", batch["image_sizes"], per_image)
     prompt_width = prompt_mask.shape[1]
-    for name in TOKEN_ALIGNED_FIELDS:
-        if batch.get(name) is not None:
-            values = batch[name][:, :prompt_width]  # the prompt's columns; the completion's are zero
-            for row, (row_values, mask) in enumerate(zip(values, prompt_mask)):
-                rows[row][name] = row_values[mask.bool()]
+    token_aligned = [name for name in TOKEN_ALIGNED_FIELDS if batch.get(name) is not None]
+    if token_aligned:  # cut on the CPU, where scoring uses them: one copy per field, not one sync per row
+        host_mask = prompt_mask.cpu().bool()
+        for name in token_aligned:
+            values = batch[name][:, :prompt_width].cpu()  # the prompt's columns; the completion's are zero
+            for row, (row_values, mask) in enumerate(zip(values, host_mask)):
+                rows[row][name] = row_values[mask]
     return rows
 
 

@@ -16,6 +16,10 @@ Row layout of a block micro-batch of B rows, width W = S + C:
     columns [S, W):  the row's answer copies, one after the other (then padding); copy k sees the first P + b_k
                      columns and itself causally
 
+(`ScoringItem.keep_completion`: the shared part holds the whole completion.) A micro-batch is built on the CPU by
+tensor operations over the flattened items (`BlockBatch`, `build_block_batches`), with no Python loop over tokens or
+copies, and goes to the device in one copy.
+
 With sdpa, the block mask only covers the C copy queries: the scoring forward temporarily routes attention through
 `_split_sdpa_attention`, which runs the S shared queries with `is_causal=True` (the fast causal kernels, no W x W mask)
 and the C copy queries with the (B, 1, C, W) block mask. Attention is separable over queries, so this is the same
@@ -30,9 +34,10 @@ text position that follows its prefix, which is what one row per prefix would ge
 
 from __future__ import annotations
 
+import array
 import contextlib
 import contextvars
-import functools
+import dataclasses
 import inspect
 import logging
 import math
@@ -116,6 +121,14 @@ class ScoringItem:
     (see `trl_mig.multimodal.split_multimodal_inputs`): the fields of `TOKEN_ALIGNED_FIELDS` as (P,) tensors aligned
     with `prompt_ids` (zero over the completion and the answer copies), every other field (`pixel_values`,
     `image_grid_thw`, `image_sizes`, ...) indexed along dim 0 and concatenated with the other rows' of a forward.
+
+    Two fields serve a caller that runs the block rows in a forward of its own (`build_block_batch`), e.g. one that
+    also computes the completion's log-probs: `position_offset` is added to every position id of the item's row
+    (shared part and answer copies; all three dims of multimodal rotary positions), so the row reproduces another
+    position convention (a left-padded prompt whose positions count the padding); `keep_completion` puts the whole
+    completion in the row's shared part, not only up to b_K (the answer copies still see the prompt and
+    `completion_ids[:b_k]` only). Neither changes l_k: rotary attention is relative, and causal attention keeps the
+    tokens after b_K out of every copy's view.
     """
 
     prompt_ids: Sequence[int]
@@ -123,10 +136,7 @@ class ScoringItem:
     boundaries: Sequence[int]
     answers: Sequence[AnswerBlock]
     multimodal: Mapping[str, torch.Tensor] | None = None
-    # added to every position id (the shared part and the answer copies): TRL's forward over a left-padded prompt
-    # without position ids counts the pads, and a fused pass reproduces its positions
     position_offset: int = 0
-    # the shared part holds the whole completion, not only up to b_K, so that its tokens can be scored too
     keep_completion: bool = False
 
     @property
@@ -236,17 +246,13 @@ class StepLikelihoodScorer:
         rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
         return math.ceil(rows / self.batch_size)
 
-    def _uses_split(self, model) -> bool:
-        """Whether block forwards on `model` route attention through `_split_sdpa_attention`."""
-        return self.split_attention and _config_attn(model) == "sdpa" and _split_available()
-
     def _forward_budget(self, model, items: Sequence[ScoringItem], method: str) -> int:
         """
         Forwards this process may run for `items`: the plan, plus one while the split attention is unverified (a
         first split forward that cannot split is redone with the full mask).
         """
         planned = self.plan(items, method)
-        unverified = method == "block" and len(items) > 0 and self._uses_split(model) and not self._split_verified
+        unverified = method == "block" and len(items) > 0 and self._split_enabled(model) and not self._split_verified
         return planned + 1 if unverified else planned
 
     @torch.no_grad()
@@ -266,58 +272,43 @@ class StepLikelihoodScorer:
             `completion_logps`, a tuple of that list and one float32 tensor of shape `(C_i,)` per item (C_i =
             `len(completion_ids)`), on the model's device.
         """
-        for item in items:
-            if not item.answers and not completion_logps:
-                raise ValueError("Every scoring item needs at least one answer variant.")
-            if not item.boundaries:
-                raise ValueError("Every scoring item needs at least one step boundary (b_0).")
-            if len(item.prompt_ids) + min(item.boundaries) == 0:
-                raise ValueError("Cannot score an answer after an empty prompt and an empty prefix.")
-            if not all(0 <= b <= len(item.completion_ids) for b in item.boundaries):
-                # a boundary past the completion would let a copy see columns that are not its prefix
-                raise ValueError(
-                    f"Step boundaries {list(item.boundaries)} must lie in [0, {len(item.completion_ids)}] "
-                    "(the completion's length)."
-                )
+        _check_items(items, allow_no_answers=completion_logps)
         method = self.resolve_method(model, items)
         if completion_logps:
             _check_fusable(model, items, method)
         device = _model_device(model)
-        positions = [_item_positions(model, item) for item in items]
-        rows = _block_rows(items, positions) if method == "block" else _prefix_rows(items, positions)
-        # longest first, ties in input order: similar lengths share a micro-batch (less padding), deterministically
-        order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
-        slot_base, num_slots = [], 0
-        for item in items:
-            slot_base.append(num_slots)
-            num_slots += item.num_prefixes * len(item.answers)
-        sums = torch.zeros(num_slots, dtype=torch.float64)
+        flat = _FlatItems(items, _item_positions(model, items), self.pad_token_id)
+        layout = _BlockLayout(flat, flat.block_order()) if method == "block" else _PrefixLayout(flat)
+        token_logps, slots = [], []  # per micro-batch, on the device: read back once, after the last forward
+        per_item_logps: list[torch.Tensor | None] = [None] * len(items)
         # agree on the forward count before any forward: afterwards another rank may be inside an all-gather
         required = None
         if self.sync_forward_count is not None:
             required = int(self.sync_forward_count(self._forward_budget(model, items, method)))
         first_forward = self.forward_count
-        per_item_logps: list[torch.Tensor | None] = [None] * len(items)
-        for start in range(0, len(order), self.batch_size):
-            batch = [rows[r] for r in order[start : start + self.batch_size]]
+        for start in range(0, layout.num_rows, self.batch_size):
+            end = min(start + self.batch_size, layout.num_rows)
             if method == "block":
-                token_logps, slots = self._forward_block(
-                    model, batch, items, device, slot_base, per_item_logps if completion_logps else None
+                split = self._split_enabled(model)
+                # a (B, 1, 1, W) copy mask would broadcast over every query: keep it unambiguous
+                batch = layout.batch(start, end, min_copy_width=2 if split else 1)
+                token_logps.append(
+                    self._forward_block(model, batch, device, split, per_item_logps if completion_logps else None)
                 )
+                slots.append(flat.slot_base[batch.item_index][batch.rows] + batch.slots)
             else:
-                token_logps, slots = self._forward_prefix(model, batch, items, device, slot_base)
-            sums.index_add_(0, slots, token_logps.double())
+                batch = layout.batch(start, end)
+                token_logps.append(self._forward_prefix(model, batch, device))
+                slots.append(batch.slots)
         if required is not None:
             self._pad_forwards(model, device, required - (self.forward_count - first_forward))
-        out = []
-        for item, base in zip(items, slot_base):
-            if not item.answers:
-                out.append(torch.full((item.num_prefixes,), float("nan")))
-                continue
-            counts = torch.tensor([block.scored[1] - block.scored[0] for block in item.answers], dtype=torch.float64)
-            per_variant = sums[base : base + item.num_prefixes * len(item.answers)].view(len(item.answers), -1)
-            out.append((per_variant / counts.unsqueeze(1)).max(dim=0).values.float())
-        return (out, per_item_logps) if completion_logps else out
+        if not items:
+            return ([], []) if completion_logps else []
+        sums = torch.zeros(flat.num_slots, dtype=torch.float64)
+        sums.index_add_(0, torch.cat(slots), torch.cat(token_logps).cpu().double())
+        scores = _step_likelihoods(sums, flat.num_prefixes.tolist(), [_scored_lengths(item) for item in items])
+        scores = [values if item.answers else torch.full_like(values, float("nan")) for values, item in zip(scores, items)]
+        return (scores, per_item_logps) if completion_logps else scores
 
     def _pad_forwards(self, model, device, missing: int) -> None:
         """Run `missing` dummy forwards, so that this process runs the synchronised count (ZeRO-3, FSDP)."""
@@ -336,57 +327,36 @@ class StepLikelihoodScorer:
         self.forward_count += 1
         return model(use_cache=True, logits_to_keep=logits_to_keep, **inputs)
 
+    def _split_enabled(self, model) -> bool:
+        return self.split_attention and _config_attn(model) == "sdpa" and _split_available()
+
     # ---------------------------------------------------------------------------------------------------- block
-    def _forward_block(
-        self, model, batch: list[_Row], items, device, slot_base, completion_logps: list | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_block(self, model, batch: BlockBatch, device, split: bool, completion_logps=None) -> torch.Tensor:
         """
-        One forward over B block rows. Returns the log-prob of every scored token (N,) and its slot (N,). With a
+        One forward over a block micro-batch: the log-prob of every scored token, (N,) float32 on `device`. With a
         `completion_logps` list, also writes each row's completion-token log-probs (C_i,) (TRL's fused LM head) at
         `completion_logps[item index]`.
         """
-        shared = max(row.shared_len for row in batch)
-        copies = max(row.length - row.shared_len for row in batch)
-        split = self._uses_split(model)
-        if split and copies < 2:
-            copies = 2  # a (B, 1, 1, W) mask would broadcast over every query: keep it unambiguous
-        width = shared + copies
-        n = len(batch)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        # padding columns keep position 0: any valid position does, real tokens never see them
-        position_ids = torch.zeros((max(row.positions.shape[0] for row in batch), n, width), dtype=torch.long)
-        # per copy-region column: where its copy starts and how many leading shared columns it sees
-        copy_start = torch.arange(shared, width).repeat(n, 1)
-        copy_visible = torch.zeros((n, copies), dtype=torch.long)
-        for r, row in enumerate(batch):
-            input_ids[r, : row.shared_len] = row.ids[: row.shared_len]
-            tail = row.length - row.shared_len
-            input_ids[r, shared : shared + tail] = row.ids[row.shared_len :]
-            position_ids[:, r, : row.shared_len] = row.positions[:, : row.shared_len]
-            position_ids[:, r, shared : shared + tail] = row.positions[:, row.shared_len :]
-            copy_start[r, :tail] = row.copy_start + shared
-            copy_visible[r, :tail] = row.copy_visible
-        rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (0, shared))
-        copy_start, copy_visible = copy_start.to(device), copy_visible.to(device)
-        key = torch.arange(width, device=device)
-        query = torch.arange(shared, width, device=device).view(1, -1, 1)
-        # copy query q sees the shared columns [0, visible) and its own copy's columns [start, q]
-        copy_rows = (key < copy_visible.unsqueeze(-1)) | ((key >= copy_start.unsqueeze(-1)) & (key <= query))
-        inputs = dict(input_ids=input_ids.to(device), position_ids=_model_positions(position_ids).to(device))
-        inputs |= _multimodal_inputs(batch, items, width, [0] * n, device)
+        batch = batch.to(device)
+        inputs = dict(input_ids=batch.input_ids, position_ids=batch.model_position_ids, **batch.multimodal)
+        collect = None
         if completion_logps is not None:
-            labels, spans = _completion_labels(batch, items, input_ids)
-            inputs |= {"shift_labels": labels.to(device), "fused_lm_head": True}
-            rows_and_spans = [(row.item, r, span) for r, (row, span) in enumerate(zip(batch, spans))]
-            collect = functools.partial(_collect_completion_logps, completion_logps, rows_and_spans)
-        else:
-            collect = None
+            rows, _, columns = batch.completion_columns()
+            labels = torch.full_like(batch.input_ids, -100)
+            labels[rows, columns - 1] = batch.input_ids[rows, columns]  # the fused head scores column j's label
+            inputs |= {"shift_labels": labels, "fused_lm_head": True}
+
+            def collect(log_probs: torch.Tensor) -> None:  # (B, W) -> each row's (C_i,)
+                values = log_probs[rows, columns - 1].float().split(batch.completion_lengths.tolist())
+                for item, row_values in zip(batch.item_index.tolist(), values):
+                    completion_logps[item] = row_values
+
         if split:
-            attention_mask = _as_model_mask(model, copy_rows.unsqueeze(1))  # (B, 1, C, W)
+            attention_mask = _as_model_mask(model, batch.copy_attention().unsqueeze(1))  # (B, 1, C, W)
             try:
-                logps = self._run_split(model, inputs, attention_mask, shared, rows, cols, targets, collect)
+                logps = self._run_split(model, inputs | {"attention_mask": attention_mask}, batch, collect)
                 self._split_verified = True
-                return logps, slots
+                return logps
             except RuntimeError as err:
                 # only a first split forward may fail for want of routing (e.g. attention hard-coded in the model)
                 if self._split_verified or isinstance(err, torch.OutOfMemoryError):
@@ -395,17 +365,15 @@ class StepLikelihoodScorer:
                     "MIG block scoring cannot split attention for this model (%s); passing the full block mask.", err
                 )
                 self.split_attention = False
-        shared_rows = key <= torch.arange(shared, device=device).view(-1, 1)  # (S, W) causal
-        full = torch.cat([shared_rows.unsqueeze(0).expand(n, -1, -1), copy_rows], dim=1)  # (B, W, W)
-        attention_mask = _as_model_mask(model, full.unsqueeze(1))
-        return self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets, collect), slots
+        attention_mask = _as_model_mask(model, batch.full_attention().unsqueeze(1))  # (B, 1, W, W)
+        return self._logps(model, inputs | {"attention_mask": attention_mask}, batch, collect)
 
-    def _run_split(self, model, inputs, attention_mask, shared, rows, cols, targets, collect=None) -> torch.Tensor:
-        state = _SplitState(shared)
+    def _run_split(self, model, inputs, batch: BlockBatch, collect=None) -> torch.Tensor:
+        state = _SplitState(batch.shared_width)
         token = _SPLIT_STATE.set(state)
         try:
             with _attention_implementation(_text_config(model), SPLIT_ATTENTION):
-                logps = self._logps(model, inputs | {"attention_mask": attention_mask}, rows, cols, targets, collect)
+                logps = self._logps(model, inputs, batch, collect)
         finally:
             _SPLIT_STATE.reset(token)
         if state.error is not None:
@@ -415,32 +383,25 @@ class StepLikelihoodScorer:
         return logps
 
     # --------------------------------------------------------------------------------------------------- prefix
-    def _forward_prefix(self, model, batch: list[_Row], items, device, slot_base) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(row.length for row in batch)
-        n = len(batch)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        position_ids = torch.zeros((max(row.positions.shape[0] for row in batch), n, width), dtype=torch.long)
-        starts = [width - row.length for row in batch]  # left padding: every row ends at the last column
-        for r, (row, start) in enumerate(zip(batch, starts)):
-            input_ids[r, start:] = row.ids
-            attention_mask[r, start:] = 1
-            position_ids[:, r, start:] = row.positions
-        rows, cols, targets, slots = _scored_columns(batch, slot_base, lambda row: (width - row.length, None))
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=_model_positions(position_ids))
-        inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-        inputs |= _multimodal_inputs(batch, items, width, starts, device)
-        return self._logps(model, inputs, rows, cols, targets), slots
+    def _forward_prefix(self, model, batch: _PrefixBatch, device) -> torch.Tensor:
+        """One forward over a prefix micro-batch: the log-prob of every scored token, (N,) float32 on `device`."""
+        batch = batch.to(device)
+        inputs = dict(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=_model_positions(batch.position_ids),
+            **batch.multimodal,
+        )
+        return self._logps(model, inputs, batch)
 
-    def _logps(self, model, inputs, rows, cols, targets, collect=None) -> torch.Tensor:
+    def _logps(self, model, inputs, batch, collect=None) -> torch.Tensor:
         """
-        Run the forward, keeping logits only at the columns that predict scored tokens; (N,) float32 on the CPU.
+        Run the forward, keeping logits only at the columns that predict scored tokens; (N,) float32.
 
         With `collect` (inputs then hold `shift_labels` and `fused_lm_head=True`), TRL's fused LM head scores the
         labelled completion tokens, `collect(log_probs)` receives its (B, W) output, and the answer tokens are scored
         from the backbone's last hidden states through the model's LM head at temperature 1.
         """
-        device = inputs["input_ids"].device
         if collect is not None:
             causal_lm = fused_head_model(model)
             captured = []
@@ -452,150 +413,505 @@ class StepLikelihoodScorer:
             finally:
                 hook.remove()
             collect(output.log_probs)
-            hidden = captured[-1][rows.to(device), cols.to(device)]  # (N, H)
+            hidden = captured[-1][batch.rows, batch.cols]  # (N, H)
             selected = causal_lm.get_output_embeddings()(hidden).float()  # (N, vocab), temperature 1
-            token_logps = selected.gather(1, targets.to(device).unsqueeze(1)).squeeze(1)
-            return (token_logps - torch.logsumexp(selected, -1)).cpu()
-        keep, position = torch.unique(cols, return_inverse=True)  # sorted union of the predicting columns
-        logits = self._call(model, **inputs, logits_to_keep=keep.to(device)).logits
-        selected = logits[rows.to(device), position.to(device)].float()  # (N, vocab), temperature 1
-        token_logps = selected.gather(1, targets.to(device).unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
-        return token_logps.cpu()
+            return selected.gather(1, batch.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
+        logits = self._call(model, **inputs, logits_to_keep=batch.logit_columns).logits
+        selected = logits[batch.rows, batch.logit_index].float()  # (N, vocab), temperature 1
+        return selected.gather(1, batch.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
 
 
-@dataclass
-class _Row:
+def _check_items(items: Sequence[ScoringItem], allow_no_answers: bool = False) -> None:
+    for item in items:
+        if not item.answers and not allow_no_answers:
+            raise ValueError("Every scoring item needs at least one answer variant.")
+        if not item.boundaries:
+            raise ValueError("Every scoring item needs at least one step boundary (b_0).")
+        if len(item.prompt_ids) + min(item.boundaries) == 0:
+            raise ValueError("Cannot score an answer after an empty prompt and an empty prefix.")
+        if not all(0 <= b <= len(item.completion_ids) for b in item.boundaries):
+            # a boundary past the completion would let a copy see columns that are not its prefix
+            raise ValueError(
+                f"Step boundaries {list(item.boundaries)} must lie in [0, {len(item.completion_ids)}] "
+                "(the completion's length)."
+            )
+        if item.position_offset < 0:
+            raise ValueError(f"ScoringItem.position_offset must be >= 0, got {item.position_offset}.")
+
+
+def _scored_lengths(item: ScoringItem) -> tuple[int, ...]:
+    """|y*| of each answer variant: the number of scored tokens."""
+    return tuple(block.scored[1] - block.scored[0] for block in item.answers)
+
+
+def _step_likelihoods(sums: torch.Tensor, num_prefixes: list[int], scored_lengths: list[tuple[int, ...]]):
     """
-    One input row, before padding.
+    l_0..l_K per item from `sums` (sum over items of V_i (K_i + 1),) float64: the summed log-probs of each item's
+    scored tokens per slot, variant-major (slot v (K_i + 1) + k), item after item. Mean per variant, max over variants.
 
-    `ids` (L,) long: the shared part (its first `shared_len` tokens) then the answer copies; `positions` (D, L) long
-    their position ids (D = 1, or 3 for multimodal rotary positions). For block rows, `copy_start` and
-    `copy_visible` (L - shared_len,) give, per copy token, the offset of its copy within the copy region and the
-    number of shared tokens the copy sees. `predict` (N,) is the column (in the shared part for the first answer
-    token, else relative to the copy region's start) that predicts each scored token, `from_shared` (N,) bool tells
-    which, `targets` (N,) the scored ids, `slots` (N,) the item's (variant, k) slot index.
+    Returns:
+        One float32 tensor of shape `(K_i + 1,)` per item.
+    """
+    num_k = _long_tensor(num_prefixes)
+    counts = torch.tensor([count for lengths in scored_lengths for count in lengths], dtype=torch.float64)  # (G,)
+    variant_item = torch.repeat_interleave(_long_tensor([len(lengths) for lengths in scored_lengths]))
+    slot_variant, slot_k = _segments(num_k[variant_item])  # slots in the same order as `sums`
+    means = sums / counts[slot_variant]
+    prefix = _starts(num_k)[variant_item[slot_variant]] + slot_k
+    best = torch.full((int(num_k.sum()),), -math.inf, dtype=torch.float64)
+    best.scatter_reduce_(0, prefix, means, "amax")
+    return list(best.float().split(num_prefixes))
+
+
+# ----------------------------------------------------------------------------------------------- micro-batches
+@dataclass(frozen=True)
+class BlockBatch:
+    """
+    One block micro-batch: B rows (one per completion), width W = S + C, built by tensor operations.
+
+    Row r holds its item's shared part (`prompt_lengths[r]` prompt tokens then `completion_lengths[r]` completion
+    tokens: up to b_K, or all of them with `keep_completion`) left-aligned in columns [0, S), then its answer copies
+    (for each variant, copies k = 0..K) in columns [S, W); padding columns hold `pad_token_id` and position 0.
+
+    Attributes:
+        input_ids (`torch.Tensor` of shape `(B, W)`): the token ids.
+        position_ids (`torch.Tensor` of shape `(D, B, W)`): position ids, D = 1, or 3 for multimodal rotary positions
+            (`model_position_ids` gives them as the model takes them). Each row's `position_offset` is included.
+        copy_start, copy_visible (`torch.Tensor` of shape `(B, C)`): per copy-region column, the column where its
+            copy starts and how many leading shared columns the copy sees (P + b_k); what the block mask is built
+            from (`copy_attention`, `full_attention`).
+        prompt_lengths, completion_lengths (`torch.Tensor` of shape `(B,)`): the two parts of each row's shared part.
+        rows, cols, targets, slots (`torch.Tensor` of shape `(N,)`): each scored answer token's row, the column whose
+            logits predict it, its id, and its slot in the row's item: `v * (K + 1) + k` for variant v, copy k.
+        logit_columns (`torch.Tensor` of shape `(U,)`): the sorted union of `cols`, the logits a forward keeps;
+            `logit_index` (`(N,)`) the index of each scored token's column in it.
+        item_index (`torch.Tensor` of shape `(B,)`): the item of each row, as an index into the items it was built
+            from.
+        shared_width (`int`): S.
+        num_prefixes (`tuple[int, ...]`): K + 1 of each row; `scored_lengths`: |y*| of each row's variants.
+        multimodal (`dict`): the rows' multimodal inputs (token-aligned fields `(B, W)`, the others concatenated over
+            the rows), not yet on the model's device.
     """
 
-    ids: torch.Tensor
-    shared_len: int
-    positions: torch.Tensor
-    copy_start: torch.Tensor | None
-    copy_visible: torch.Tensor | None
-    predict: torch.Tensor
-    from_shared: torch.Tensor
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    copy_start: torch.Tensor
+    copy_visible: torch.Tensor
+    prompt_lengths: torch.Tensor
+    completion_lengths: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
     targets: torch.Tensor
     slots: torch.Tensor
-    item: int
+    logit_columns: torch.Tensor
+    logit_index: torch.Tensor
+    item_index: torch.Tensor
+    shared_width: int
+    num_prefixes: tuple[int, ...]
+    scored_lengths: tuple[tuple[int, ...], ...]
+    multimodal: dict
 
     @property
-    def length(self) -> int:
-        return self.ids.numel()
+    def model_position_ids(self) -> torch.Tensor:
+        return _model_positions(self.position_ids)
+
+    def to(self, device) -> BlockBatch:
+        """This batch on `device`: its index tensors in one host-to-device copy, its multimodal inputs moved."""
+        return _moved(self, device)
+
+    def copy_attention(self) -> torch.Tensor:
+        """(B, C, W) bool, on this batch's device: copy query q sees the shared columns [0, P + b_k) and its own
+        copy's columns [start, q]."""
+        width = self.input_ids.shape[1]
+        key = torch.arange(width, device=self.input_ids.device)
+        query = torch.arange(self.shared_width, width, device=self.input_ids.device).view(1, -1, 1)
+        return (key < self.copy_visible.unsqueeze(-1)) | ((key >= self.copy_start.unsqueeze(-1)) & (key <= query))
+
+    def full_attention(self) -> torch.Tensor:
+        """(B, W, W) bool: causal over the shared part, `copy_attention` for the copies."""
+        width = self.input_ids.shape[1]
+        key = torch.arange(width, device=self.input_ids.device)
+        shared_rows = key <= torch.arange(self.shared_width, device=key.device).view(-1, 1)  # (S, W)
+        copy_rows = self.copy_attention()
+        return torch.cat([shared_rows.unsqueeze(0).expand(copy_rows.shape[0], -1, -1), copy_rows], dim=1)
+
+    def completion_columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Where the completion tokens of the shared part sit: `(rows, tokens, columns)`, each (M,) long, row after row:
+        token `tokens[j]` of row `rows[j]`'s completion is at column `columns[j]` (its logits are at column - 1).
+        With `keep_completion` that is every completion token, else those before b_K.
+        """
+        rows, tokens = _segments(self.completion_lengths)
+        return rows, tokens, self.prompt_lengths[rows] + tokens
+
+    def step_likelihoods(self, token_logps: torch.Tensor) -> list[torch.Tensor]:
+        """l_0..l_K of each row (float32 `(K + 1,)`, on the CPU) from the log-probs of the scored tokens, (N,)."""
+        slots_per_row = [num_k * len(lengths) for num_k, lengths in zip(self.num_prefixes, self.scored_lengths)]
+        row_base = _starts(_long_tensor(slots_per_row))
+        sums = torch.zeros(sum(slots_per_row), dtype=torch.float64)
+        sums.index_add_(0, row_base[self.rows.cpu()] + self.slots.cpu(), token_logps.detach().cpu().double())
+        return _step_likelihoods(sums, list(self.num_prefixes), list(self.scored_lengths))
 
 
-def _scored_columns(batch: list[_Row], slot_base, layout):
+@dataclass(frozen=True)
+class _PrefixBatch:
     """
-    Flatten the scored tokens of a micro-batch into `(rows, cols, targets, slots)`, each (N,) long.
-
-    `layout(row)` gives the column where the row's shared part starts and the column where its copy region starts
-    (None for prefix rows, which have none).
+    One prefix micro-batch: B rows `prompt + completion[:b_k] + scaffold+answer`, left-padded to width W.
+    input_ids, attention_mask (B, W); position_ids (D, B, W); rows, cols, targets, slots (N,) as in `BlockBatch` but
+    `slots` index the whole scoring call's slots; logit_columns (U,), logit_index (N,).
     """
-    rows, cols, targets, slots = [], [], [], []
-    for r, row in enumerate(batch):
-        shared_at, copies_at = layout(row)
-        if copies_at is None:
-            cols.append(row.predict + shared_at)
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    slots: torch.Tensor
+    logit_columns: torch.Tensor
+    logit_index: torch.Tensor
+    multimodal: dict
+
+    def to(self, device) -> _PrefixBatch:
+        return _moved(self, device)
+
+
+def build_block_batches(
+    items: Sequence[ScoringItem],
+    batch_size: int,
+    *,
+    pad_token_id: int = 0,
+    min_copy_width: int = 1,
+    model=None,
+    longest_first: bool = True,
+) -> list[BlockBatch]:
+    """
+    The block micro-batches of `items` as `StepLikelihoodScorer.score` builds them, without running a forward.
+
+    Args:
+        batch_size (`int`): rows (completions) per micro-batch.
+        pad_token_id (`int`): id of the padding columns.
+        min_copy_width (`int`): the least copy-region width C; the split attention needs 2.
+        model (*optional*): the model, for multimodal rotary positions (its `get_rope_index`); without it, position
+            ids are the column index (plus `position_offset`).
+        longest_first (`bool`): order rows longest first, as the scorer does (less padding); False keeps `items`' order.
+    """
+    _check_items(items)
+    flat = _FlatItems(items, _item_positions(model, items), pad_token_id)
+    layout = _BlockLayout(flat, flat.block_order() if longest_first else torch.arange(len(items)))
+    return [
+        layout.batch(start, min(start + batch_size, len(items)), min_copy_width)
+        for start in range(0, len(items), batch_size)
+    ]
+
+
+def build_block_batch(items: Sequence[ScoringItem], **kwargs) -> BlockBatch:
+    """All `items` as one block micro-batch, row r = `items[r]`; keywords as `build_block_batches`."""
+    if not items:
+        raise ValueError("build_block_batch needs at least one item.")
+    return build_block_batches(items, len(items), longest_first=False, **kwargs)[0]
+
+
+class _FlatItems:
+    """
+    The items of one scoring call as flat tensors, gathered in one pass over the items; every micro-batch is then
+    built from them by tensor operations (no Python loop over tokens, copies or prefixes).
+
+    `shared_tokens` (n, S_max): each item's shared part (prompt + completion tokens), right-padded with
+    `pad_token_id`; `shared_mask` (n, S_max) bool: where it holds tokens; `shared_positions` (3, n, S_max) or None:
+    their position ids (offsets included, padding 0) when some item has multimodal rotary positions (for text items
+    the column index plus the offset).
+    Per item (n,): `prompt_lengths`, `completion_lengths` (completion tokens in the shared part), `num_prefixes` and
+    `prefix_base` (start in the per-prefix tensors), `num_variants` and `variant_base` (start in the per-variant
+    tensors), `position_offsets`, `slot_base`, `copies_lengths` (tokens of its answer copies), `has_rope`.
+    Per prefix (sum of K_i + 1,): `visible` (P + b_k) and `continue_at` (the position id of a text token after the
+    prefix). Per variant (G,): `block_sizes`, `block_base` (start in `block_ids`), `scored_start`, `scored_end`,
+    `variant_index` (v within its item).
+    """
+
+    def __init__(
+        self, items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor | None], pad_token_id: int = 0
+    ):
+        self.items = items
+        self.pad_token_id = pad_token_id
+        tokens, boundaries, block_ids, block_sizes, scored = [], [], [], [], []
+        prompt_lengths, completion_lengths, num_prefixes, num_variants, offsets = [], [], [], [], []
+        for item in items:
+            prompt = _as_list(item.prompt_ids)
+            kept = len(item.completion_ids) if item.keep_completion else max(item.boundaries)
+            tokens += prompt
+            tokens += _as_list(item.completion_ids[:kept])
+            boundaries += _as_list(item.boundaries)
+            prompt_lengths.append(len(prompt))
+            completion_lengths.append(kept)
+            num_prefixes.append(len(item.boundaries))
+            num_variants.append(len(item.answers))
+            offsets.append(item.position_offset)
+            for block in item.answers:
+                block_ids += block.ids
+                block_sizes.append(len(block.ids))
+                scored += block.scored
+        self.prompt_lengths = _long_tensor(prompt_lengths)
+        self.completion_lengths = _long_tensor(completion_lengths)
+        shared_lengths = self.prompt_lengths + self.completion_lengths
+        width = int(shared_lengths.max()) if items else 0
+        self.shared_mask = torch.arange(width) < shared_lengths.unsqueeze(1)  # (n, S_max)
+        self.shared_tokens = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+        self.shared_tokens.masked_scatter_(self.shared_mask, _long_tensor(tokens))
+        self.num_prefixes = _long_tensor(num_prefixes)
+        self.prefix_base = _starts(self.num_prefixes)
+        self.position_offsets = _long_tensor(offsets)
+        prefix_item = torch.repeat_interleave(self.num_prefixes)
+        self.visible = self.prompt_lengths[prefix_item] + _long_tensor(boundaries)
+        self.continue_at = self.visible + self.position_offsets[prefix_item]  # text: the column index
+        self.has_rope = torch.tensor([positions is not None for positions in item_positions], dtype=torch.bool)
+        self.shared_positions = None
+        if bool(self.has_rope.any()):
+            dims = max(positions.shape[0] for positions in item_positions if positions is not None)
+            self.shared_positions = torch.zeros((dims, len(items), width), dtype=torch.long)
+            for i, positions in enumerate(item_positions):  # multimodal batches only
+                offset, length = offsets[i], int(shared_lengths[i])
+                if positions is None:
+                    positions = torch.arange(length).unsqueeze(0)
+                else:
+                    at = slice(int(self.prefix_base[i]), int(self.prefix_base[i]) + num_prefixes[i])
+                    self.continue_at[at] = _continuation_positions(positions, self.visible[at]) + offset
+                self.shared_positions[:, i, :length] = positions[:, :length] + offset
+        self.num_variants = _long_tensor(num_variants)
+        self.variant_base = _starts(self.num_variants)
+        variant_item = torch.repeat_interleave(self.num_variants)
+        self.variant_index = torch.arange(variant_item.numel()) - self.variant_base[variant_item]
+        self.block_ids = _long_tensor(block_ids)
+        self.block_sizes = _long_tensor(block_sizes)
+        self.block_base = _starts(self.block_sizes)
+        self.scored_start, self.scored_end = _long_tensor(scored).view(-1, 2).unbind(1)
+        copies_per_variant = self.block_sizes * self.num_prefixes[variant_item]
+        self.copies_lengths = torch.zeros(len(items), dtype=torch.long).index_add_(0, variant_item, copies_per_variant)
+        slots_per_item = self.num_prefixes * self.num_variants
+        self.slot_base = _starts(slots_per_item)
+        self.num_slots = int(slots_per_item.sum())
+
+    def block_order(self) -> torch.Tensor:
+        """Items longest row first, ties in input order: similar lengths share a micro-batch (less padding)."""
+        lengths = self.prompt_lengths + self.completion_lengths + self.copies_lengths
+        return torch.sort(-lengths, stable=True).indices
+
+
+class _BlockLayout:
+    """
+    The block rows of `flat`'s items in `order` (row r = item `order[r]`): every answer-copy token and scored token
+    placed once, for all rows, relative to the copy region; `batch(start, end)` cuts rows [start, end) into a
+    `BlockBatch` with a few slices and scatters.
+    """
+
+    def __init__(self, flat: _FlatItems, order: torch.Tensor):
+        self.flat, self.order, self.num_rows = flat, order, order.numel()
+        self.shared_lengths = flat.prompt_lengths[order] + flat.completion_lengths[order]
+        self.copies_lengths = flat.copies_lengths[order]
+        # copies, per row: for each variant, copy k = 0..K of its scaffold + answer, one after the other
+        variant_row, variant = _segments(flat.num_variants[order])
+        num_prefixes = flat.num_prefixes[order]
+        copy_variant, copy_k = _segments(num_prefixes[variant_row])
+        copy_row = variant_row[copy_variant]
+        variant_id = (flat.variant_base[order][variant_row] + variant)[copy_variant]  # (Q,) index of the variant
+        copy_size = flat.block_sizes[variant_id]
+        copy_at = _starts(copy_size) - _starts(self.copies_lengths)[copy_row]  # start within the row's copy region
+        prefix = flat.prefix_base[order][copy_row] + copy_k
+        visible, continue_at = flat.visible[prefix], flat.continue_at[prefix]
+        token_copy, within = _segments(copy_size)  # every copy token, row after row
+        self.token_row, self.token_column = copy_row[token_copy], copy_at[token_copy] + within
+        self.token_ids = flat.block_ids[flat.block_base[variant_id][token_copy] + within]
+        self.token_positions = continue_at[token_copy] + within
+        self.token_copy_start, self.token_visible = copy_at[token_copy], visible[token_copy]
+        # scored tokens: token m of copy k is predicted by the token before it: the copy's own, or the prefix's last
+        start, end = flat.scored_start[variant_id], flat.scored_end[variant_id]
+        scored_copy, offset = _segments(end - start)
+        m = start[scored_copy] + offset
+        self.scored_row = copy_row[scored_copy]
+        self.scored_from_shared = m == 0
+        self.scored_shared_column = visible[scored_copy] - 1
+        self.scored_copy_column = copy_at[scored_copy] + m - 1
+        self.scored_targets = flat.block_ids[flat.block_base[variant_id][scored_copy] + m]
+        self.scored_slots = flat.variant_index[variant_id][scored_copy] * num_prefixes[self.scored_row]
+        self.scored_slots += copy_k[scored_copy]
+        scored_per_row = torch.zeros(self.num_rows, dtype=torch.long).index_add_(0, copy_row, end - start)
+        self.token_bounds = [0, *torch.cumsum(self.copies_lengths, 0).tolist()]
+        self.scored_bounds = [0, *torch.cumsum(scored_per_row, 0).tolist()]
+
+    def batch(self, start: int, end: int, min_copy_width: int = 1) -> BlockBatch:
+        """Rows [start, end) as one micro-batch."""
+        flat, items, n = self.flat, self.order[start:end], end - start
+        shared_lengths = self.shared_lengths[start:end]
+        shared = int(shared_lengths.max())
+        copies = max(int(self.copies_lengths[start:end].max()), min_copy_width)
+        width = shared + copies
+        rope = bool(flat.has_rope[items].any())
+        input_ids = torch.full((n, width), flat.pad_token_id, dtype=torch.long)
+        # padding columns keep position 0: any valid position does, real tokens never see them
+        position_ids = torch.zeros((flat.shared_positions.shape[0] if rope else 1, n, width), dtype=torch.long)
+
+        # shared part: prompt + completion, left-aligned, causal
+        input_ids[:, :shared] = flat.shared_tokens[items, :shared]
+        if rope:
+            position_ids[:, :, :shared] = flat.shared_positions[:, items, :shared]
         else:
-            cols.append(torch.where(row.from_shared, row.predict + shared_at, row.predict + copies_at))
-        rows.append(torch.full_like(row.predict, r))
-        targets.append(row.targets)
-        slots.append(row.slots + slot_base[row.item])
-    return torch.cat(rows), torch.cat(cols), torch.cat(targets), torch.cat(slots)
+            column = torch.arange(shared) + flat.position_offsets[items].unsqueeze(1)
+            position_ids[0, :, :shared] = column * flat.shared_mask[items, :shared]
 
+        # the copy region
+        tokens = slice(self.token_bounds[start], self.token_bounds[end])
+        row, column = self.token_row[tokens] - start, self.token_column[tokens]
+        input_ids[row, shared + column] = self.token_ids[tokens]
+        position_ids[:, row, shared + column] = self.token_positions[tokens]
+        copy_start = torch.arange(shared, width).repeat(n, 1)
+        copy_visible = torch.zeros((n, copies), dtype=torch.long)
+        copy_start[row, column] = shared + self.token_copy_start[tokens]
+        copy_visible[row, column] = self.token_visible[tokens]
 
-def _block_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor]) -> list[_Row]:
-    rows = []
-    for i, (item, shared_positions) in enumerate(zip(items, item_positions)):
-        prompt_len = len(item.prompt_ids)
-        prompt = torch.as_tensor(list(item.prompt_ids), dtype=torch.long)
-        kept = len(item.completion_ids) if item.keep_completion else item.boundaries[-1]
-        completion = torch.as_tensor(list(item.completion_ids[:kept]), dtype=torch.long)
-        visible = prompt_len + torch.as_tensor(list(item.boundaries), dtype=torch.long)  # (K+1,)
-        continue_at = _continuation_positions(shared_positions, visible)  # (K+1,)
-        num_k = visible.numel()
-        shared_len = prompt_len + completion.numel()
-        ids, positions, starts, sees = [prompt, completion], [shared_positions[:, :shared_len]], [], []
-        nothing = torch.zeros(0, dtype=torch.long)  # an item without answers (fused scoring) has no copies
-        predict, from_shared, targets, slots = [nothing], [nothing.bool()], [nothing], [nothing]
-        starts.append(nothing)
-        sees.append(nothing)
-        offset = 0
-        for variant, block in enumerate(item.answers):
-            block_ids = torch.as_tensor(block.ids, dtype=torch.long)
-            size = block_ids.numel()
-            within = torch.arange(size)
-            copy_offsets = offset + size * torch.arange(num_k)  # (K+1,) start of each copy in the copy region
-            ids.append(block_ids.repeat(num_k))
-            copy_positions = (continue_at.unsqueeze(1) + within).flatten()
-            positions.append(copy_positions.expand(shared_positions.shape[0], -1))
-            starts.append(copy_offsets.repeat_interleave(size))
-            sees.append(visible.repeat_interleave(size))
-            # token m of copy k is predicted by the token before it: the copy's own, or the prefix's last (m = 0)
-            scored = torch.arange(*block.scored)
-            first = scored == 0
-            from_copy = copy_offsets.unsqueeze(1) + scored - 1
-            predict.append(torch.where(first, visible.unsqueeze(1) - 1, from_copy).ravel())
-            from_shared.append(first.expand(num_k, -1).flatten())
-            targets.append(block_ids[scored].repeat(num_k))
-            slots.append((variant * num_k + torch.arange(num_k)).repeat_interleave(scored.numel()))
-            offset += size * num_k
-        rows.append(
-            _Row(
-                torch.cat(ids),
-                shared_len,
-                torch.cat(positions, dim=1),
-                torch.cat(starts),
-                torch.cat(sees),
-                torch.cat(predict),
-                torch.cat(from_shared),
-                torch.cat(targets),
-                torch.cat(slots),
-                i,
-            )
+        scored = slice(self.scored_bounds[start], self.scored_bounds[end])
+        cols = torch.where(
+            self.scored_from_shared[scored], self.scored_shared_column[scored], shared + self.scored_copy_column[scored]
         )
-    return rows
+        keep, index = torch.unique(cols, return_inverse=True)
+        chosen = items.tolist()
+        return BlockBatch(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            copy_start=copy_start,
+            copy_visible=copy_visible,
+            prompt_lengths=flat.prompt_lengths[items],
+            completion_lengths=flat.completion_lengths[items],
+            rows=self.scored_row[scored] - start,
+            cols=cols,
+            targets=self.scored_targets[scored],
+            slots=self.scored_slots[scored],
+            logit_columns=keep,
+            logit_index=index,
+            item_index=items,
+            shared_width=shared,
+            num_prefixes=tuple(flat.num_prefixes[items].tolist()),
+            scored_lengths=tuple(_scored_lengths(flat.items[i]) for i in chosen),
+            multimodal=_multimodal_inputs([flat.items[i].multimodal for i in chosen], width, [0] * n),
+        )
 
 
-def _prefix_rows(items: Sequence[ScoringItem], item_positions: Sequence[torch.Tensor]) -> list[_Row]:
-    rows = []
-    for i, (item, shared_positions) in enumerate(zip(items, item_positions)):
-        num_k = item.num_prefixes
-        visible = len(item.prompt_ids) + torch.as_tensor(list(item.boundaries), dtype=torch.long)
-        continue_at = _continuation_positions(shared_positions, visible)
-        for variant, block in enumerate(item.answers):
-            block_ids = torch.as_tensor(block.ids, dtype=torch.long)
-            scored = torch.arange(*block.scored)
-            for k, boundary in enumerate(item.boundaries):
-                prefix = list(item.prompt_ids) + list(item.completion_ids[:boundary])
-                ids = torch.cat([torch.as_tensor(prefix, dtype=torch.long), block_ids])
-                answer_positions = continue_at[k] + torch.arange(block_ids.numel())
-                positions = torch.cat(
-                    [shared_positions[:, : len(prefix)], answer_positions.expand(shared_positions.shape[0], -1)], dim=1
-                )
-                rows.append(
-                    _Row(
-                        ids,
-                        ids.numel(),
-                        positions,
-                        None,
-                        None,
-                        len(prefix) + scored - 1,
-                        torch.ones_like(scored, dtype=torch.bool),
-                        block_ids[scored],
-                        torch.full_like(scored, variant * num_k + k),
-                        i,
-                    )
-                )
-    return rows
+class _PrefixLayout:
+    """
+    The prefix rows of `flat`'s items (one per item, variant and k), longest first (ties in that order), with every
+    answer token and scored token placed once, relative to the row's end; `batch(start, end)` cuts rows [start, end)
+    into a left-padded micro-batch.
+    """
+
+    def __init__(self, flat: _FlatItems):
+        self.flat = flat
+        variant_item = torch.repeat_interleave(flat.num_variants)
+        row_variant, row_k = _segments(flat.num_prefixes[variant_item])
+        row_item = variant_item[row_variant]
+        row_prefix = flat.prefix_base[row_item] + row_k
+        lengths = flat.visible[row_prefix] + flat.block_sizes[row_variant]
+        order = torch.sort(-lengths, stable=True).indices
+        self.num_rows = order.numel()
+        self.item, self.variant_id, self.prefix = row_item[order], row_variant[order], row_prefix[order]
+        self.prefix_lengths, self.sizes = flat.visible[self.prefix], flat.block_sizes[self.variant_id]
+        self.lengths = self.prefix_lengths + self.sizes
+        # scaffold + answer after each prefix: column W - size + within
+        answer_row, within = _segments(self.sizes)
+        self.answer_row, self.answer_from_end = answer_row, within - self.sizes[answer_row]
+        self.answer_ids = flat.block_ids[flat.block_base[self.variant_id][answer_row] + within]
+        self.answer_positions = flat.continue_at[self.prefix][answer_row] + within
+        first, last = flat.scored_start[self.variant_id], flat.scored_end[self.variant_id]
+        scored_row, offset = _segments(last - first)
+        m = first[scored_row] + offset
+        self.scored_row, self.scored_from_end = scored_row, m - 1 - self.sizes[scored_row]  # predicted by token m - 1
+        self.scored_targets = flat.block_ids[flat.block_base[self.variant_id][scored_row] + m]
+        k = self.prefix - flat.prefix_base[self.item]
+        slots = flat.slot_base[self.item] + flat.variant_index[self.variant_id] * flat.num_prefixes[self.item] + k
+        self.scored_slots = slots[scored_row]
+        self.answer_bounds = [0, *torch.cumsum(self.sizes, 0).tolist()]
+        self.scored_bounds = [0, *torch.cumsum(last - first, 0).tolist()]
+
+    def batch(self, start: int, end: int) -> _PrefixBatch:
+        """Rows [start, end) as one micro-batch, left-padded: every row ends at column W."""
+        flat, n = self.flat, end - start
+        item, lengths = self.item[start:end], self.lengths[start:end]
+        width = int(lengths.max())
+        column = torch.arange(width) - (width - lengths).unsqueeze(1)  # (B, W): index in the row, < 0 on padding
+        attention_mask = (column >= 0).long()
+        # prompt + completion[:b_k], gathered from the items' shared parts
+        in_prefix = (column >= 0) & (column < self.prefix_lengths[start:end].unsqueeze(1))
+        source = column.clamp(0, flat.shared_tokens.shape[1] - 1)
+        input_ids = torch.gather(flat.shared_tokens[item], 1, source).masked_fill_(~in_prefix, flat.pad_token_id)
+        if bool(flat.has_rope[item].any()):
+            shared_positions = flat.shared_positions[:, item]
+            position_ids = torch.gather(shared_positions, 2, source.expand(shared_positions.shape[0], -1, -1))
+            position_ids *= in_prefix
+        else:  # text: the index in the row plus the offset, over the answer too (continue_at = P + b_k + offset)
+            position_ids = ((column + flat.position_offsets[item].unsqueeze(1)) * attention_mask).unsqueeze(0)
+        # then scaffold + answer
+        answer = slice(self.answer_bounds[start], self.answer_bounds[end])
+        row, column = self.answer_row[answer] - start, width + self.answer_from_end[answer]
+        input_ids[row, column] = self.answer_ids[answer]
+        position_ids[:, row, column] = self.answer_positions[answer]
+
+        scored = slice(self.scored_bounds[start], self.scored_bounds[end])
+        cols = width + self.scored_from_end[scored]
+        keep, index = torch.unique(cols, return_inverse=True)
+        return _PrefixBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            rows=self.scored_row[scored] - start,
+            cols=cols,
+            targets=self.scored_targets[scored],
+            slots=self.scored_slots[scored],
+            logit_columns=keep,
+            logit_index=index,
+            multimodal=_multimodal_inputs(
+                [flat.items[i].multimodal for i in item.tolist()], width, (width - lengths).tolist()
+            ),
+        )
+
+
+def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For consecutive segments of `lengths` (n,) elements: the segment of every element and its index within it."""
+    segment = torch.repeat_interleave(lengths)
+    return segment, torch.arange(segment.numel()) - _starts(lengths)[segment]
+
+
+def _starts(lengths: torch.Tensor) -> torch.Tensor:
+    """Where each of consecutive segments of `lengths` (n,) elements starts: the exclusive cumulative sum."""
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """(n,) long from a list of ints, through a typed array: ~10x faster than `torch.tensor` on a list."""
+    if not values:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(array.array("q", values), dtype=torch.long)
+
+
+def _as_list(values) -> Sequence[int]:
+    return values.tolist() if isinstance(values, torch.Tensor) else values
+
+
+def _moved(batch, device):
+    """`batch` (a micro-batch dataclass) on `device`: its (long) tensors in one copy, its multimodal inputs moved."""
+    device = torch.device(device)
+    names = [f.name for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    tensors = [getattr(batch, name) for name in names]
+    if any(tensor.device != device for tensor in tensors):
+        tensors = _copy_together(tensors, device)
+    multimodal = {name: value.to(device) for name, value in batch.multimodal.items()}
+    return dataclasses.replace(batch, **dict(zip(names, tensors)), multimodal=multimodal)
+
+
+def _copy_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Same-dtype host tensors on `device`, through one flat copy (one transfer, not one per tensor)."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    if device.type == "cuda":  # pinned: the copy is queued without waiting for the forwards already queued
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [part.view(tensor.shape) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 # ------------------------------------------------------------------------------------ completion log-probs
@@ -640,28 +956,6 @@ def _check_fusable(model, items: Sequence[ScoringItem], method: str) -> None:
     for item in items:
         if not item.keep_completion or not item.prompt_ids:
             raise ValueError("Completion log-probs need items with `keep_completion=True` and a non-empty prompt.")
-
-
-def _completion_labels(batch: list[_Row], items, input_ids: torch.Tensor):
-    """
-    The fused head's `shift_labels` (B, W) long: at the column before each completion token, that token (-100
-    elsewhere); and per row the span [start, end) of those columns.
-    """
-    labels = torch.full_like(input_ids, -100)
-    spans = []
-    for r, row in enumerate(batch):
-        item = items[row.item]
-        start = len(item.prompt_ids) - 1
-        end = start + len(item.completion_ids)
-        labels[r, start:end] = input_ids[r, start + 1 : end + 1]
-        spans.append((start, end))
-    return labels, spans
-
-
-def _collect_completion_logps(out: list, rows_and_spans, log_probs: torch.Tensor) -> None:
-    """Write row r's completion log-probs `log_probs[r, start:end]` (C_i,) at `out[item]`."""
-    for item, r, (start, end) in rows_and_spans:
-        out[item] = log_probs[r, start:end].float()
 
 
 # ------------------------------------------------------------------------------------------- split attention
@@ -754,32 +1048,39 @@ def _continuation_positions(shared_positions: torch.Tensor, visible: torch.Tenso
     return running_max[visible - 1] + 1
 
 
-def _item_positions(model, item: ScoringItem) -> torch.Tensor:
+def _item_positions(model, items: Sequence[ScoringItem]) -> list[torch.Tensor | None]:
     """
-    Position ids of `prompt + completion[:b_K]` (no padding), (D, P + b_K) long on the CPU: `arange` (D = 1), or the
-    model's 3-D multimodal rotary positions (D = 3) when it has a `get_rope_index` and the prompt has images.
+    Position ids of each item's shared part (prompt + the completion tokens a row holds: up to b_K, or all with
+    `keep_completion`), without `position_offset`: None where they are the column index (text, or a model without
+    `get_rope_index`), else the model's 3-D multimodal rotary positions, (3, length) long on the CPU.
     """
-    prompt_len = len(item.prompt_ids)
-    length = prompt_len + (len(item.completion_ids) if item.keep_completion else max(item.boundaries))
+    if model is None or not any(item.multimodal for item in items):
+        return [None] * len(items)
+    rope_index = _rope_index_function(model)
+    return [None if rope_index is None else _rope_positions(model, rope_index, item) for item in items]
+
+
+def _rope_positions(model, rope_index, item: ScoringItem) -> torch.Tensor | None:
     multimodal = item.multimodal or {}
     grids = {name: multimodal[name] for name in _ROPE_INDEX_FIELDS if multimodal.get(name) is not None}
-    rope_index = _rope_index_function(model) if grids else None
-    if rope_index is None:
-        return item.position_offset + torch.arange(length).unsqueeze(0)
+    if not grids:
+        return None
     if multimodal.get("mm_token_type_ids") is None:
         raise ValueError(
             f"The prompt has multimodal rotary inputs ({sorted(grids)}) but no 'mm_token_type_ids', which the "
             "model needs to place its image tokens."
         )
-    ids = torch.as_tensor(list(item.prompt_ids) + list(item.completion_ids[: length - prompt_len]), dtype=torch.long)
-    token_types = torch.zeros(length, dtype=torch.long)
+    prompt_len = len(item.prompt_ids)
+    kept = len(item.completion_ids) if item.keep_completion else max(item.boundaries)
+    ids = torch.as_tensor(list(item.prompt_ids) + list(item.completion_ids[:kept]), dtype=torch.long)
+    token_types = torch.zeros(prompt_len + kept, dtype=torch.long)
     token_types[:prompt_len] = torch.as_tensor(multimodal["mm_token_type_ids"], dtype=torch.long).cpu()
     device = _model_device(model)
     grids = {name: torch.as_tensor(value).to(device) for name, value in grids.items()}
     positions, _ = rope_index(
         ids.unsqueeze(0).to(device), mm_token_type_ids=token_types.unsqueeze(0).to(device), **grids
     )  # (3, 1, length)
-    return item.position_offset + positions[:, 0].long().cpu()
+    return positions[:, 0].long().cpu()
 
 
 def _rope_index_function(model):
@@ -796,20 +1097,21 @@ def _model_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids[0] if position_ids.shape[0] == 1 else position_ids
 
 
-def _multimodal_inputs(batch: list[_Row], items: Sequence[ScoringItem], width: int, prompt_at, device) -> dict:
+def _multimodal_inputs(fields_per_row: list[Mapping | None], width: int, prompt_at: list[int]) -> dict:
     """
-    The multimodal inputs of a forward over `batch` (rows of width `width`, row r's prompt starting at column
-    `prompt_at[r]`): token-aligned fields as (B, W) tensors, zero outside the prompt; every other field concatenated
-    over the rows along dim 0, in row order (left out when no row has an entry, e.g. no image in the batch).
+    The multimodal inputs of a forward over rows of width `width` (row r's fields `fields_per_row[r]`, its prompt
+    starting at column `prompt_at[r]`): token-aligned fields as (B, W) tensors on the CPU, zero outside the prompt;
+    every other field concatenated over the rows along dim 0, in row order, where it is (left out when no row has an
+    entry, e.g. no image in the batch).
     """
-    per_row = [items[row.item].multimodal or {} for row in batch]
+    per_row = [fields or {} for fields in fields_per_row]
     names = list(dict.fromkeys(name for fields in per_row for name in fields))
     inputs = {}
     for name in names:
         values = [fields.get(name) for fields in per_row]
         if name in TOKEN_ALIGNED_FIELDS:
             dtype = next(torch.as_tensor(value).dtype for value in values if value is not None)
-            tensor = torch.zeros((len(batch), width), dtype=dtype)
+            tensor = torch.zeros((len(per_row), width), dtype=dtype)
             for r, (value, start) in enumerate(zip(values, prompt_at)):
                 if value is not None:
                     value = torch.as_tensor(value).cpu()
@@ -818,7 +1120,7 @@ def _multimodal_inputs(batch: list[_Row], items: Sequence[ScoringItem], width: i
             tensor = torch.cat([torch.as_tensor(value) for value in values if value is not None])
             if tensor.numel() == 0:
                 continue
-        inputs[name] = tensor.to(device)
+        inputs[name] = tensor
     return inputs
 
 

@@ -216,7 +216,7 @@ class MIGMixin:
         if fusion is not None and fusion.loglik is not None:  # scored in the pass that replaced TRL's forward
             step_batch, loglik = fusion.step_batch, fusion.loglik
         else:
-            prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
+            prompt_rows = _unpadded_rows(output["prompt_ids"], output["prompt_mask"])
             # a vision-language model's images, per completion, exactly as the policy forward indexes them
             multimodal = split_multimodal_inputs(output, output["prompt_mask"])
             step_batch = self._step_batch(inputs, prompt_rows, completion_ids_list, output.get("tool_mask"), multimodal)
@@ -434,7 +434,8 @@ class MIGMixin:
             )
         if tool_mask is None or mode == "never":
             return [None] * len(contents)
-        return [tool_mask[row, : len(ids)].tolist() for row, ids in enumerate(contents)]
+        rows = tool_mask.tolist()  # one device-to-host copy for the batch
+        return [row[: len(ids)] for row, ids in zip(rows, contents)]
 
     def _answer_blocks_for(self, row: dict) -> list:
         column = self.args.solution_column
@@ -688,6 +689,12 @@ def _backbone(model):
     if hasattr(causal_lm, "get_base_model"):
         causal_lm = causal_lm.get_base_model()
     return causal_lm.base_model
+def _unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each row's ids where `mask` is 1, as lists: (B, P) tensors read back in one copy each, then cut on the host."""
+    ids, mask = ids.cpu(), mask.cpu().bool()
+    values = ids[mask].tolist()  # row after row
+    ends = mask.sum(1).cumsum(0).tolist()
+    return [values[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def _keyword_arguments(positional: tuple, keywords: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from trl_mig.scoring import (
     TOKEN_ALIGNED_FIELDS,
     ScoringItem,
     StepLikelihoodScorer,
+    build_block_batch,
     encode_answer,
     multimodal_block_unsupported_reason,
 )
@@ -159,6 +161,32 @@ def test_multimodal_rotary_positions_matter(tiny_vlms, references, monkeypatch):
     wrong = StepLikelihoodScorer("block", batch_size=4).score(model, items)
     # a random tiny model barely depends on positions: ~2e-4 here, far above the ~5e-7 of the exact pass
     assert max((a - b).abs().max().item() for a, b in zip(wrong, expected)) > 5e-5
+
+
+def test_position_offset_and_keep_completion_with_multimodal_rotary_positions(tiny_vlms, references):
+    """The offset moves all three dims of Qwen2-VL's positions, in the shared part and the copies; l_k stays, and so it
+    does with the whole completion (an answer after b_K) in the shared part."""
+    model, processor = tiny_vlms["qwen2_vl"]
+    items, expected = references["qwen2_vl"]
+    plain = build_block_batch(items, model=model)
+    moved = build_block_batch([dataclasses.replace(item, position_offset=5) for item in items], model=model)
+    assert plain.position_ids.shape[0] == 3
+    real = torch.cat(
+        [
+            torch.arange(plain.shared_width) < (plain.prompt_lengths + plain.completion_lengths).unsqueeze(1),
+            plain.copy_visible > 0,
+        ],
+        dim=1,
+    )
+    assert torch.equal(moved.position_ids - plain.position_ids, 5 * real.long().expand(3, -1, -1))
+    tail = processor.tokenizer("</think>\n<answer>3</answer>", add_special_tokens=False)["input_ids"]
+    fused = [
+        dataclasses.replace(item, completion_ids=list(item.completion_ids) + tail, keep_completion=True,
+                            position_offset=2 + i)
+        for i, item in enumerate(items)
+    ]
+    for method in ("block", "prefix"):
+        assert_scores_close(StepLikelihoodScorer(method, batch_size=4).score(model, fused), expected)
 
 
 @pytest.mark.parametrize("architecture", ["qwen2_vl", "llava"])

@@ -6,6 +6,7 @@ forward per (prefix, answer variant), mean log-prob of the answer's tokens, max 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -16,11 +17,12 @@ from trl_mig.scoring import (
     ScoringItem,
     StepLikelihoodScorer,
     block_mask_unsupported_reason,
+    build_block_batch,
     encode_answer,
 )
 from trl_mig.builtin.tiny import build_tiny_model
 
-from helpers import build_bpe_tokenizer, build_metaspace_tokenizer, ATOL, reference_scores, assert_scores_close, assert_every_path_matches
+from helpers import build_bpe_tokenizer, build_metaspace_tokenizer, ATOL, reference_scores, assert_scores_close, assert_every_path_matches, scorers
 
 SCAFFOLD = "\n</think>\n<answer>"
 
@@ -421,3 +423,97 @@ def test_first_answer_token_predicted_from_the_prefix(char_tokenizer, tiny_model
     assert block.scored == (0, 2)
     item = ScoringItem(encode(char_tokenizer, "Q"), encode(char_tokenizer, "<think>ab"), [0, 1, 3], [block])
     assert_every_path_matches(model, [item], [reference_scores(model, item)])
+
+
+# ----------------------------------------------------------------------- block rows for a forward of the caller's own
+def _real_columns(batch):
+    """(B, W) bool: the columns of a block batch that hold tokens (shared part, then copies), not padding."""
+    shared = torch.arange(batch.shared_width) < (batch.prompt_lengths + batch.completion_lengths).unsqueeze(1)
+    return torch.cat([shared, batch.copy_visible > 0], dim=1)  # a copy sees P + b_k >= 1 shared columns
+
+
+def test_position_offset_shifts_every_position_and_keeps_the_scores(char_tokenizer, tiny_model):
+    """Rotary attention is relative: positions shifted by the offset (shared part and copies alike) keep l_k."""
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer)
+    offsets = [3 + 7 * i for i in range(len(items))]
+    shifted = [dataclasses.replace(item, position_offset=o) for item, o in zip(items, offsets)]
+    plain, moved = build_block_batch(items), build_block_batch(shifted)
+    assert torch.equal(moved.input_ids, plain.input_ids)
+    shift = _real_columns(plain) * torch.tensor(offsets).unsqueeze(1)  # padding columns keep position 0
+    assert torch.equal(moved.position_ids - plain.position_ids, shift.unsqueeze(0))
+    for method in ("block", "prefix"):
+        scorer = StepLikelihoodScorer(method, batch_size=2)
+        for got, ref in zip(scorer.score(model, shifted), scorer.score(model, items)):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="position_offset"):
+        StepLikelihoodScorer().score(model, [dataclasses.replace(items[0], position_offset=-1)])
+
+
+def test_keep_completion_puts_the_whole_completion_in_the_shared_part(char_tokenizer, tiny_model):
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer)
+    assert sum(len(item.completion_ids) > item.boundaries[-1] for item in items) >= 3  # tokens after b_K
+    kept = [dataclasses.replace(item, keep_completion=True) for item in items]
+    batch = build_block_batch(kept)
+    assert batch.completion_lengths.tolist() == [len(item.completion_ids) for item in items]
+    rows, tokens, columns = batch.completion_columns()
+    completions = torch.tensor([token for item in items for token in item.completion_ids])
+    assert torch.equal(batch.input_ids[rows, columns], completions)
+    assert torch.equal(tokens, torch.cat([torch.arange(len(item.completion_ids)) for item in items]))
+    for scorer in scorers().values():  # block with split attention, with the full mask, prefix
+        for got, ref in zip(scorer.score(model, kept), scorer.score(model, items)):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_block_batch_reproduces_a_left_padded_policy_forward(char_tokenizer, tiny_model):
+    """
+    What a fused pass needs: with `keep_completion` and `position_offset` = the prompt's left padding, one forward over
+    the block batch gives the completion log-probs of the policy forward over the left-padded batch (no position ids:
+    positions count the padding, as in GRPOTrainer) and, from the same logits, l_k.
+    """
+    model = tiny_model.eval()
+    items = sample_items(char_tokenizer)
+    prompt_width = max(len(item.prompt_ids) for item in items)
+    completion_width = max(len(item.completion_ids) for item in items)
+    pad = char_tokenizer.pad_token_id
+    ids, mask = [], []
+    for item in items:
+        left, right = prompt_width - len(item.prompt_ids), completion_width - len(item.completion_ids)
+        ids.append([pad] * left + list(item.prompt_ids) + list(item.completion_ids) + [pad] * right)
+        mask.append([0] * left + [1] * (len(item.prompt_ids) + len(item.completion_ids)) + [0] * right)
+    policy = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().log_softmax(-1)
+
+    fused = [
+        dataclasses.replace(item, keep_completion=True, position_offset=prompt_width - len(item.prompt_ids))
+        for item in items
+    ]
+    batch = build_block_batch(fused)
+    logps = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.model_position_ids,
+        attention_mask=batch.full_attention().unsqueeze(1),
+    ).logits.float().log_softmax(-1)
+    rows, tokens, columns = batch.completion_columns()
+    assert rows.numel() == sum(len(item.completion_ids) for item in items)  # every completion token, past b_K too
+    targets = batch.input_ids[rows, columns]
+    got = logps[rows, columns - 1].gather(1, targets.unsqueeze(1)).squeeze(1)
+    expected = policy[rows, prompt_width + tokens - 1].gather(1, targets.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    token_logps = logps[batch.rows, batch.cols].gather(1, batch.targets.unsqueeze(1)).squeeze(1)
+    reference = StepLikelihoodScorer("block").score(model, items)
+    for value, ref in zip(batch.step_likelihoods(token_logps), reference):
+        torch.testing.assert_close(value, ref, atol=1e-5, rtol=0)
+
+
+def test_a_micro_batch_goes_to_the_device_in_one_copy(char_tokenizer):
+    """Its index tensors travel as one flat copy, cut back into the same tensors on arrival."""
+    from trl_mig.scoring import _copy_together
+
+    batch = build_block_batch(sample_items(char_tokenizer))
+    tensors = [batch.input_ids, batch.position_ids, batch.copy_start, batch.rows, batch.logit_columns]
+    copied = _copy_together(tensors, torch.device("cpu"))
+    assert len(copied) == len(tensors)
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(copied, tensors))
