@@ -73,3 +73,29 @@ def test_oracle_study_trains_its_arms_with_the_oracle(tmp_path, monkeypatch):
 
     assert prompt_only_likelihoods("oracle_step") and all(v == 0.0 for v in prompt_only_likelihoods("oracle_step"))
     assert prompt_only_likelihoods("mig") and all(v < 0.0 for v in prompt_only_likelihoods("mig"))
+
+
+def test_reanalysis_pairs_seeds_and_gives_the_t_interval(tmp_path):
+    """The paired re-analysis of a committed study: per-seed MIG - GRPO differences of the mean pass@1 over the
+    evaluations after step 0, and the t-interval over the 3 seeds (t_{0.975,2} = 4.303)."""
+    import shutil
+
+    from reanalyse_studies import main as reanalyse
+
+    shutil.copytree(ROOT / "docs" / "study" / "cpu_slip", tmp_path / "cpu_slip")
+    shutil.copytree(ROOT / "docs" / "study" / "cpu_slip", tmp_path / "cpu_slip_oracle")  # left out: a repeat
+    results = reanalyse(["--studies", str(tmp_path)])
+    assert list(results) == ["cpu_slip"]
+    study = json.loads((tmp_path / "cpu_slip" / "study.json").read_text())
+    curves = {(r["arm"], r["seed"]): dict(r["curves"]["test"]) for r in study["runs"]
+              if r["setting"] == study["selection"][r["arm"]]["setting"]}
+    expected = []
+    for seed in (0, 1, 2):
+        steps = [s for s in curves[("grpo", seed)] if s > 0]
+        expected.append(100 * sum(curves[("mig", seed)][s] - curves[("grpo", seed)][s] for s in steps) / len(steps))
+    auc = results["cpu_slip"]["test"]["auc"]
+    assert auc["per_seed"] == [round(v, 2) for v in expected]
+    mean = sum(expected) / 3
+    sd = (sum((v - mean) ** 2 for v in expected) / 2) ** 0.5
+    assert auc["t95"] == [round(mean - 4.302653 * sd / 3**0.5, 2), round(mean + 4.302653 * sd / 3**0.5, 2)]
+    assert (tmp_path / "reanalysis.md").read_text().count("| [cpu_slip]") == 1
