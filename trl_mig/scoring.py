@@ -404,17 +404,20 @@ class StepLikelihoodScorer:
         """
         if collect is not None:
             causal_lm = fused_head_model(model)
+            head = causal_lm.get_output_embeddings()
             captured = []
-            hook = causal_lm.base_model.register_forward_hook(
-                lambda module, args, output: captured.append(output[0])  # last_hidden_state (B, W, H)
-            )
+
+            def answer_logits(module, args, output):
+                # inside the model's forward, where sharded (FSDP, ZeRO-3) weights are gathered: (N, vocab)
+                captured.append(head(output[0][batch.rows, batch.cols]).float())
+
+            hook = causal_lm.base_model.register_forward_hook(answer_logits)
             try:
                 output = self._call(model, **inputs)
             finally:
                 hook.remove()
             collect(output.log_probs)
-            hidden = captured[-1][batch.rows, batch.cols]  # (N, H)
-            selected = causal_lm.get_output_embeddings()(hidden).float()  # (N, vocab), temperature 1
+            selected = captured[-1]  # (N, vocab), temperature 1
             return selected.gather(1, batch.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, -1)
         logits = self._call(model, **inputs, logits_to_keep=batch.logit_columns).logits
         selected = logits[batch.rows, batch.logit_index].float()  # (N, vocab), temperature 1
