@@ -140,28 +140,12 @@ def make_prompts(n: int) -> dict[str, str]:
     return prompts
 
 
-def tokenizer_corpus(prompts: dict[str, str]) -> list[str]:
-    """Text like the benchmark's prompts and completions, math symbols included, to train a local tokenizer on."""
-    rng = random.Random(1)
-    texts = list(prompts)
-    for prompt, solution in prompts.items():
-        steps = "".join(
-            f"### Step {k}\n{rng.randint(1, 99)}{rng.choice(MATH_SYMBOLS)}{rng.randint(1, 99)} = {rng.randint(1, 999)}, "
-            f"so {' '.join(rng.choice(MATH_SYMBOLS) for _ in range(3))} ({rng.randint(1, 9)}+{rng.randint(1, 9)}).\n"
-            for k in range(1, 4)
-        )
-        texts.append(f"<think>{steps}</think>\n<answer>{solution}</answer>")
-    return texts
-
-
-def build_tokenizer(kind: str, prompts: dict[str, str]):
-    from trl_mig.builtin.tiny import build_char_tokenizer
-
-    if kind == "char":
-        return build_char_tokenizer()
+def build_tokenizer(kind: str):
+    """A local tokenizer of `kind` (`trl_mig.builtin.tokenizers`): the byte-level BPE and Unigram kinds learn from a
+    corpus in the step format with math symbols, so some symbols are single tokens and others span byte tokens."""
     from trl_mig.builtin.tokenizers import tiny_tokenizer
 
-    return tiny_tokenizer(kind, corpus=tokenizer_corpus(prompts))
+    return tiny_tokenizer(kind)
 
 
 def free_token_ids(tokenizer) -> list[int]:
@@ -274,14 +258,16 @@ def make_rollout(mode: str, length: int, max_steps: int, solutions: dict[str, st
         else:
             allowed = torch.zeros(len(tokenizer), dtype=torch.bool)
             allowed[free] = True
-            tokenizer.padding_side = "left"
-            batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            # left padding by hand: the tokenizer is shared (cached), so its padding side stays as it is
+            width = max(map(len, prompt_ids))
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
             device = trainer.accelerator.device
             model = trainer.accelerator.unwrap_model(trainer.model)
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
                     max_new_tokens=length,
                     do_sample=True,
                     temperature=1.0,
@@ -289,10 +275,10 @@ def make_rollout(mode: str, length: int, max_steps: int, solutions: dict[str, st
                     top_p=1.0,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    logits_processor=LogitsProcessorList([Template(plans, batch["input_ids"].shape[1], allowed)]),
+                    logits_processor=LogitsProcessorList([Template(plans, width, allowed)]),
                     disable_compile=True,
                 )
-            completions = out[:, batch["input_ids"].shape[1] :].cpu()
+            completions = out[:, width:].cpu()
         return {"prompt_ids": prompt_ids, "completion_ids": completions.tolist(), "logprobs": None}
 
     rollout.calls = 0
@@ -300,11 +286,11 @@ def make_rollout(mode: str, length: int, max_steps: int, solutions: dict[str, st
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
-def save_model(args, prompts, folder):
+def save_model(args, folder):
     """The tiny model and its tokenizer saved in `folder`: TRL builds the reference model from that path."""
     from trl_mig.builtin.tiny import build_tiny_model
 
-    tokenizer = build_tokenizer(args.tokenizer, prompts)
+    tokenizer = build_tokenizer(args.tokenizer)
     model = build_tiny_model(tokenizer, "qwen2", args.hidden, args.layers, args.heads, args.kv_heads, seed=0).float()
     model.save_pretrained(folder)
     return tokenizer
@@ -414,7 +400,7 @@ def worker(args):
     prompts = make_prompts(args.prompts)
     rows = generation_rows(args, prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = save_model(args, prompts, os.path.join(tmp, "model"))
+        tokenizer = save_model(args, os.path.join(tmp, "model"))
         trainer = build_trainer(args.worker, args, args.preset, os.path.join(tmp, "model"), tokenizer, prompts, tmp)
         run_cycle(trainer, rows, seed=999)  # gradients allocated, caches warm: the steady state
         exact = reset_peak_rss()
@@ -492,7 +478,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
     )
     with tempfile.TemporaryDirectory() as tmp:
         model_folder = os.path.join(tmp, "model")
-        tokenizer = save_model(args, prompts, model_folder)
+        tokenizer = save_model(args, model_folder)
         trainers = {
             v: build_trainer(v, args, preset_name, model_folder, tokenizer, prompts, os.path.join(tmp, v))
             for v in VARIANTS
