@@ -5,22 +5,24 @@ x `--generations` completions (64 x 8 = 512 completions per generation batch by 
 and the same rollout. The rollout samples every completion token from the model with `model.generate` (real
 generation cost), under a template that forces step headers, the think/answer tags and EOS at fixed places, so
 completions have K in [1, --max-steps] steps and exactly `--completion-length` tokens (a random tiny model would
-otherwise write no steps, and MIG would have nothing to score). With a `--tokenizer` that encodes them (byte_bpe,
-metaspace_unigram), every step also contains a forced multi-byte math symbol (e.g. `×`, `≤`), so segmentation maps
-characters to tokens that cover several bytes. `--rollout scripted` skips generation (the completions are drawn from
+otherwise write no steps, and MIG would have nothing to score). Free positions take any token that decodes to plain
+text (lower-case letters, digits, arithmetic, math symbols): single characters with `--tokenizer char`, also
+multi-character tokens with the trained tokenizers of `trl_mig.builtin.tokenizers` (`byte_bpe`,
+`metaspace_unigram`), where every step also holds one forced multi-byte math symbol (e.g. `×`, `≤`, `→`; some are
+learned tokens, others spread over byte tokens), so segmentation maps characters to tokens that cover several bytes. `--rollout scripted` skips generation (the completions are drawn from
 the template without the model): the cycle is then rewards + MIG scoring + TRL's forwards and backwards, which bounds
 MIG's relative overhead from above.
 
 Presets (`--preset`; `all` runs the four in sequence and ends with a markdown table of them). Every preset keeps the
-generation batch and the micro-batch (`per_device_train_batch_size`, `--micro-batch`), so `steps_per_generation` =
-generation batch / micro-batch in all of them:
+generation batch and the micro-batch (`per_device_train_batch_size`, `--micro-batch`, 64 by default), so
+`steps_per_generation` = generation batch / micro-batch (8 by default) in all of them:
 
 - `default`: num_iterations 1, gradient_accumulation_steps = steps_per_generation (one optimizer step covers the
   generation batch). TRL runs no extra forward: the loss's own forward and backward only.
-- `old_logps`: gradient_accumulation_steps = steps_per_generation / 2 (with 2 micro-batches per generation: 2 and 1),
-  so one generation feeds two optimizer steps and TRL runs its no-grad policy forward for `old_per_token_logps`
-  (`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0` in `_generate_and_score_completions`);
-  on the CPU this stands in for vLLM, where TRL always runs that forward.
+- `old_logps`: gradient_accumulation_steps = steps_per_generation / 2 (8 and 4 by default; 2 and 1 with `--quick` or
+  `--micro-batch 256`), so one generation feeds two optimizer steps and TRL runs its no-grad policy forward for
+  `old_per_token_logps` (`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0` in
+  `_generate_and_score_completions`); on the CPU this stands in for vLLM, where TRL always runs that forward.
 - `iterations2`: num_iterations 2: each generation batch is trained on twice (TRL then runs the old-logp forward too).
 - `reference`: beta 0.04: TRL loads a reference model and runs its forward for the KL term; MIG scores with that
   reference model (`mig_likelihood_model="reference"`).
@@ -559,28 +561,21 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """One row per preset: what it runs, the median cycle times and the two ratios."""
-
-    def extra_forwards(summary):
-        names = {"old_per_token_logps": "old-logp", "ref_per_token_logps": "reference"}
-        ran = [names[key] for key, on in summary["trl_forwards"]["grpo"].items() if on]
-        return ", ".join(ran) or "none"
-
-    def number(value, digits):
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
-    lines = [
-        "| preset | TRL no-grad forwards | batch | steps / cycle | L | tokenizer | GRPO s / cycle | MIG s / cycle "
-        "| time ratio | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """One row per preset: TRL's extra forwards, the batch, the median cycle times and the two ratios."""
+    names = {"old_per_token_logps": "old-logp", "ref_per_token_logps": "reference"}
+    header = ["preset", "TRL no-grad forwards", "batch (micro-batch)", "steps / cycle", "L", "tokenizer",
+              "GRPO s / cycle", "MIG s / cycle", "time ratio", "memory ratio"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         b = s["batch"]
-        lines.append(
-            f"| {s['preset']} | {extra_forwards(s)} | {b['prompts']} x {b['generations']} (micro {b['per_device_train_batch_size']}) "
-            f"| {b['training_steps_per_cycle']} | {s['completion_length']} | {s['tokenizer']} | {number(s['grpo_s'], 3)} "
-            f"| {number(s['mig_s'], 3)} | {number(s['time_ratio'], 3)} | {number(s['memory_ratio'], 3)} |"
-        )
+        forwards = ", ".join(names[key] for key, ran in s["trl_forwards"]["grpo"].items() if ran) or "none"
+        memory = "n/a" if s["memory_ratio"] is None else f"{s['memory_ratio']:.3f}"
+        cells = [
+            s["preset"], forwards, f"{b['prompts']} x {b['generations']} ({b['per_device_train_batch_size']})",
+            b["training_steps_per_cycle"], s["completion_length"], s["tokenizer"], f"{s['grpo_s']:.3f}",
+            f"{s['mig_s']:.3f}", f"{s['time_ratio']:.3f}", memory,
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 

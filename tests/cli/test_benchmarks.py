@@ -121,6 +121,26 @@ def test_step_benchmark_preset_runs_the_forwards_it_names(preset, tokenizer, cap
     assert summary["mig_scores_with_reference_model"] == (preset == "reference")
 
 
+def test_step_benchmark_all_runs_every_preset_then_a_table(monkeypatch, capsys):
+    """`--preset all` runs the four presets in order, then one markdown row per preset."""
+    def fake_run(name, args, raw_argv):
+        forwards = dict(zip(("old_per_token_logps", "ref_per_token_logps"), EXPECTED_FORWARDS[name]))
+        summary = {"preset": name, "trl_forwards": {"grpo": forwards}, "completion_length": args.completion_length,
+                   "batch": bench_step.batch_plan(args, bench_step.PRESETS[name]), "tokenizer": args.tokenizer,
+                   "grpo_s": 1.0, "mig_s": 1.1, "time_ratio": 1.1, "memory_ratio": None}
+        print(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(bench_step, "run_preset", fake_run)
+    summaries = bench_step.main(["--quick", "--preset", "all"])
+    assert [s["preset"] for s in summaries] == ["default", "old_logps", "iterations2", "reference"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| default", "none"], ["| old_logps", "old-logp"], ["| iterations2", "old-logp"], ["| reference", "reference"]
+    ]
+    assert all(row.endswith("| 1.100 | n/a |") for row in rows)
+
+
 def test_step_benchmark_memory_worker_reports_its_peak(capsys):
     """The CPU memory worker (run here in the test's process; the benchmark starts one process per variant) builds
     the preset's trainer, reference model included, and reports its RSS before and its peak over the cycles."""
