@@ -1,27 +1,52 @@
-"""Step benchmark: a MIG-GRPO training step vs a plain GRPO step, same model, data, generation length and seeds.
+"""Step benchmark: MIG-GRPO vs plain GRPO over whole generation cycles, same model, data, generation length and seeds.
 
-Both trainers get an identical tiny Qwen2 model (same seed), the same two prompts x `--generations` completions, the
-same reward functions and the same rollout. The rollout samples every completion token from the model with
-`model.generate` (real generation cost), under a template that forces step headers, the think/answer tags and EOS at
-fixed places, so completions have K in [1, --max-steps] steps and exactly `--completion-length` tokens (a random
-tiny model would otherwise write no steps, and MIG would have nothing to score). `--rollout scripted` skips generation
-(the completions are drawn from the template without the model): the step is then only rewards + MIG scoring + the
-loss forward/backward, which bounds MIG's relative overhead from above.
+Both trainers get an identical tiny Qwen2 model (same seed, loaded from the same folder), the same `--prompts` prompts
+x `--generations` completions (64 x 8 = 512 completions per generation batch by default), the same reward functions
+and the same rollout. The rollout samples every completion token from the model with `model.generate` (real
+generation cost), under a template that forces step headers, the think/answer tags and EOS at fixed places, so
+completions have K in [1, --max-steps] steps and exactly `--completion-length` tokens (a random tiny model would
+otherwise write no steps, and MIG would have nothing to score). Free positions take any token that decodes to plain
+text (lower-case letters, digits, arithmetic, math symbols): single characters with `--tokenizer char`, also
+multi-character tokens with the trained tokenizers of `trl_mig.builtin.tokenizers` (`byte_bpe`,
+`metaspace_unigram`), where every step also holds one forced multi-byte math symbol (e.g. `×`, `≤`, `→`; some are
+learned tokens, others spread over byte tokens), so segmentation maps characters to tokens that cover several bytes. `--rollout scripted` skips generation (the completions are drawn from
+the template without the model): the cycle is then rewards + MIG scoring + TRL's forwards and backwards, which bounds
+MIG's relative overhead from above.
 
-Time: `trainer.training_step` (generation, rewards, MIG scoring, loss forward and backward; what TRL's `step_time`
-covers), the two trainers alternating step by step in one process, after `--warmup` steps each, same seed per pair;
-the median of `--repeats` pairs.
+Presets (`--preset`; `all` runs the four in sequence and ends with a markdown table of them). Every preset keeps the
+generation batch and the micro-batch (`per_device_train_batch_size`, `--micro-batch`, 64 by default), so
+`steps_per_generation` = generation batch / micro-batch (8 by default) in all of them:
 
-Memory: on CUDA, `torch.cuda.max_memory_allocated` per step, in the same interleaved run. On the CPU there is no
-allocator statistic, so each variant runs in its own subprocess (`--worker`) for `--memory-steps` steps and reports
-its peak resident set size over those steps (the kernel's VmHWM, reset after a warm-up step through
-/proc/self/clear_refs: exact, not sampled), its RSS just after the imports and its RSS just before the steps. The
-headline ratio is of the peaks above the import baseline (weights, gradients, activations, trainer state: what
-`max_memory_allocated` counts on CUDA); the raw peak-RSS ratio and the ratio of the step's transient memory (peak
-above the RSS before the steps) are printed too.
+- `default`: num_iterations 1, gradient_accumulation_steps = steps_per_generation (one optimizer step covers the
+  generation batch). TRL runs no extra forward: the loss's own forward and backward only.
+- `old_logps`: gradient_accumulation_steps = steps_per_generation / 2 (8 and 4 by default; 2 and 1 with `--quick` or
+  `--micro-batch 256`), so one generation feeds two optimizer steps and TRL runs its no-grad policy forward for
+  `old_per_token_logps` (`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0` in
+  `_generate_and_score_completions`); on the CPU this stands in for vLLM, where TRL always runs that forward.
+- `iterations2`: num_iterations 2: each generation batch is trained on twice (TRL then runs the old-logp forward too).
+- `reference`: beta 0.04: TRL loads a reference model and runs its forward for the KL term; MIG scores with that
+  reference model (`mig_likelihood_model="reference"`).
 
-    python benchmarks/bench_step.py             # L = 256, K <= 8, batch 8, 4 layers hidden 256
-    python benchmarks/bench_step.py --quick
+Time: one generation cycle, i.e. the `steps_per_generation * num_iterations` calls of `trainer.training_step` between
+two generations (the first generates, rewards, MIG-scores and trains on the first micro-batch; the others train on
+the buffered ones; what TRL's `step_time` sums over, without the optimizer step, which is the same for both). The two
+trainers alternate cycle by cycle in one process, after `--warmup` cycles each, same seed per pair; the median of
+`--repeats` pairs. The JSON line also records which of TRL's no-grad forwards ran (`trl_forwards`: whether the
+buffered micro-batches carry `old_per_token_logps` / `ref_per_token_logps`) and how many generations and training
+steps each cycle held.
+
+Memory: on CUDA, `torch.cuda.max_memory_allocated` per cycle, in the same interleaved run. On the CPU there is no
+allocator statistic, so each variant runs in its own subprocess (`--worker`) for `--memory-cycles` cycles and reports
+its peak resident set size over those cycles (the kernel's VmHWM, reset after a warm-up cycle through
+/proc/self/clear_refs: exact, not sampled), its RSS just after the imports and its RSS just before the cycles. The
+headline ratio is of the peaks above the import baseline (weights, gradients, activations, trainer state, the
+reference model: what `max_memory_allocated` counts on CUDA); the raw peak-RSS ratio and the ratio of the cycle's
+transient memory (peak above the RSS before the cycles) are printed too.
+
+    python benchmarks/bench_step.py                      # preset default: 64 prompts x 8, L = 256, K <= 8
+    python benchmarks/bench_step.py --preset all         # the four presets, then a markdown table
+    python benchmarks/bench_step.py --preset old_logps --tokenizer byte_bpe
+    python benchmarks/bench_step.py --quick              # tiny sizes: a smoke test, not a measurement
     python benchmarks/bench_step.py --rollout scripted
 """
 
@@ -30,12 +55,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
@@ -51,9 +78,99 @@ def rss_mb() -> float:
 
 IMPORT_RSS = None  # set after the heavy imports, in main()
 
-PROMPTS = ["Compute (12+7)*3-5.\n", "Compute 81/9+4*2.\n"]
-SOLUTIONS = ["52", "17"]
 FREE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*/=().,"
+# multi-byte in UTF-8 (2-3 bytes each): forced once per step with tokenizers that encode them
+MATH_SYMBOLS = ("×", "÷", "−", "≤", "≥", "≠", "√", "∑", "π", "→")
+VARIANTS = ("grpo", "mig")
+TOKENIZERS = ("char", "byte_bpe", "metaspace_unigram")
+
+
+# ------------------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    """What a preset changes in TRL's configuration; the batch sizes are the command line's."""
+
+    description: str
+    num_iterations: int = 1
+    optimizer_steps_per_generation: int = 1  # > 1: generation and optimizer steps misaligned (old-logp forward)
+    beta: float = 0.0
+    mig_likelihood_model: str = "policy"
+
+
+PRESETS = {
+    "default": Preset("num_iterations 1, one optimizer step per generation batch"),
+    "old_logps": Preset(
+        "two optimizer steps per generation batch: TRL's no-grad old-logp forward", optimizer_steps_per_generation=2
+    ),
+    "iterations2": Preset("num_iterations 2: two passes over each generation batch", num_iterations=2),
+    "reference": Preset("beta 0.04, MIG scores with the reference model", beta=0.04, mig_likelihood_model="reference"),
+}
+
+
+def batch_plan(args, preset: Preset) -> dict:
+    """TRL's batch settings for `preset`: the generation batch split into micro-batches, and the cycle's length."""
+    completions = args.prompts * args.generations
+    if completions % args.micro_batch:
+        raise ValueError(f"--micro-batch {args.micro_batch} must divide the generation batch ({completions}).")
+    steps_per_generation = completions // args.micro_batch
+    if steps_per_generation % preset.optimizer_steps_per_generation:
+        raise ValueError(
+            f"steps_per_generation {steps_per_generation} (generation batch / --micro-batch) must be a multiple of "
+            f"{preset.optimizer_steps_per_generation} for this preset."
+        )
+    return {
+        "prompts": args.prompts,
+        "generations": args.generations,
+        "completions_per_generation": completions,
+        "per_device_train_batch_size": args.micro_batch,
+        "steps_per_generation": steps_per_generation,
+        "gradient_accumulation_steps": steps_per_generation // preset.optimizer_steps_per_generation,
+        "num_iterations": preset.num_iterations,
+        "training_steps_per_cycle": steps_per_generation * preset.num_iterations,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def make_prompts(n: int) -> dict[str, str]:
+    """`n` distinct arithmetic prompts -> their solutions (fixed seed)."""
+    rng = random.Random(0)
+    prompts = {}
+    while len(prompts) < n:
+        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        d = rng.randint(1, (a + b) * c - 1)
+        prompts[f"Compute ({a}+{b})*{c}-{d}.\n"] = str((a + b) * c - d)
+    return prompts
+
+
+def build_tokenizer(kind: str):
+    """A local tokenizer of `kind` (`trl_mig.builtin.tokenizers`): the byte-level BPE and Unigram kinds learn from a
+    corpus in the step format with math symbols, so some symbols are single tokens and others span byte tokens."""
+    from trl_mig.builtin.tokenizers import tiny_tokenizer
+
+    return tiny_tokenizer(kind)
+
+
+def free_token_ids(tokenizer) -> list[int]:
+    """The tokens a free position may take: those that decode to `FREE_CHARS` and `MATH_SYMBOLS` only (for BPE
+    tokenizers, multi-character and merged multi-byte tokens too; never special tokens or partial bytes)."""
+    alphabet = set(FREE_CHARS) | set("".join(MATH_SYMBOLS))
+    special = set(tokenizer.all_special_ids)
+    free = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if token_id not in special and text and set(text) <= alphabet:
+            free.append(token_id)
+    return free
+
+
+def encodable_symbols(tokenizer) -> list[str]:
+    """The `MATH_SYMBOLS` the tokenizer encodes and decodes back unchanged (none for the ASCII char tokenizer)."""
+    symbols = []
+    for symbol in MATH_SYMBOLS:
+        ids = tokenizer(symbol, add_special_tokens=False)["input_ids"]
+        if ids and tokenizer.unk_token_id not in ids and tokenizer.decode(ids).strip() == symbol:
+            symbols.append(symbol)
+    return symbols
 
 
 # ------------------------------------------------------------------------------------------------------- rewards
@@ -70,42 +187,48 @@ def format_reward(completions, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------------- rollout
-def template_plans(tokenizer, solutions, length, max_steps, generator):
+def template_plans(tokenizer, solutions, length, max_steps, generator, symbols=()):
     """
     Per completion, a (length,) long tensor: the forced token id at each position, -1 where the model samples freely.
-    `<think>`, K step headers with free text between them, `</think>\\n<answer>`, the answer (the solution for even
-    rows, a wrong one for odd rows), `</answer>`, EOS at the last position.
+    `<think>`, K step headers with free text between them (and one forced symbol from `symbols` in each step's text,
+    when there are any), `</think>\\n<answer>`, the answer (the solution for even rows, a wrong one for odd rows),
+    `</answer>`, EOS at the last position.
     """
     import torch
 
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    symbol_ids = [ids(symbol) for symbol in symbols]
     plans = []
     for row, solution in enumerate(solutions):
         answer = solution if row % 2 == 0 else str(int(solution) + 1)
         steps = int(torch.randint(1, max_steps + 1, (1,), generator=generator))
         head, tail = ids("<think>"), ids("\n</think>\n<answer>" + answer + "</answer>") + [tokenizer.eos_token_id]
         headers = [ids(f"### Step {k}\n") for k in range(1, steps + 1)]
-        free = length - len(head) - len(tail) - sum(map(len, headers))
+        # one symbol per step (none without symbols), in the middle of the step's free text
+        marks = [symbol_ids[int(torch.randint(len(symbol_ids), (1,), generator=generator))] if symbol_ids else []
+                 for _ in headers]
+        free = length - len(head) - len(tail) - sum(map(len, headers)) - sum(map(len, marks))
         if free < steps:
             raise ValueError(f"--completion-length {length} is too short for {steps} steps")
         cuts = sorted(torch.randperm(free - 1, generator=generator)[: steps - 1].add(1).tolist())
         sizes = [b - a for a, b in zip([0, *cuts], [*cuts, free])]
         plan = list(head)
-        for header, size in zip(headers, sizes):
-            plan += header + [-1] * size
+        for header, mark, size in zip(headers, marks, sizes):
+            plan += header + [-1] * (size // 2) + mark + [-1] * (size - size // 2)
         plan += tail
         plans.append(torch.tensor(plan))
     return torch.stack(plans)
 
 
-def make_rollout(mode: str, length: int, max_steps: int):
+def make_rollout(mode: str, length: int, max_steps: int, solutions: dict[str, str]):
+    """A TRL `rollout_func` (see the module docstring); `rollout.calls` counts its calls (one per generation)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Template(LogitsProcessor):
-        """Forces the planned tokens; free positions sample from `FREE_CHARS` only (no tags, no EOS)."""
+        """Forces the planned tokens; free positions sample from the free tokens only (no tags, no EOS)."""
 
         def __init__(self, plans, prompt_width, allowed):
             self.plans, self.prompt_width, self.allowed = plans, prompt_width, allowed
@@ -120,27 +243,33 @@ def make_rollout(mode: str, length: int, max_steps: int):
                 scores[rows, forced[rows]] = 0.0
             return scores
 
+    tokens = {}  # per tokenizer: its free token ids and the symbols it encodes, found once
+
     def rollout(prompts, trainer):
+        rollout.calls += 1
         tokenizer = trainer.processing_class
-        solutions = [SOLUTIONS[PROMPTS.index(p)] for p in prompts]
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))  # follows the step's seed
-        plans = template_plans(tokenizer, solutions, length, max_steps, generator)
+        if id(tokenizer) not in tokens:
+            tokens[id(tokenizer)] = (torch.tensor(free_token_ids(tokenizer)), encodable_symbols(tokenizer))
+        free, symbols = tokens[id(tokenizer)]
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))  # follows the cycle's seed
+        plans = template_plans(tokenizer, [solutions[p] for p in prompts], length, max_steps, generator, symbols)
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if mode == "scripted":
-            free = torch.tensor(tokenizer(list(FREE_CHARS), add_special_tokens=False)["input_ids"]).flatten()
             fill = free[torch.randint(0, free.numel(), plans.shape, generator=generator)]
             completions = torch.where(plans >= 0, plans, fill)
         else:
             allowed = torch.zeros(len(tokenizer), dtype=torch.bool)
-            allowed[torch.tensor(tokenizer(list(FREE_CHARS), add_special_tokens=False)["input_ids"]).flatten()] = True
-            tokenizer.padding_side = "left"
-            batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            allowed[free] = True
+            # left padding by hand: the tokenizer is shared (cached), so its padding side stays as it is
+            width = max(map(len, prompt_ids))
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
             device = trainer.accelerator.device
             model = trainer.accelerator.unwrap_model(trainer.model)
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
                     max_new_tokens=length,
                     do_sample=True,
                     temperature=1.0,
@@ -148,32 +277,48 @@ def make_rollout(mode: str, length: int, max_steps: int):
                     top_p=1.0,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    logits_processor=LogitsProcessorList([Template(plans, batch["input_ids"].shape[1], allowed)]),
+                    logits_processor=LogitsProcessorList([Template(plans, width, allowed)]),
                     disable_compile=True,
                 )
-            completions = out[:, batch["input_ids"].shape[1] :].cpu()
+            completions = out[:, width:].cpu()
         return {"prompt_ids": prompt_ids, "completion_ids": completions.tolist(), "logprobs": None}
 
+    rollout.calls = 0
     return rollout
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
-def build_trainer(variant, args, output_dir):
+def save_model(args, folder):
+    """The tiny model and its tokenizer saved in `folder`: TRL builds the reference model from that path."""
+    from trl_mig.builtin.tiny import build_tiny_model
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    model = build_tiny_model(tokenizer, "qwen2", args.hidden, args.layers, args.heads, args.kv_heads, seed=0).float()
+    model.save_pretrained(folder)
+    return tokenizer
+
+
+def build_trainer(variant, args, preset_name, model_folder, tokenizer, prompts, output_dir):
     import torch
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_mig import MIGConfig, MIGGRPOTrainer
-    from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model
 
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, "qwen2", args.hidden, args.layers, args.heads, args.kv_heads, seed=0).float()
+    preset = PRESETS[preset_name]
+    plan = batch_plan(args, preset)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
     cuda = torch.cuda.is_available()
     common = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=len(PROMPTS) * args.generations,
+        per_device_train_batch_size=plan["per_device_train_batch_size"],
+        steps_per_generation=plan["steps_per_generation"],
+        gradient_accumulation_steps=plan["gradient_accumulation_steps"],
+        num_iterations=plan["num_iterations"],
         num_generations=args.generations,
         max_completion_length=args.completion_length,
+        beta=preset.beta,
         learning_rate=1e-6,
         report_to="none",
         save_strategy="no",
@@ -183,30 +328,33 @@ def build_trainer(variant, args, output_dir):
         seed=0,
     )
     if variant == "mig":
-        config = MIGConfig(**common, mig_scoring_batch_size=args.scoring_batch_size)
+        config = MIGConfig(
+            **common, mig_scoring_batch_size=args.scoring_batch_size, mig_likelihood_model=preset.mig_likelihood_model
+        )
     else:
         config = GRPOConfig(**common)
     trainer_class = MIGGRPOTrainer if variant == "mig" else GRPOTrainer
-    dataset = Dataset.from_list([{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS)])
+    dataset = Dataset.from_list([{"prompt": p, "solution": s} for p, s in prompts.items()])
     trainer = trainer_class(
         model,
         reward_funcs=[accuracy_reward, format_reward],
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        rollout_func=make_rollout(args.rollout, args.completion_length, args.max_steps),
+        rollout_func=make_rollout(args.rollout, args.completion_length, args.max_steps, prompts),
     )
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
+    trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps  # what Trainer's loop sets
     return trainer
 
 
-def batch(args):
-    return [{"prompt": p, "solution": s} for p, s in zip(PROMPTS, SOLUTIONS) for _ in range(args.generations)]
+def generation_rows(args, prompts):
+    """One generation batch as TRL's sampler hands it over: each prompt `--generations` times in a row."""
+    return [{"prompt": p, "solution": s} for p, s in prompts.items() for _ in range(args.generations)]
 
 
-def run_step(trainer, args, seed):
-    """One training step (what TRL's step_time covers); returns (seconds, peak CUDA bytes or None)."""
+def run_cycle(trainer, rows, seed):
+    """One generation cycle (see the module docstring); returns (seconds, peak CUDA bytes or None)."""
     import torch
     from transformers import set_seed
 
@@ -216,13 +364,21 @@ def run_step(trainer, args, seed):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.training_step(trainer.model, batch(args), None)
+    for _ in range(trainer.args.steps_per_generation * trainer.num_iterations):
+        trainer.training_step(trainer.model, rows, None)  # TRL ignores `rows` while it has buffered micro-batches
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    trainer.model.zero_grad(set_to_none=False)  # keep the gradient buffers: every step then has the same footprint
+    trainer.model.zero_grad(set_to_none=False)  # keep the gradient buffers: every cycle then has the same footprint
     return seconds, peak
+
+
+def trl_forwards(trainer) -> dict[str, bool]:
+    """Which of TRL's no-grad forwards ran at the latest generation: their outputs ride in the buffered micro-batches
+    (`_generate_and_score_completions` only puts them there when it ran that forward)."""
+    buffered = trainer._buffered_inputs[0]
+    return {key: buffered.get(key) is not None for key in ("old_per_token_logps", "ref_per_token_logps")}
 
 
 def status_mb(field: str) -> float:
@@ -241,14 +397,18 @@ def reset_peak_rss() -> bool:
 
 
 def worker(args):
-    """One variant alone in this process: its peak RSS over `--memory-steps` steps, after one warm-up step."""
+    """One variant of one preset alone in this process: its peak RSS over `--memory-cycles` cycles, after a warm-up
+    cycle."""
+    prompts = make_prompts(args.prompts)
+    rows = generation_rows(args, prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args.worker, args, tmp)
-        run_step(trainer, args, seed=999)  # gradients allocated, caches warm: the steady state
+        tokenizer = save_model(args, os.path.join(tmp, "model"))
+        trainer = build_trainer(args.worker, args, args.preset, os.path.join(tmp, "model"), tokenizer, prompts, tmp)
+        run_cycle(trainer, rows, seed=999)  # gradients allocated, caches warm: the steady state
         exact = reset_peak_rss()
         ready = rss_mb()
-        for step in range(args.memory_steps):
-            run_step(trainer, args, seed=1000 + step)
+        for cycle in range(args.memory_cycles):
+            run_cycle(trainer, rows, seed=1000 + cycle)
         peak = status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         json.dumps(
@@ -258,89 +418,107 @@ def worker(args):
     )
 
 
-def measure_memory_cpu(args):
+def measure_memory_cpu(raw_argv: list[str], preset_name: str):
     """Each variant in its own subprocess, run one after the other (never at the same time)."""
     results = {}
-    for variant in ("grpo", "mig"):
-        command = [sys.executable, os.path.abspath(__file__), "--worker", variant, *sys.argv[1:]]
+    for variant in VARIANTS:
+        command = [sys.executable, os.path.abspath(__file__), *raw_argv, "--preset", preset_name, "--worker", variant]
         # a fixed mmap threshold: glibc then hands large freed blocks straight back, so RSS follows live memory
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
         done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
-            raise RuntimeError(f"memory worker {variant} failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"memory worker {variant} ({preset_name}) failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
 
 
-def main(argv=None):
-    global IMPORT_RSS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--completion-length", type=int, default=256)
-    parser.add_argument("--max-steps", type=int, default=8, help="K per completion is drawn from 1..max-steps")
-    parser.add_argument("--generations", type=int, default=4, help="completions per prompt (2 prompts)")
-    parser.add_argument("--rollout", choices=["generate", "scripted"], default="generate")
-    parser.add_argument("--scoring-batch-size", type=int, default=8, help="MIGConfig.mig_scoring_batch_size")
-    parser.add_argument("--repeats", type=int, default=8, help="timed step pairs (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory worker (CPU)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--quick", action="store_true", help="4 timed pairs, L = 128")
-    parser.add_argument("--worker", choices=["grpo", "mig"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.completion_length = 4, 128
+def cpu_memory_summary(workers) -> dict:
+    g, m = workers["grpo"], workers["mig"]
+    above = (m["peak_rss_mb"] - m["import_rss_mb"]) / (g["peak_rss_mb"] - g["import_rss_mb"])
+    transient = (m["peak_rss_mb"] - m["ready_rss_mb"]) / max(g["peak_rss_mb"] - g["ready_rss_mb"], 1e-9)
+    memory = {
+        "grpo_peak_rss_mb": round(g["peak_rss_mb"], 1),
+        "mig_peak_rss_mb": round(m["peak_rss_mb"], 1),
+        "grpo_import_rss_mb": round(g["import_rss_mb"], 1),
+        "mig_import_rss_mb": round(m["import_rss_mb"], 1),
+        "grpo_ready_rss_mb": round(g["ready_rss_mb"], 1),
+        "mig_ready_rss_mb": round(m["ready_rss_mb"], 1),
+        "ratio": round(above, 3),
+        "raw_rss_ratio": round(m["peak_rss_mb"] / g["peak_rss_mb"], 3),
+        "step_transient_ratio": round(transient, 3),
+        "peak_is_steps_only": g["peak_is_steps_only"] and m["peak_is_steps_only"],
+    }
+    print(
+        f"peak RSS during cycles: grpo {g['peak_rss_mb']:.1f} MB, mig {m['peak_rss_mb']:.1f} MB (raw ratio "
+        f"{memory['raw_rss_ratio']:.3f})\n"
+        f"  above the import baseline ({g['import_rss_mb']:.0f} / {m['import_rss_mb']:.0f} MB; weights, "
+        f"gradients, activations): ratio {above:.3f}\n"
+        f"  above the RSS before the cycles ({g['ready_rss_mb']:.0f} / {m['ready_rss_mb']:.0f} MB; the cycle's "
+        f"transient memory: {g['peak_rss_mb'] - g['ready_rss_mb']:.1f} / "
+        f"{m['peak_rss_mb'] - m['ready_rss_mb']:.1f} MB): ratio {transient:.3f}"
+    )
+    return memory
 
-    import logging
 
+# ---------------------------------------------------------------------------------------------------------- runs
+def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
+    """Times one preset (GRPO and MIG interleaved), measures its memory, prints its table and its JSON line."""
     import torch
 
-    import trl  # noqa: F401  (heavy imports before the baseline RSS)
-    import trl_mig  # noqa: F401
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    IMPORT_RSS = rss_mb()
-    if args.worker:
-        return worker(args)
-
-    cuda = torch.cuda.is_available()
-    print(f"machine: {machine()}")
+    preset = PRESETS[preset_name]
+    plan = batch_plan(args, preset)
+    prompts = make_prompts(args.prompts)
+    rows = generation_rows(args, prompts)
     print(
-        f"model: qwen2 {args.layers} layers, hidden {args.hidden}; batch {len(PROMPTS)} prompts x {args.generations}, "
-        f"completions {args.completion_length} tokens, K in 1..{args.max_steps}, rollout: {args.rollout}, "
-        f"MIG scoring micro-batch {args.scoring_batch_size}; "
-        f"median of {args.repeats} interleaved step pairs after {args.warmup} warm-up step(s) each"
+        f"\npreset {preset_name}: {preset.description}\n"
+        f"  batch {args.prompts} prompts x {args.generations} = {plan['completions_per_generation']} completions per "
+        f"generation, micro-batch {args.micro_batch}, steps_per_generation {plan['steps_per_generation']}, "
+        f"gradient_accumulation_steps {plan['gradient_accumulation_steps']}, num_iterations "
+        f"{plan['num_iterations']} -> {plan['training_steps_per_cycle']} training steps per cycle; tokenizer "
+        f"{args.tokenizer}; median of {args.repeats} interleaved cycle pairs after {args.warmup} warm-up cycle(s) each",
+        flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {v: build_trainer(v, args, os.path.join(tmp, v)) for v in ("grpo", "mig")}
-        times = {v: [] for v in trainers}
-        peaks = {v: [] for v in trainers}
-        for step in range(args.warmup + args.repeats):
-            order = ["grpo", "mig"] if step % 2 == 0 else ["mig", "grpo"]
+        model_folder = os.path.join(tmp, "model")
+        tokenizer = save_model(args, model_folder)
+        trainers = {
+            v: build_trainer(v, args, preset_name, model_folder, tokenizer, prompts, os.path.join(tmp, v))
+            for v in VARIANTS
+        }
+        times = {v: [] for v in VARIANTS}
+        peaks = {v: [] for v in VARIANTS}
+        counts = {v: None for v in VARIANTS}  # (rollout calls, training steps) when the timed cycles start
+        for cycle in range(args.warmup + args.repeats):
+            if cycle == args.warmup:
+                counts = {v: (t.rollout_func.calls, t._step) for v, t in trainers.items()}
+            order = list(VARIANTS) if cycle % 2 == 0 else list(reversed(VARIANTS))
             for variant in order:
-                seconds, peak = run_step(trainers[variant], args, seed=step)
-                if step >= args.warmup:
+                seconds, peak = run_cycle(trainers[variant], rows, seed=cycle)
+                if cycle >= args.warmup:
                     times[variant].append(seconds)
                     peaks[variant].append(peak)
-            if step >= args.warmup:
-                pair = step - args.warmup + 1
+            if cycle >= args.warmup:
+                pair = cycle - args.warmup + 1
                 print(f"  pair {pair}: grpo {times['grpo'][-1]:.3f} s, mig {times['mig'][-1]:.3f} s", flush=True)
-        mig_metrics = trainers["mig"]._metrics["train"]
-        steps_logged = mig_metrics.get("mig/steps", [])
+        forwards = {v: trl_forwards(t) for v, t in trainers.items()}
+        per_cycle = {
+            v: {
+                "generations": (t.rollout_func.calls - counts[v][0]) / args.repeats,
+                "training_steps": (t._step - counts[v][1]) / args.repeats,
+            }
+            for v, t in trainers.items()
+        }
+        reference_scorer = trainers["mig"]._scoring_model_context()[0] is trainers["mig"].ref_model
+        steps_logged = trainers["mig"]._metrics["train"].get("mig/steps", [])
     grpo_s, mig_s = statistics.median(times["grpo"]), statistics.median(times["mig"])
     time_ratio = mig_s / grpo_s
-    print(f"step time: grpo {grpo_s:.3f} s, mig {mig_s:.3f} s (median) -> ratio {time_ratio:.3f}")
+    print(f"cycle time: grpo {grpo_s:.3f} s, mig {mig_s:.3f} s (median) -> ratio {time_ratio:.3f}")
+    print(f"TRL no-grad forwards per generation: {forwards['grpo']}")
     if steps_logged:
         print(f"mean steps per completion K (mig/steps): {statistics.mean(steps_logged):.2f}")
 
     memory = {}
-    if cuda:
+    if torch.cuda.is_available():
         grpo_peak, mig_peak = max(peaks["grpo"]), max(peaks["mig"])
         memory = {"grpo_peak_mb": grpo_peak / 2**20, "mig_peak_mb": mig_peak / 2**20, "ratio": mig_peak / grpo_peak}
         print(
@@ -348,51 +526,134 @@ def main(argv=None):
             f"ratio {memory['ratio']:.3f}"
         )
     elif not args.no_memory:
-        workers = measure_memory_cpu(args)
-        g, m = workers["grpo"], workers["mig"]
-        above = (m["peak_rss_mb"] - m["import_rss_mb"]) / (g["peak_rss_mb"] - g["import_rss_mb"])
-        transient = (m["peak_rss_mb"] - m["ready_rss_mb"]) / max(g["peak_rss_mb"] - g["ready_rss_mb"], 1e-9)
-        memory = {
-            "grpo_peak_rss_mb": round(g["peak_rss_mb"], 1),
-            "mig_peak_rss_mb": round(m["peak_rss_mb"], 1),
-            "grpo_import_rss_mb": round(g["import_rss_mb"], 1),
-            "mig_import_rss_mb": round(m["import_rss_mb"], 1),
-            "grpo_ready_rss_mb": round(g["ready_rss_mb"], 1),
-            "mig_ready_rss_mb": round(m["ready_rss_mb"], 1),
-            "ratio": round(above, 3),
-            "raw_rss_ratio": round(m["peak_rss_mb"] / g["peak_rss_mb"], 3),
-            "step_transient_ratio": round(transient, 3),
-            "peak_is_steps_only": g["peak_is_steps_only"] and m["peak_is_steps_only"],
-        }
-        print(
-            f"peak RSS during steps: grpo {g['peak_rss_mb']:.1f} MB, mig {m['peak_rss_mb']:.1f} MB (raw ratio "
-            f"{memory['raw_rss_ratio']:.3f})\n"
-            f"  above the import baseline ({g['import_rss_mb']:.0f} / {m['import_rss_mb']:.0f} MB; weights, "
-            f"gradients, activations): ratio {above:.3f}\n"
-            f"  above the RSS before the steps ({g['ready_rss_mb']:.0f} / {m['ready_rss_mb']:.0f} MB; the step's "
-            f"transient memory: {g['peak_rss_mb'] - g['ready_rss_mb']:.1f} / "
-            f"{m['peak_rss_mb'] - m['ready_rss_mb']:.1f} MB): ratio {transient:.3f}"
-        )
+        memory = cpu_memory_summary(measure_memory_cpu(raw_argv, preset_name))
     summary = {
         "benchmark": "step",
+        "preset": preset_name,
         "machine": machine(),
+        "tokenizer": args.tokenizer,
         "rollout": args.rollout,
+        "batch": plan,
         "completion_length": args.completion_length,
         "max_steps": args.max_steps,
+        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads},
+        "beta": preset.beta,
+        "mig_likelihood_model": preset.mig_likelihood_model,
+        "mig_scores_with_reference_model": reference_scorer,
         "scoring_batch_size": args.scoring_batch_size,
         "repeats": args.repeats,
-        "grpo_step_s": round(grpo_s, 4),
-        "mig_step_s": round(mig_s, 4),
+        "warmup": args.warmup,
+        "grpo_s": round(grpo_s, 4),
+        "mig_s": round(mig_s, 4),
         "time_ratio": round(time_ratio, 3),
         "memory_ratio": None if not memory else round(memory["ratio"], 3),
         "memory": memory,
+        "trl_forwards": forwards,
+        "per_cycle": per_cycle,
+        "mean_steps_per_completion": round(statistics.mean(steps_logged), 2) if steps_logged else None,
         "targets_met": {
             "time_ratio<=1.10": time_ratio <= 1.10,
             "memory_ratio<=1.20": None if not memory else memory["ratio"] <= 1.20,
         },
     }
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
     return summary
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """One row per preset: TRL's extra forwards, the batch, the median cycle times and the two ratios."""
+    names = {"old_per_token_logps": "old-logp", "ref_per_token_logps": "reference"}
+    header = ["preset", "TRL no-grad forwards", "batch (micro-batch)", "steps / cycle", "L", "tokenizer",
+              "GRPO s / cycle", "MIG s / cycle", "time ratio", "memory ratio"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        b = s["batch"]
+        forwards = ", ".join(names[key] for key, ran in s["trl_forwards"]["grpo"].items() if ran) or "none"
+        memory = "n/a" if s["memory_ratio"] is None else f"{s['memory_ratio']:.3f}"
+        cells = [
+            s["preset"], forwards, f"{b['prompts']} x {b['generations']} ({b['per_device_train_batch_size']})",
+            b["training_steps_per_cycle"], s["completion_length"], s["tokenizer"], f"{s['grpo_s']:.3f}",
+            f"{s['mig_s']:.3f}", f"{s['time_ratio']:.3f}", memory,
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+QUICK = dict(  # tiny sizes: a smoke test of every code path, in seconds
+    prompts=2, generations=2, micro_batch=2, completion_length=64, max_steps=3, hidden=64, layers=2, heads=4,
+    kv_heads=2, scoring_batch_size=4, repeats=2, warmup=1, memory_cycles=1,
+)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=[*PRESETS, "all"], default="default")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="char")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per generation batch")
+    parser.add_argument("--generations", type=int, default=8, help="completions per prompt (num_generations)")
+    parser.add_argument("--micro-batch", type=int, default=64, help="per_device_train_batch_size")
+    parser.add_argument("--completion-length", type=int, default=256)
+    parser.add_argument("--max-steps", type=int, default=8, help="K per completion is drawn from 1..max-steps")
+    parser.add_argument("--rollout", choices=["generate", "scripted"], default="generate")
+    parser.add_argument("--scoring-batch-size", type=int, default=8, help="MIGConfig.mig_scoring_batch_size")
+    parser.add_argument("--repeats", type=int, default=8, help="timed cycle pairs (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed cycles per variant first")
+    parser.add_argument(
+        "--memory-cycles", "--memory-steps", dest="memory_cycles", type=int, default=2,
+        help="cycles per memory worker (CPU)",
+    )
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="tiny sizes for a smoke test (2 prompts x 2, micro-batch 2, L = 64, hidden 64, 2 cycle pairs); "
+        "options given explicitly still win",
+    )
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    if args.worker and args.preset == "all":
+        parser.error("a memory worker runs one preset")
+    return args
+
+
+def main(argv=None):
+    global IMPORT_RSS
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw_argv)
+
+    import logging
+
+    import torch
+    import transformers
+
+    import trl  # noqa: F401  (heavy imports before the baseline RSS)
+    import trl_mig  # noqa: F401
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # saving and loading the tiny model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    IMPORT_RSS = rss_mb()
+    if args.worker:
+        return worker(args)
+
+    print(f"machine: {machine()}")
+    print(
+        f"model: qwen2 {args.layers} layers, hidden {args.hidden}; completions {args.completion_length} tokens, K in "
+        f"1..{args.max_steps}, rollout: {args.rollout}, MIG scoring micro-batch {args.scoring_batch_size}"
+    )
+    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    summaries = [run_preset(name, args, raw_argv) for name in names]
+    if len(summaries) > 1:
+        print("\n" + markdown_table(summaries))
+    return summaries
 
 
 if __name__ == "__main__":

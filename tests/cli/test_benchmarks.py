@@ -1,18 +1,22 @@
-"""The credit diagnostics in benchmarks/: step grading against the gold solution and the oracle step-credit study."""
+"""The benchmarks/ scripts: the step benchmark's presets (smoke runs at tiny sizes, and what each preset makes TRL
+run), the credit diagnostics' step grading against the gold solution and the oracle step-credit study."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_step  # noqa: E402
 from _common import every_step_right, grade_steps  # noqa: E402
 from oracle_step_credit import main as oracle_study  # noqa: E402
 from oracle_step_credit import oracle_trainer_class  # noqa: E402
@@ -20,6 +24,7 @@ from oracle_step_credit import oracle_trainer_class  # noqa: E402
 from trl_mig import StepBatch  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
 from trl_mig.builtin.tiny import build_char_tokenizer  # noqa: E402
+from trl_mig.builtin.tokenizers import tiny_tokenizer  # noqa: E402
 
 EXPRESSION = "((3+4)*2)-5"  # gold steps 3+4=7, 7*2=14, 14-5=9
 RIGHT = "<think>### Step 1\n3+4=7\n### Step 2\n7*2=14\n### Step 3\n14-5=9\n</think>\n<answer>7 14 9</answer>"
@@ -99,3 +104,90 @@ def test_reanalysis_pairs_seeds_and_gives_the_t_interval(tmp_path):
     sd = (sum((v - mean) ** 2 for v in expected) / 2) ** 0.5
     assert auc["t95"] == [round(mean - 4.302653 * sd / 3**0.5, 2), round(mean + 4.302653 * sd / 3**0.5, 2)]
     assert (tmp_path / "reanalysis.md").read_text().count("| [cpu_slip]") == 1
+# ------------------------------------------------------------------------------------------------ step benchmark
+STEP_SUMMARY_KEYS = {
+    "preset", "time_ratio", "memory_ratio", "grpo_s", "mig_s", "batch", "completion_length", "tokenizer",
+    "trl_forwards", "per_cycle", "beta", "mig_likelihood_model", "mig_scores_with_reference_model",
+}
+# the no-grad forwards each preset makes TRL run at every generation (old-logp, reference)
+EXPECTED_FORWARDS = {
+    "default": (False, False),
+    "old_logps": (True, False),
+    "iterations2": (True, False),
+    "reference": (False, True),
+}
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize(
+    "preset, tokenizer",
+    [("default", "char"), ("old_logps", "byte_bpe"), ("iterations2", "metaspace_unigram"), ("reference", "char")],
+)
+def test_step_benchmark_preset_runs_the_forwards_it_names(preset, tokenizer, capsys):
+    """Each preset's smoke run ends with one JSON line; TRL ran the no-grad forwards the preset is about (its buffered
+    micro-batches carry `old_per_token_logps` / `ref_per_token_logps`), one generation per timed cycle."""
+    bench_step.main(["--quick", "--preset", preset, "--tokenizer", tokenizer, "--no-memory", "--repeats", "1"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert STEP_SUMMARY_KEYS <= set(summary)
+    assert (summary["preset"], summary["tokenizer"]) == (preset, tokenizer)
+    assert positive_finite(summary["grpo_s"]) and positive_finite(summary["mig_s"])
+    assert positive_finite(summary["time_ratio"]) and summary["memory_ratio"] is None
+    old_logps, reference = EXPECTED_FORWARDS[preset]
+    for variant in ("grpo", "mig"):
+        assert summary["trl_forwards"][variant] == {"old_per_token_logps": old_logps, "ref_per_token_logps": reference}
+        assert summary["per_cycle"][variant] == {
+            "generations": 1.0, "training_steps": float(summary["batch"]["training_steps_per_cycle"])
+        }
+    assert summary["batch"]["training_steps_per_cycle"] == (4 if preset == "iterations2" else 2)
+    assert summary["mig_scores_with_reference_model"] == (preset == "reference")
+
+
+def test_step_benchmark_all_runs_every_preset_then_a_table(monkeypatch, capsys):
+    """`--preset all` runs the four presets in order, then one markdown row per preset."""
+    def fake_run(name, args, raw_argv):
+        forwards = dict(zip(("old_per_token_logps", "ref_per_token_logps"), EXPECTED_FORWARDS[name]))
+        summary = {"preset": name, "trl_forwards": {"grpo": forwards}, "completion_length": args.completion_length,
+                   "batch": bench_step.batch_plan(args, bench_step.PRESETS[name]), "tokenizer": args.tokenizer,
+                   "grpo_s": 1.0, "mig_s": 1.1, "time_ratio": 1.1, "memory_ratio": None}
+        print(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(bench_step, "run_preset", fake_run)
+    summaries = bench_step.main(["--quick", "--preset", "all"])
+    assert [s["preset"] for s in summaries] == ["default", "old_logps", "iterations2", "reference"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| default", "none"], ["| old_logps", "old-logp"], ["| iterations2", "old-logp"], ["| reference", "reference"]
+    ]
+    assert all(row.endswith("| 1.100 | n/a |") for row in rows)
+
+
+def test_step_benchmark_memory_worker_reports_its_peak(capsys):
+    """The CPU memory worker (run here in the test's process; the benchmark starts one process per variant) builds
+    the preset's trainer, reference model included, and reports its RSS before and its peak over the cycles."""
+    bench_step.main(["--quick", "--preset", "reference", "--worker", "mig"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["variant"] == "mig" and isinstance(report["peak_is_steps_only"], bool)
+    assert report["peak_rss_mb"] >= report["ready_rss_mb"] > 0 and report["import_rss_mb"] > 0
+
+
+def test_step_benchmark_byte_bpe_completions_carry_multi_byte_symbols():
+    """With byte-level BPE every step holds a math symbol (2-3 UTF-8 bytes), some spread over byte tokens; the
+    template still gives each completion its K steps and exactly L tokens."""
+    tokenizer = tiny_tokenizer("byte_bpe")
+    symbols = bench_step.encodable_symbols(tokenizer)
+    assert "→" in symbols and len(tokenizer("→", add_special_tokens=False)["input_ids"]) == 3  # not in the corpus
+    generator = torch.Generator().manual_seed(0)
+    plans = bench_step.template_plans(tokenizer, ["52", "17"], 64, 3, generator, symbols)
+    free = torch.tensor(bench_step.free_token_ids(tokenizer))
+    completions = torch.where(plans >= 0, plans, free[torch.randint(0, free.numel(), plans.shape)])
+    assert completions.shape == (2, 64)
+    for ids in completions.tolist():
+        text = tokenizer.decode(ids)
+        segments = segment_completion(tokenizer, ids, FormatSpec())
+        steps = text.count("### Step")
+        assert segments.num_steps == steps >= 1
+        assert sum(text.count(symbol) for symbol in symbols) >= steps and "\ufffd" not in text
