@@ -97,6 +97,7 @@ class Preset:
     mig_likelihood_model: str = "policy"
 
 
+TIME_TARGETS = {"default": 1.08, "old_logps": 1.03, "iterations2": 1.03, "reference": 1.03}
 PRESETS = {
     "default": Preset("num_iterations 1, one optimizer step per generation batch"),
     "old_logps": Preset(
@@ -551,9 +552,10 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
         "trl_forwards": forwards,
         "per_cycle": per_cycle,
         "mean_steps_per_completion": round(statistics.mean(steps_logged), 2) if steps_logged else None,
+        # issue 23's targets: 1.08 on CPU where there is no TRL forward to fold the scoring into, else 1.03
         "targets_met": {
-            "time_ratio<=1.10": time_ratio <= 1.10,
-            "memory_ratio<=1.20": None if not memory else memory["ratio"] <= 1.20,
+            f"time_ratio<={TIME_TARGETS[preset_name]}": time_ratio <= TIME_TARGETS[preset_name],
+            "memory_ratio<=1.05": None if not memory else memory["ratio"] <= 1.05,
         },
     }
     print(json.dumps(summary), flush=True)
