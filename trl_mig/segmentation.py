@@ -137,61 +137,199 @@ def analyze_text(text: str, spec: FormatSpec) -> TextLayout:
     return TextLayout(cot_start, cot_end, think_closed, answer, tuple(starts), bool(headers), len(starts) + 1)
 
 
-def token_end_offsets(tokenizer, token_ids: list[int]) -> tuple[str, list[int]]:
+def token_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]]:
     """
     Decode `token_ids` and give, for each token, the character offset where its text ends.
 
-    Returns `(text, ends)` with `text == tokenizer.decode(token_ids)` and `ends[j]` = length of the text of
-    `token_ids[: j + 1]`. Tries, cheapest first: per-token pieces, a sliding window of incremental decodes (handles
-    SentencePiece's leading spaces), and decoding every prefix (exact, quadratic) as the last resort.
+    Returns `(text, ends)` with `text == tokenizer.decode(token_ids)` (special tokens kept, no clean-up) and `ends[j]`
+    the length of the text of `token_ids[: j + 1]`. A token that ends inside a multi-byte character (byte-level BPE,
+    byte fallback) has no text of its own yet: it ends where the last complete character does, and the character
+    goes to the token that completes it. So `ends` never decreases, and `ends[-1] == len(text)` unless the text ends
+    in an unfinished character.
+
+    Linear in the number of tokens: each token's text comes from a per-tokenizer table ([`_PieceTable`]: as the
+    first token, and after another token, which covers SentencePiece's dropped leading space), and only the runs of
+    tokens that do not decode to whole characters on their own are decoded again, as the prefixes of a short window
+    that starts at the whole token before them. The pieces must add up to `text`; a decoder for which they do not
+    gets the exact quadratic computation (decoding every prefix).
     """
-    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    text = tokenizer.decode(token_ids, **kwargs)
+    token_ids = list(token_ids)
+    text = tokenizer.decode(token_ids, **_DECODE)
     if not token_ids:
         return text, []
-    pieces = _single_token_pieces(tokenizer, token_ids, kwargs)
-    if "".join(pieces) == text:
-        return text, _cumulative(pieces)
-    window = 8
-    longer = tokenizer.batch_decode([token_ids[max(0, j - window) : j + 1] for j in range(len(token_ids))], **kwargs)
-    shorter = tokenizer.batch_decode([token_ids[max(0, j - window) : j] for j in range(len(token_ids))], **kwargs)
-    if all(a.startswith(b) for a, b in zip(longer, shorter)):
-        pieces = [a[len(b) :] for a, b in zip(longer, shorter)]
-        if "".join(pieces) == text:
-            return text, _cumulative(pieces)
-    prefixes = tokenizer.batch_decode([token_ids[: j + 1] for j in range(len(token_ids))], **kwargs)
+    ends = _local_end_offsets(tokenizer, token_ids, text)
+    if ends is None:
+        ends = _prefix_end_offsets(tokenizer, token_ids, text)
+    return text, ends
+
+
+_DECODE = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+_REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback tokens (Llama, Mistral, Gemma)
+
+
+class _PieceTable:
+    """
+    What each token id reads as, for one tokenizer; a token's text never changes, so each id is decoded once.
+
+    - `first[id]`: its text as the first token (a Metaspace decoder drops the first token's leading space);
+    - `after[id]`: the text it adds after another token (`decode([anchor, id])` less the anchor's text), None when
+      that does not start with the anchor's text;
+    - `whole[id]`: its text after another token is whole characters of its own: not empty (an empty token can sit
+      inside a character), no U+FFFD (part of a multi-byte character), not a byte-fallback token (whose bytes the
+      decoder joins with its neighbours');
+    - `anchorable[id]`: `first` is the end of `after`, so a window of decodes can start at this token.
+    """
+
+    def __init__(self, tokenizer):
+        self.anchor = _anchor_token(tokenizer)
+        self.first: dict[int, str] = {}
+        self.after: dict[int, str | None] = {}
+        self.whole: dict[int, bool] = {}
+        self.anchorable: dict[int, bool] = {}
+
+    def add(self, tokenizer, token_ids: list[int]) -> None:
+        missing = [t for t in dict.fromkeys(token_ids) if t not in self.first]
+        if not missing:
+            return
+        first = tokenizer.batch_decode([[t] for t in missing], **_DECODE)
+        if self.anchor is None:
+            after = first
+        else:
+            anchor_id, anchor_text = self.anchor
+            pairs = tokenizer.batch_decode([[anchor_id, t] for t in missing], **_DECODE)
+            after = [p[len(anchor_text) :] if p.startswith(anchor_text) else None for p in pairs]
+        names = _token_names(tokenizer, missing)
+        for t, alone, joined, name in zip(missing, first, after, names):
+            self.first[t], self.after[t] = alone, joined
+            self.whole[t] = (
+                bool(joined)
+                and _REPLACEMENT not in joined
+                and _REPLACEMENT not in alone
+                and not (isinstance(name, str) and _BYTE_TOKEN.fullmatch(name))
+            )
+            self.anchorable[t] = self.whole[t] and joined.endswith(alone)
+
+
+# tokenizer -> its _PieceTable; decoding every token of every completion through the tokenizer again was most of
+# segmentation's cost at hundreds of completions per step
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _piece_table(tokenizer, token_ids: list[int]) -> _PieceTable:
+    try:
+        table = _PIECES.get(tokenizer)
+        if table is None:
+            table = _PIECES[tokenizer] = _PieceTable(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        table = _PieceTable(tokenizer)
+    table.add(tokenizer, token_ids)
+    return table
+
+
+def _anchor_token(tokenizer) -> tuple[int, str] | None:
+    """A token that reads as a plain ASCII letter or digit, to decode other tokens after: `(id, text)`, or None."""
+    for probe in ("a", "e", "x", "0"):
+        try:
+            ids = tokenizer.encode(probe, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - a processor or an exotic tokenizer: tokens are then read alone
+            return None
+        for token in reversed(ids):
+            text = tokenizer.decode([token], **_DECODE)
+            if text and text.isascii() and text.strip() and text == text.strip():
+                return token, text
+    return None
+
+
+def _token_names(tokenizer, token_ids: list[int]) -> list:
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        convert = getattr(getattr(tokenizer, "tokenizer", None), "convert_ids_to_tokens", None)
+    return list(convert(token_ids)) if convert is not None else [None] * len(token_ids)
+
+
+def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] | None:
+    """
+    `token_end_offsets`' ends from the piece table and one batch of short window decodes, or None when the pieces
+    do not add up to `text` (a decoder whose tokens' texts depend on more than the first-token rule and the bytes
+    of their neighbours).
+
+    A whole token ([`_PieceTable`]) adds its table piece. A run of tokens that are not whole is decoded as the
+    prefixes `token_ids[s : j + 1]` of a window that starts at the nearest anchorable whole token s before it (or
+    at token 0): the decoder joins the run's split bytes, and token s gives the run's first token its context.
+    Token j's text ends where that prefix does, without its trailing U+FFFD (an unfinished character) and cut where
+    it leaves the text, as when decoding the whole prefix; a whole token's text is never empty and has no U+FFFD,
+    so that stripping never reaches back past the run.
+    """
+    table = _piece_table(tokenizer, token_ids)
+    size = len(token_ids)
+    whole = [table.whole[t] for t in token_ids]
+    runs = []  # (s, a, b): tokens [a, b) end by window decodes token_ids[s : j + 1]; s < a is the anchor, s == a == 0 none
+    j = 0
+    while j < size:
+        if whole[j]:
+            j += 1
+            continue
+        a = j
+        while j < size and not whole[j]:
+            j += 1
+        s = a - 1  # the anchor: the nearest whole token before the run that a window can start at
+        while s > 0 and not (whole[s] and table.anchorable[token_ids[s]]):
+            s -= 1
+        if s < 0 or not whole[s]:  # none: the window starts at the first token, which has no anchor
+            s = a = 0
+        else:  # whole tokens skipped on the way (not anchorable) end by window decodes too
+            a = s + 1
+        while runs and runs[-1][2] > s:  # the window reaches back into the previous run: they make one run
+            s, a, _ = runs.pop()
+        runs.append((s, a, j))
+    windows = [token_ids[s : k + 1] for s, a, b in runs for k in range(a, b)]
+    windows = tokenizer.batch_decode(windows, **_DECODE) if windows else []
+
+    parts, reach, pos, window, j = [], [0] * size, 0, 0, 0
+    for s, a, b in [*runs, (size, size, size)]:
+        for k in range(j, a):  # whole tokens before the run: their table pieces
+            piece = table.first[token_ids[k]] if k == 0 else table.after[token_ids[k]]
+            parts.append(piece)
+            pos += len(piece)
+            reach[k] = pos
+        if a == size:
+            break
+        anchor_text = table.first[token_ids[s]] if s < a else ""
+        tails = windows[window : window + b - a]
+        window += b - a
+        if not all(decoded.startswith(anchor_text) for decoded in tails):
+            return None  # the run changed its anchor's text: not a local decoder
+        tails = [decoded[len(anchor_text) :] for decoded in tails]
+        for k, tail in zip(range(a, b), tails):
+            # as decoding the whole prefix: without its unfinished character, cut where it leaves the text
+            complete = tail.rstrip(_REPLACEMENT)
+            if text.startswith(complete, pos):
+                reach[k] = pos + len(complete)
+            else:
+                reach[k] = pos + _common_prefix_length(complete, text[pos : pos + len(complete)])
+        parts.append(tails[-1])
+        pos += len(tails[-1])
+        j = b
+    if "".join(parts) != text:
+        return None
+    ends, best = [], 0
+    for r in reach:
+        best = max(best, r)
+        ends.append(best)
+    return ends
+
+
+def _prefix_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int]:
+    """The reference computation, exact for any decoder and quadratic: decode every prefix."""
+    prefixes = tokenizer.batch_decode([token_ids[: j + 1] for j in range(len(token_ids))], **_DECODE)
     ends, best = [], 0
     for prefix in prefixes:
-        prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character is not text yet
+        prefix = prefix.rstrip(_REPLACEMENT)  # an unfinished multi-byte character is not text yet
         if not text.startswith(prefix):
             prefix = prefix[: _common_prefix_length(prefix, text)]
         best = max(best, len(prefix))
         ends.append(best)
-    return text, ends
-
-
-# tokenizer -> {token id: its text decoded alone}; a token's piece never changes, and decoding every token of every
-# completion through the tokenizer again was most of segmentation's cost at hundreds of completions per step
-_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _single_token_pieces(tokenizer, token_ids: list[int], kwargs: dict) -> list[str]:
-    """Each token's text decoded alone, through a per-tokenizer cache."""
-    try:
-        cache = _PIECES.setdefault(tokenizer, {})
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
-        cache = {}
-    missing = list({t for t in token_ids if t not in cache})
-    if missing:
-        cache.update(zip(missing, tokenizer.batch_decode([[t] for t in missing], **kwargs)))
-    return [cache[t] for t in token_ids]
-
-
-def _cumulative(pieces: list[str]) -> list[int]:
-    ends, total = [], 0
-    for piece in pieces:
-        total += len(piece)
-        ends.append(total)
     return ends
 
 
