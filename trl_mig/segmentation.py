@@ -16,6 +16,7 @@ prefix ends after that response.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import weakref
 from collections.abc import Sequence
@@ -153,7 +154,7 @@ def token_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[in
     that starts at the whole token before them. The pieces must add up to `text`; a decoder for which they do not
     gets the exact quadratic computation (decoding every prefix).
     """
-    token_ids = list(token_ids)
+    token_ids = list(map(int, token_ids))  # ids are the piece table's keys: no tensors
     text = tokenizer.decode(token_ids, **_DECODE)
     if not token_ids:
         return text, []
@@ -175,21 +176,22 @@ class _PieceTable:
     - `first[id]`: its text as the first token (a Metaspace decoder drops the first token's leading space);
     - `after[id]`: the text it adds after another token (`decode([anchor, id])` less the anchor's text), None when
       that does not start with the anchor's text;
-    - `whole[id]`: its text after another token is whole characters of its own: not empty (an empty token can sit
-      inside a character), no U+FFFD (part of a multi-byte character), not a byte-fallback token (whose bytes the
-      decoder joins with its neighbours');
-    - `anchorable[id]`: `first` is the end of `after`, so a window of decodes can start at this token.
+    - `partial`: the ids whose text after another token is not whole characters of their own: empty (an empty token
+      can sit inside a character), with U+FFFD (part of a multi-byte character), a byte-fallback token (whose bytes
+      the decoder joins with its neighbours'), or None;
+    - `anchorable`: the other ids whose `first` is the end of their `after`, so that a window of decodes can start
+      at them.
     """
 
     def __init__(self, tokenizer):
         self.anchor = _anchor_token(tokenizer)
         self.first: dict[int, str] = {}
         self.after: dict[int, str | None] = {}
-        self.whole: dict[int, bool] = {}
-        self.anchorable: dict[int, bool] = {}
+        self.partial: set[int] = set()
+        self.anchorable: set[int] = set()
 
     def add(self, tokenizer, token_ids: list[int]) -> None:
-        missing = [t for t in dict.fromkeys(token_ids) if t not in self.first]
+        missing = list(set(token_ids).difference(self.first))
         if not missing:
             return
         first = tokenizer.batch_decode([[t] for t in missing], **_DECODE)
@@ -202,13 +204,15 @@ class _PieceTable:
         names = _token_names(tokenizer, missing)
         for t, alone, joined, name in zip(missing, first, after, names):
             self.first[t], self.after[t] = alone, joined
-            self.whole[t] = (
-                bool(joined)
-                and _REPLACEMENT not in joined
-                and _REPLACEMENT not in alone
-                and not (isinstance(name, str) and _BYTE_TOKEN.fullmatch(name))
-            )
-            self.anchorable[t] = self.whole[t] and joined.endswith(alone)
+            if (
+                not joined
+                or _REPLACEMENT in joined
+                or _REPLACEMENT in alone
+                or (isinstance(name, str) and _BYTE_TOKEN.fullmatch(name))
+            ):
+                self.partial.add(t)
+            elif joined.endswith(alone):
+                self.anchorable.add(t)
 
 
 # tokenizer -> its _PieceTable; decoding every token of every completion through the tokenizer again was most of
@@ -262,62 +266,53 @@ def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] 
     so that stripping never reaches back past the run.
     """
     table = _piece_table(tokenizer, token_ids)
-    size = len(token_ids)
-    whole = [table.whole[t] for t in token_ids]
+    pieces = list(map(table.after.__getitem__, token_ids))
+    pieces[0] = table.first[token_ids[0]]
+    if table.partial.isdisjoint(token_ids):  # the common case: every token is whole characters
+        if "".join(pieces) != text:
+            return None
+        return list(itertools.accumulate(map(len, pieces)))
+
+    partial = [k for k, t in enumerate(token_ids) if t in table.partial]
     runs = []  # (s, a, b): tokens [a, b) end by window decodes token_ids[s : j + 1]; s < a is the anchor, s == a == 0 none
-    j = 0
-    while j < size:
-        if whole[j]:
-            j += 1
+    for k in partial:
+        if runs and runs[-1][2] == k:  # the run goes on
+            runs[-1][2] = k + 1
             continue
-        a = j
-        while j < size and not whole[j]:
-            j += 1
-        s = a - 1  # the anchor: the nearest whole token before the run that a window can start at
-        while s > 0 and not (whole[s] and table.anchorable[token_ids[s]]):
+        s = k - 1  # the anchor: the nearest whole token before the run that a window can start at
+        while s > 0 and token_ids[s] not in table.anchorable:
             s -= 1
-        if s < 0 or not whole[s]:  # none: the window starts at the first token, which has no anchor
+        a = s + 1
+        if s < 0 or token_ids[s] in table.partial:  # none: the window starts at the first token, which has no anchor
             s = a = 0
-        else:  # whole tokens skipped on the way (not anchorable) end by window decodes too
-            a = s + 1
         while runs and runs[-1][2] > s:  # the window reaches back into the previous run: they make one run
             s, a, _ = runs.pop()
-        runs.append((s, a, j))
-    windows = [token_ids[s : k + 1] for s, a, b in runs for k in range(a, b)]
-    windows = tokenizer.batch_decode(windows, **_DECODE) if windows else []
+        runs.append([s, a, k + 1])  # whole tokens between the anchor and the run end by window decodes too
+    windows = tokenizer.batch_decode([token_ids[s : k + 1] for s, a, b in runs for k in range(a, b)], **_DECODE)
 
-    parts, reach, pos, window, j = [], [0] * size, 0, 0, 0
-    for s, a, b in [*runs, (size, size, size)]:
-        for k in range(j, a):  # whole tokens before the run: their table pieces
-            piece = table.first[token_ids[k]] if k == 0 else table.after[token_ids[k]]
-            parts.append(piece)
-            pos += len(piece)
-            reach[k] = pos
-        if a == size:
-            break
+    completes, window = [], 0
+    for s, a, b in runs:
         anchor_text = table.first[token_ids[s]] if s < a else ""
         tails = windows[window : window + b - a]
         window += b - a
         if not all(decoded.startswith(anchor_text) for decoded in tails):
             return None  # the run changed its anchor's text: not a local decoder
         tails = [decoded[len(anchor_text) :] for decoded in tails]
-        for k, tail in zip(range(a, b), tails):
-            # as decoding the whole prefix: without its unfinished character, cut where it leaves the text
-            complete = tail.rstrip(_REPLACEMENT)
-            if text.startswith(complete, pos):
-                reach[k] = pos + len(complete)
-            else:
-                reach[k] = pos + _common_prefix_length(complete, text[pos : pos + len(complete)])
-        parts.append(tails[-1])
-        pos += len(tails[-1])
-        j = b
-    if "".join(parts) != text:
+        pieces[a:b] = [""] * (b - a - 1) + [tails[-1]]  # the run's text, on its last token
+        # as decoding the whole prefix: without its unfinished character (never reaching back past the run: a whole
+        # token's text is not empty and has no U+FFFD)
+        completes.append([tail.rstrip(_REPLACEMENT) for tail in tails])
+    if "".join(pieces) != text:
         return None
-    ends, best = [], 0
-    for r in reach:
-        best = max(best, r)
-        ends.append(best)
-    return ends
+    reach = list(itertools.accumulate(map(len, pieces)))
+    for (s, a, b), complete in zip(runs, completes):
+        start = reach[a - 1] if a > 0 else 0
+        for k, prefix in zip(range(a, b), complete):
+            if text.startswith(prefix, start):
+                reach[k] = start + len(prefix)
+            else:  # a prefix that reads otherwise than the text (byte fallback: U+FFFD per byte) is cut where it leaves it
+                reach[k] = start + _common_prefix_length(prefix, text[start : start + len(prefix)])
+    return list(itertools.accumulate(reach, max))
 
 
 def _prefix_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int]:

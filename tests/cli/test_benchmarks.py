@@ -14,12 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import every_step_right, grade_steps  # noqa: E402
+from bench_host import main as host_benchmark  # noqa: E402
+from bench_host import make_batch  # noqa: E402
 from oracle_step_credit import main as oracle_study  # noqa: E402
 from oracle_step_credit import oracle_trainer_class  # noqa: E402
 
 from trl_mig import StepBatch  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
 from trl_mig.builtin.tiny import build_char_tokenizer  # noqa: E402
+from trl_mig.builtin.tokenizers import TOKENIZER_KINDS  # noqa: E402
 
 EXPRESSION = "((3+4)*2)-5"  # gold steps 3+4=7, 7*2=14, 14-5=9
 RIGHT = "<think>### Step 1\n3+4=7\n### Step 2\n7*2=14\n### Step 3\n14-5=9\n</think>\n<answer>7 14 9</answer>"
@@ -73,3 +76,20 @@ def test_oracle_study_trains_its_arms_with_the_oracle(tmp_path, monkeypatch):
 
     assert prompt_only_likelihoods("oracle_step") and all(v == 0.0 for v in prompt_only_likelihoods("oracle_step"))
     assert prompt_only_likelihoods("mig") and all(v < 0.0 for v in prompt_only_likelihoods("mig"))
+
+
+def test_host_benchmark_batches_have_the_asked_length_and_steps():
+    for kind in TOKENIZER_KINDS:
+        batch = make_batch(kind, size=3, length=96, steps=5, seed=0)
+        assert [len(ids) for ids in batch.completion_ids] == [96] * 3
+        segments = [segment_completion(batch.tokenizer, ids, batch.spec) for ids in batch.completion_ids]
+        assert [s.num_steps for s in segments] == [5] * 3 and all(s.layout.well_formed for s in segments)
+
+
+def test_host_benchmark_quick_prints_the_table_and_a_json_line(capsys):
+    summary = host_benchmark(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    assert [case["tokenizer"] for case in summary["cases"]] == list(TOKENIZER_KINDS)
+    assert all(case["segment_ms"] > 0 for case in summary["cases"])
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(TOKENIZER_KINDS)  # header and one row per case
