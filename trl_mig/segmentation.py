@@ -254,16 +254,14 @@ def _token_names(tokenizer, token_ids: list[int]) -> list:
 
 def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] | None:
     """
-    `token_end_offsets`' ends from the piece table and one batch of short window decodes, or None when the pieces
-    do not add up to `text` (a decoder whose tokens' texts depend on more than the first-token rule and the bytes
-    of their neighbours).
+    `token_end_offsets`' ends from the piece table and a few batches of short window decodes, or None when the
+    pieces do not add up to `text` (a decoder whose tokens' texts depend on more than the first-token rule and the
+    bytes of their neighbours).
 
-    A whole token ([`_PieceTable`]) adds its table piece. A run of tokens that are not whole is decoded as the
-    prefixes `token_ids[s : j + 1]` of a window that starts at the nearest anchorable whole token s before it (or
-    at token 0): the decoder joins the run's split bytes, and token s gives the run's first token its context.
-    Token j's text ends where that prefix does, without its trailing U+FFFD (an unfinished character) and cut where
-    it leaves the text, as when decoding the whole prefix; a whole token's text is never empty and has no U+FFFD,
-    so that stripping never reaches back past the run.
+    A whole token ([`_PieceTable`]) adds its table piece. The tokens of a run of partial ones end where the prefix
+    that ends with them does ([`_run_prefixes`]), without its trailing U+FFFD (an unfinished character) and cut where
+    it leaves the text, as when decoding the whole prefix; a whole token's text is never empty and has no U+FFFD, so
+    stripping never reaches back past the run.
     """
     table = _piece_table(tokenizer, token_ids)
     pieces = list(map(table.after.__getitem__, token_ids))
@@ -273,46 +271,101 @@ def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] 
             return None
         return list(itertools.accumulate(map(len, pieces)))
 
-    partial = [k for k, t in enumerate(token_ids) if t in table.partial]
-    runs = []  # (s, a, b): tokens [a, b) end by window decodes token_ids[s : j + 1]; s < a is the anchor, s == a == 0 none
-    for k in partial:
+    runs = _partial_runs(token_ids, table)
+    for move_on in (True, False):  # without moving windows on when that changed the text (byte fallback, below)
+        prefixes, moved = _run_prefixes(tokenizer, token_ids, table, runs, move_on)
+        if prefixes is None:
+            return None
+        for (s, a, b), run in zip(runs, prefixes):
+            done, tail = run[-1]
+            pieces[a:b] = [""] * (b - a - 1) + [done + tail]  # the run's text, on its last token
+        if "".join(pieces) == text:
+            break
+        if not moved:
+            return None
+    reach = list(itertools.accumulate(map(len, pieces)))
+    for (s, a, b), run in zip(runs, prefixes):
+        start = reach[a - 1] if a > 0 else 0
+        for k, (done, tail) in zip(range(a, b), run):
+            complete, at = tail.rstrip(_REPLACEMENT), start + len(done)
+            if text.startswith(complete, at):
+                reach[k] = at + len(complete)
+            else:  # a prefix that reads otherwise than the text (byte fallback: U+FFFD per byte) is cut where it leaves it
+                reach[k] = at + _common_prefix_length(complete, text[at : at + len(complete)])
+    return list(itertools.accumulate(reach, max))
+
+
+def _partial_runs(token_ids: list[int], table: _PieceTable) -> list[list[int]]:
+    """
+    The runs of partial tokens, as `[s, a, b]`: tokens `[a, b)` are read from window decodes that start at token s,
+    the nearest anchorable whole token before them (whole tokens skipped on the way join the run), or from token 0
+    (`s == a == 0`) when there is none. Runs whose windows would overlap are one run.
+    """
+    runs = []
+    for k, token in enumerate(token_ids):
+        if token not in table.partial:
+            continue
         if runs and runs[-1][2] == k:  # the run goes on
             runs[-1][2] = k + 1
             continue
-        s = k - 1  # the anchor: the nearest whole token before the run that a window can start at
+        s = k - 1
         while s > 0 and token_ids[s] not in table.anchorable:
             s -= 1
         a = s + 1
-        if s < 0 or token_ids[s] in table.partial:  # none: the window starts at the first token, which has no anchor
+        if s < 0 or token_ids[s] in table.partial:  # no anchor (token 0 reads as itself: it is one when whole)
             s = a = 0
-        while runs and runs[-1][2] > s:  # the window reaches back into the previous run: they make one run
+        while runs and runs[-1][2] > s:
             s, a, _ = runs.pop()
-        runs.append([s, a, k + 1])  # whole tokens between the anchor and the run end by window decodes too
-    windows = tokenizer.batch_decode([token_ids[s : k + 1] for s, a, b in runs for k in range(a, b)], **_DECODE)
+        runs.append([s, a, k + 1])
+    return runs
 
-    completes, window = [], 0
+
+_RUN_CHUNK = 16  # tokens of a run read per batch of window decodes; a longer run takes several batches
+
+
+def _run_prefixes(tokenizer, token_ids: list[int], table: _PieceTable, runs, move_on: bool = True):
+    """
+    For each run `[s, a, b]` and each of its tokens k: `(done, tail)`, such that the text of `token_ids[: k + 1]`
+    is the text before the run, then `done + tail`; None if a window changed the text of the token it starts at.
+    Returns `(prefixes, moved)`, `moved` telling whether a window moved on.
+
+    Token k's prefix is read from the window `token_ids[s : k + 1]` (token s gives the run's first token its
+    context, as in the whole text), less token s's own text. So that a long run (a stretch of characters the
+    vocabulary splits into bytes) costs linear time, with `move_on` the window moves on after a token whose prefix
+    reads as whole characters (no trailing U+FFFD): UTF-8 decoding starts afresh there, so the window restarts after
+    the table's anchor token, the run's text so far going to `done`. (A byte-fallback decoder reads a group of byte
+    tokens with one invalid byte as all U+FFFD, whole characters before it included: the run's text then differs
+    from the whole text, and the caller reads the run again without moving on.) All runs advance together,
+    `_RUN_CHUNK` tokens per batch of decodes: one batch unless a run is longer.
+    """
+    anchor = table.anchor if move_on else None
+    moved = False
+    states = []  # per run: [window head ids, head text, window start, next token, done text, (done, tail) per token]
     for s, a, b in runs:
-        anchor_text = table.first[token_ids[s]] if s < a else ""
-        tails = windows[window : window + b - a]
-        window += b - a
-        if not all(decoded.startswith(anchor_text) for decoded in tails):
-            return None  # the run changed its anchor's text: not a local decoder
-        tails = [decoded[len(anchor_text) :] for decoded in tails]
-        pieces[a:b] = [""] * (b - a - 1) + [tails[-1]]  # the run's text, on its last token
-        # as decoding the whole prefix: without its unfinished character (never reaching back past the run: a whole
-        # token's text is not empty and has no U+FFFD)
-        completes.append([tail.rstrip(_REPLACEMENT) for tail in tails])
-    if "".join(pieces) != text:
-        return None
-    reach = list(itertools.accumulate(map(len, pieces)))
-    for (s, a, b), complete in zip(runs, completes):
-        start = reach[a - 1] if a > 0 else 0
-        for k, prefix in zip(range(a, b), complete):
-            if text.startswith(prefix, start):
-                reach[k] = start + len(prefix)
-            else:  # a prefix that reads otherwise than the text (byte fallback: U+FFFD per byte) is cut where it leaves it
-                reach[k] = start + _common_prefix_length(prefix, text[start : start + len(prefix)])
-    return list(itertools.accumulate(reach, max))
+        head = [token_ids[s]] if s < a else []
+        states.append([head, table.first[token_ids[s]] if s < a else "", a, a, "", []])
+    pending = list(zip(runs, states))
+    while pending:
+        chunks = [range(state[3], min(b, state[3] + _RUN_CHUNK)) for (s, a, b), state in pending]
+        windows = [state[0] + token_ids[state[2] : k + 1] for (_, state), ks in zip(pending, chunks) for k in ks]
+        decoded = iter(tokenizer.batch_decode(windows, **_DECODE))
+        for ((s, a, b), state), ks in zip(pending, chunks):
+            head, head_text = state[0], state[1]
+            tails = [next(decoded) for _ in ks]
+            if not all(window.startswith(head_text) for window in tails):
+                return None, moved  # the run changed the text of the token its window starts at: not local
+            tails = [window[len(head_text) :] for window in tails]
+            state[5] += [(state[4], tail) for tail in tails]
+            state[3] = ks.stop
+            if ks.stop < b and anchor is not None:
+                for i in reversed(range(len(tails))):
+                    tail = tails[i]
+                    if tail and tail[-1] != _REPLACEMENT:
+                        state[0], state[1], state[2], state[4] = [anchor[0]], anchor[1], ks[i] + 1, state[4] + tail
+                        moved = True
+                        break
+        pending = [(run, state) for run, state in pending if state[3] < run[2]]
+    return [state[5] for state in states], moved
 
 
 def _prefix_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int]:

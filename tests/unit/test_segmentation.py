@@ -203,9 +203,11 @@ def id_sequences(tokenizer, seed=0):
     return sequences
 
 
+@pytest.mark.parametrize("run_chunk", [2, 16])  # 2: long runs of split characters move their window on often
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_token_offsets_equal_the_prefix_decoding_definition(kind, monkeypatch):
+def test_token_offsets_equal_the_prefix_decoding_definition(kind, run_chunk, monkeypatch):
     tokenizer = tiny_tokenizer(kind)
+    monkeypatch.setattr(segmentation, "_RUN_CHUNK", run_chunk)
 
     def quadratic(*args):
         raise AssertionError(f"{kind}: token_end_offsets decoded every prefix")
@@ -255,10 +257,17 @@ def build_byte_fallback_tokenizer():
     return tokenizer
 
 
-def test_token_offsets_of_a_byte_fallback_tokenizer(monkeypatch):
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer():
+    return build_byte_fallback_tokenizer()
+
+
+@pytest.mark.parametrize("run_chunk", [2, 16])
+def test_token_offsets_of_a_byte_fallback_tokenizer(byte_fallback_tokenizer, run_chunk, monkeypatch):
     """Byte tokens of an invalid group decode to one U+FFFD each, so a prefix can read longer than the text: the
     definition keeps the longest end so far and cuts where the prefix leaves the text."""
-    tokenizer = build_byte_fallback_tokenizer()
+    tokenizer = byte_fallback_tokenizer
+    monkeypatch.setattr(segmentation, "_RUN_CHUNK", run_chunk)
     monkeypatch.setattr(segmentation, "_prefix_end_offsets", lambda *args: pytest.fail("decoded every prefix"))
     sequences = id_sequences(tokenizer, seed=2)
     assert sum("<0x" in "".join(tokenizer.convert_ids_to_tokens(ids)) for ids in sequences) > 20
@@ -283,10 +292,12 @@ class BytesTokenizer:
         return [self.pieces.index(text.encode())]
 
 
-def test_token_offsets_of_any_object_that_decodes_bytes(monkeypatch):
+@pytest.mark.parametrize("run_chunk", [2, 16])
+def test_token_offsets_of_any_object_that_decodes_bytes(run_chunk, monkeypatch):
     pieces = [b"a", b"b", b" ", b"", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe2", b"\x88", b"\x9a", b"\x88\x9a", b"\x9a\xe2", b"x\xe2"]
     tokenizer = BytesTokenizer(pieces)
     monkeypatch.setattr(segmentation, "_prefix_end_offsets", lambda *args: pytest.fail("decoded every prefix"))
+    monkeypatch.setattr(segmentation, "_RUN_CHUNK", run_chunk)
     rng = random.Random(3)
     # an empty token after an invalid byte: the definition leaves the U+FFFD to the next token with text
     assert token_end_offsets(tokenizer, [0, 4, 3, 1]) == ("a\ufffdb", [1, 1, 1, 3])
@@ -317,8 +328,14 @@ class CountingTokenizer:
 def test_token_offsets_decode_a_constant_number_of_times_and_linear_tokens(kind):
     tokenizer = tiny_tokenizer(kind)
     rng = random.Random(1)
-    text = "<think>" + "".join(rng.choice(WORDS + list(MULTIBYTE)) for _ in range(600)) + "</think>"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "<think>" + " ".join(rng.choice(WORDS + list(MULTIBYTE)) for _ in range(600)) + "</think>"
+    costs = decode_costs(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert costs[0][0] == costs[1][0] <= 2, "the text, then one batch of windows around split characters"
+    assert costs[1][1] < 4, f"{costs[1][1]:.1f} tokens decoded per token"
+
+
+def decode_costs(tokenizer, ids):
+    """`(decode calls, tokens decoded per token)` of the offsets of a quarter of `ids` and of all of them."""
     counting = CountingTokenizer(tokenizer)
     token_end_offsets(counting, ids)  # fills the per-tokenizer piece table
     costs = []
@@ -326,9 +343,21 @@ def test_token_offsets_decode_a_constant_number_of_times_and_linear_tokens(kind)
         counting.calls = counting.tokens = 0
         token_end_offsets(counting, ids[:length])
         costs.append((counting.calls, counting.tokens / length))
-    (short_calls, short_tokens), (long_calls, long_tokens) = costs
-    assert long_calls == short_calls <= 2, "the text, then one batch of windows around split characters"
-    assert long_tokens < 4, f"{long_tokens:.1f} tokens decoded per token"
+    return costs
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "byte_fallback"])
+def test_a_long_run_of_split_characters_costs_linear_time(kind, byte_fallback_tokenizer):
+    """Characters the vocabulary only has as bytes, back to back, make one long run of partial tokens."""
+    tokenizer = byte_fallback_tokenizer if kind == "byte_fallback" else tiny_tokenizer(kind)
+    rng = random.Random(2)
+    ids = tokenizer("".join(rng.choice("∫∂λ你好€🙂") for _ in range(200)), add_special_tokens=False)["input_ids"]
+    assert all("\ufffd" in tokenizer.decode([t], **DECODE) for t in ids[1:-1])
+    assert token_end_offsets(tokenizer, ids) == reference_end_offsets(tokenizer, ids)
+    (short_calls, short_tokens), (long_calls, long_tokens) = decode_costs(tokenizer, ids)
+    chunk = segmentation._RUN_CHUNK
+    assert long_tokens < 2 * chunk and long_calls <= 2 + len(ids) // chunk, (long_calls, long_tokens)
+    assert long_tokens < 1.5 * short_tokens, "the cost per token does not grow with the run"
 
 
 def test_an_unknown_decoder_gets_the_exact_prefix_decoding(char_tokenizer, monkeypatch):
