@@ -116,7 +116,9 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="L: tokens per completion")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16], help="K: steps per completion")
     parser.add_argument("--kinds", nargs="+", default=list(TOKENIZER_KINDS), choices=TOKENIZER_KINDS)
-    parser.add_argument("--multibyte-share", type=float, default=0.25, help="share of multi-byte words in the free text")
+    parser.add_argument(
+        "--multibyte-share", type=float, default=0.25, help="share of multi-byte words in the free text"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="B = 16, L = 128, K = 4, one repeat")

@@ -20,7 +20,7 @@ import itertools
 import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import torch
@@ -150,11 +150,12 @@ def token_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[in
 
     Linear in the number of tokens: each token's text comes from a per-tokenizer table ([`_PieceTable`]: as the
     first token, and after another token, which covers SentencePiece's dropped leading space), and only the runs of
-    tokens that do not decode to whole characters on their own are decoded again, as the prefixes of a short window
-    that starts at the whole token before them. The pieces must add up to `text`; a decoder for which they do not
-    gets the exact quadratic computation (decoding every prefix).
+    tokens that do not decode to whole characters on their own (split multi-byte characters) are decoded again, as
+    the prefixes of a window that starts at the whole token before them and moves on at character boundaries. The
+    pieces must add up to `text`; a decoder for which they do not gets the exact quadratic computation (decoding
+    every prefix).
     """
-    token_ids = list(map(int, token_ids))  # ids are the piece table's keys: no tensors
+    token_ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)  # ints: the table's keys
     text = tokenizer.decode(token_ids, **_DECODE)
     if not token_ids:
         return text, []
@@ -290,7 +291,7 @@ def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] 
             complete, at = tail.rstrip(_REPLACEMENT), start + len(done)
             if text.startswith(complete, at):
                 reach[k] = at + len(complete)
-            else:  # a prefix that reads otherwise than the text (byte fallback: U+FFFD per byte) is cut where it leaves it
+            else:  # a prefix that reads otherwise (byte fallback: U+FFFD per byte) is cut where it leaves the text
                 reach[k] = at + _common_prefix_length(complete, text[at : at + len(complete)])
     return list(itertools.accumulate(reach, max))
 
@@ -323,11 +324,25 @@ def _partial_runs(token_ids: list[int], table: _PieceTable) -> list[list[int]]:
 _RUN_CHUNK = 16  # tokens of a run read per batch of window decodes; a longer run takes several batches
 
 
+@dataclass
+class _RunWindow:
+    """Where the decodes of one run's prefixes stand: each is `head + token_ids[start : k + 1]`, which reads as
+    `head_text`, then the text of tokens `start..k` in context; `done` is the run's text before `start`."""
+
+    head: list[int]
+    head_text: str
+    start: int
+    next: int  # the next token to read
+    stop: int  # the end of the run
+    done: str = ""
+    prefixes: list[tuple[str, str]] = field(default_factory=list)
+
+
 def _run_prefixes(tokenizer, token_ids: list[int], table: _PieceTable, runs, move_on: bool = True):
     """
     For each run `[s, a, b]` and each of its tokens k: `(done, tail)`, such that the text of `token_ids[: k + 1]`
-    is the text before the run, then `done + tail`; None if a window changed the text of the token it starts at.
-    Returns `(prefixes, moved)`, `moved` telling whether a window moved on.
+    is the text before the run, then `done + tail`. Returns `(prefixes, moved)`, `moved` telling whether a window
+    moved on; `prefixes` is None if a window changed the text of the token it starts at.
 
     Token k's prefix is read from the window `token_ids[s : k + 1]` (token s gives the run's first token its
     context, as in the whole text), less token s's own text. So that a long run (a stretch of characters the
@@ -340,32 +355,30 @@ def _run_prefixes(tokenizer, token_ids: list[int], table: _PieceTable, runs, mov
     """
     anchor = table.anchor if move_on else None
     moved = False
-    states = []  # per run: [window head ids, head text, window start, next token, done text, (done, tail) per token]
-    for s, a, b in runs:
-        head = [token_ids[s]] if s < a else []
-        states.append([head, table.first[token_ids[s]] if s < a else "", a, a, "", []])
-    pending = list(zip(runs, states))
+    windows = [
+        _RunWindow([token_ids[s]], table.first[token_ids[s]], a, a, b) if s < a else _RunWindow([], "", a, a, b)
+        for s, a, b in runs
+    ]
+    pending = windows
     while pending:
-        chunks = [range(state[3], min(b, state[3] + _RUN_CHUNK)) for (s, a, b), state in pending]
-        windows = [state[0] + token_ids[state[2] : k + 1] for (_, state), ks in zip(pending, chunks) for k in ks]
-        decoded = iter(tokenizer.batch_decode(windows, **_DECODE))
-        for ((s, a, b), state), ks in zip(pending, chunks):
-            head, head_text = state[0], state[1]
+        chunks = [range(w.next, min(w.stop, w.next + _RUN_CHUNK)) for w in pending]
+        decoded = iter(tokenizer.batch_decode(
+            [w.head + token_ids[w.start : k + 1] for w, ks in zip(pending, chunks) for k in ks], **_DECODE
+        ))
+        for w, ks in zip(pending, chunks):
             tails = [next(decoded) for _ in ks]
-            if not all(window.startswith(head_text) for window in tails):
+            if not all(text.startswith(w.head_text) for text in tails):
                 return None, moved  # the run changed the text of the token its window starts at: not local
-            tails = [window[len(head_text) :] for window in tails]
-            state[5] += [(state[4], tail) for tail in tails]
-            state[3] = ks.stop
-            if ks.stop < b and anchor is not None:
-                for i in reversed(range(len(tails))):
-                    tail = tails[i]
-                    if tail and tail[-1] != _REPLACEMENT:
-                        state[0], state[1], state[2], state[4] = [anchor[0]], anchor[1], ks[i] + 1, state[4] + tail
-                        moved = True
-                        break
-        pending = [(run, state) for run, state in pending if state[3] < run[2]]
-    return [state[5] for state in states], moved
+            tails = [text[len(w.head_text) :] for text in tails]
+            w.prefixes += [(w.done, tail) for tail in tails]
+            w.next = ks.stop
+            if w.next < w.stop and anchor is not None:
+                cut = next((i for i in reversed(range(len(tails))) if tails[i][-1:] not in ("", _REPLACEMENT)), None)
+                if cut is not None:
+                    w.head, w.head_text, w.start, w.done = [anchor[0]], anchor[1], ks[cut] + 1, w.done + tails[cut]
+                    moved = True
+        pending = [w for w in pending if w.next < w.stop]
+    return [w.prefixes for w in windows], moved
 
 
 def _prefix_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int]:

@@ -188,7 +188,8 @@ def id_sequences(tokenizer, seed=0):
     """Random token ids (any id: special tokens, tags, lone bytes), and tokenised text with multi-byte characters,
     leading spaces and special tokens, cut at random tokens (so sometimes inside a character)."""
     rng = random.Random(seed)
-    specials = [tokenizer.eos_token_id, tokenizer.pad_token_id, *tokenizer.convert_tokens_to_ids(["<think>", "</think>"])]
+    tags = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    specials = [tokenizer.eos_token_id, tokenizer.pad_token_id, *tags]
     sequences = [[], [specials[0]], [specials[2], specials[0]]]
     for length in [1, 1, 2, 2, 3, 3, 4, 5, 8, 13, 21, 34] * 4:
         sequences.append([rng.randrange(len(tokenizer)) for _ in range(length)])
@@ -219,6 +220,7 @@ def test_token_offsets_equal_the_prefix_decoding_definition(kind, run_chunk, mon
         split += any("\ufffd" in tokenizer.decode([t], **DECODE) for t in ids)
     if kind == "byte_bpe":
         assert split > 20, "the sequences split multi-byte characters across tokens"
+    assert token_end_offsets(tokenizer, torch.tensor(ids)) == token_end_offsets(tokenizer, ids)
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
@@ -294,7 +296,8 @@ class BytesTokenizer:
 
 @pytest.mark.parametrize("run_chunk", [2, 16])
 def test_token_offsets_of_any_object_that_decodes_bytes(run_chunk, monkeypatch):
-    pieces = [b"a", b"b", b" ", b"", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe2", b"\x88", b"\x9a", b"\x88\x9a", b"\x9a\xe2", b"x\xe2"]
+    pieces = [b"a", b"b", b" ", b"", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe2", b"\x88", b"\x9a", b"\x88\x9a", b"\x9a\xe2"]
+    pieces.append(b"x\xe2")
     tokenizer = BytesTokenizer(pieces)
     monkeypatch.setattr(segmentation, "_prefix_end_offsets", lambda *args: pytest.fail("decoded every prefix"))
     monkeypatch.setattr(segmentation, "_RUN_CHUNK", run_chunk)
