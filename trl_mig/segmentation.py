@@ -16,10 +16,11 @@ prefix ends after that response.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import torch
@@ -137,61 +138,259 @@ def analyze_text(text: str, spec: FormatSpec) -> TextLayout:
     return TextLayout(cot_start, cot_end, think_closed, answer, tuple(starts), bool(headers), len(starts) + 1)
 
 
-def token_end_offsets(tokenizer, token_ids: list[int]) -> tuple[str, list[int]]:
+def token_end_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]]:
     """
     Decode `token_ids` and give, for each token, the character offset where its text ends.
 
-    Returns `(text, ends)` with `text == tokenizer.decode(token_ids)` and `ends[j]` = length of the text of
-    `token_ids[: j + 1]`. Tries, cheapest first: per-token pieces, a sliding window of incremental decodes (handles
-    SentencePiece's leading spaces), and decoding every prefix (exact, quadratic) as the last resort.
+    Returns `(text, ends)` with `text == tokenizer.decode(token_ids)` (special tokens kept, no clean-up) and `ends[j]`
+    the length of the text of `token_ids[: j + 1]`. A token that ends inside a multi-byte character (byte-level BPE,
+    byte fallback) has no text of its own yet: it ends where the last complete character does, and the character
+    goes to the token that completes it. So `ends` never decreases, and `ends[-1] == len(text)` unless the text ends
+    in an unfinished character.
+
+    Linear in the number of tokens: each token's text comes from a per-tokenizer table ([`_PieceTable`]: as the
+    first token, and after another token, which covers SentencePiece's dropped leading space), and only the runs of
+    tokens that do not decode to whole characters on their own (split multi-byte characters) are decoded again, as
+    the prefixes of a window that starts at the whole token before them and moves on at character boundaries. The
+    pieces must add up to `text`; a decoder for which they do not gets the exact quadratic computation (decoding
+    every prefix).
     """
-    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    text = tokenizer.decode(token_ids, **kwargs)
+    token_ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)  # ints: the table's keys
+    text = tokenizer.decode(token_ids, **_DECODE)
     if not token_ids:
         return text, []
-    pieces = _single_token_pieces(tokenizer, token_ids, kwargs)
-    if "".join(pieces) == text:
-        return text, _cumulative(pieces)
-    window = 8
-    longer = tokenizer.batch_decode([token_ids[max(0, j - window) : j + 1] for j in range(len(token_ids))], **kwargs)
-    shorter = tokenizer.batch_decode([token_ids[max(0, j - window) : j] for j in range(len(token_ids))], **kwargs)
-    if all(a.startswith(b) for a, b in zip(longer, shorter)):
-        pieces = [a[len(b) :] for a, b in zip(longer, shorter)]
+    ends = _local_end_offsets(tokenizer, token_ids, text)
+    if ends is None:
+        ends = _prefix_end_offsets(tokenizer, token_ids, text)
+    return text, ends
+
+
+_DECODE = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+_REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback tokens (Llama, Mistral, Gemma)
+
+
+class _PieceTable:
+    """
+    What each token id reads as, for one tokenizer; a token's text never changes, so each id is decoded once.
+
+    - `first[id]`: its text as the first token (a Metaspace decoder drops the first token's leading space);
+    - `after[id]`: the text it adds after another token (`decode([anchor, id])` less the anchor's text), None when
+      that does not start with the anchor's text;
+    - `partial`: the ids whose text after another token is not whole characters of their own: empty (an empty token
+      can sit inside a character), with U+FFFD (part of a multi-byte character), a byte-fallback token (whose bytes
+      the decoder joins with its neighbours'), or None;
+    - `anchorable`: the other ids whose `first` is the end of their `after`, so that a window of decodes can start
+      at them.
+    """
+
+    def __init__(self, tokenizer):
+        self.anchor = _anchor_token(tokenizer)
+        self.first: dict[int, str] = {}
+        self.after: dict[int, str | None] = {}
+        self.partial: set[int] = set()
+        self.anchorable: set[int] = set()
+
+    def add(self, tokenizer, token_ids: list[int]) -> None:
+        missing = list(set(token_ids).difference(self.first))
+        if not missing:
+            return
+        first = tokenizer.batch_decode([[t] for t in missing], **_DECODE)
+        if self.anchor is None:
+            after = first
+        else:
+            anchor_id, anchor_text = self.anchor
+            pairs = tokenizer.batch_decode([[anchor_id, t] for t in missing], **_DECODE)
+            after = [p[len(anchor_text) :] if p.startswith(anchor_text) else None for p in pairs]
+        names = _token_names(tokenizer, missing)
+        for t, alone, joined, name in zip(missing, first, after, names):
+            self.first[t], self.after[t] = alone, joined
+            if (
+                not joined
+                or _REPLACEMENT in joined
+                or _REPLACEMENT in alone
+                or (isinstance(name, str) and _BYTE_TOKEN.fullmatch(name))
+            ):
+                self.partial.add(t)
+            elif joined.endswith(alone):
+                self.anchorable.add(t)
+
+
+# tokenizer -> its _PieceTable; decoding every token of every completion through the tokenizer again was most of
+# segmentation's cost at hundreds of completions per step
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _piece_table(tokenizer, token_ids: list[int]) -> _PieceTable:
+    try:
+        table = _PIECES.get(tokenizer)
+        if table is None:
+            table = _PIECES[tokenizer] = _PieceTable(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        table = _PieceTable(tokenizer)
+    table.add(tokenizer, token_ids)
+    return table
+
+
+def _anchor_token(tokenizer) -> tuple[int, str] | None:
+    """A token that reads as a plain ASCII letter or digit, to decode other tokens after: `(id, text)`, or None."""
+    for probe in ("a", "e", "x", "0"):
+        try:
+            ids = tokenizer.encode(probe, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - a processor or an exotic tokenizer: tokens are then read alone
+            return None
+        for token in reversed(ids):
+            text = tokenizer.decode([token], **_DECODE)
+            if text and text.isascii() and text.strip() and text == text.strip():
+                return token, text
+    return None
+
+
+def _token_names(tokenizer, token_ids: list[int]) -> list:
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        convert = getattr(getattr(tokenizer, "tokenizer", None), "convert_ids_to_tokens", None)
+    return list(convert(token_ids)) if convert is not None else [None] * len(token_ids)
+
+
+def _local_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int] | None:
+    """
+    `token_end_offsets`' ends from the piece table and a few batches of short window decodes, or None when the
+    pieces do not add up to `text` (a decoder whose tokens' texts depend on more than the first-token rule and the
+    bytes of their neighbours).
+
+    A whole token ([`_PieceTable`]) adds its table piece. The tokens of a run of partial ones end where the prefix
+    that ends with them does ([`_run_prefixes`]), without its trailing U+FFFD (an unfinished character) and cut where
+    it leaves the text, as when decoding the whole prefix; a whole token's text is never empty and has no U+FFFD, so
+    stripping never reaches back past the run.
+    """
+    table = _piece_table(tokenizer, token_ids)
+    pieces = list(map(table.after.__getitem__, token_ids))
+    pieces[0] = table.first[token_ids[0]]
+    if table.partial.isdisjoint(token_ids):  # the common case: every token is whole characters
+        if "".join(pieces) != text:
+            return None
+        return list(itertools.accumulate(map(len, pieces)))
+
+    runs = _partial_runs(token_ids, table)
+    for move_on in (True, False):  # without moving windows on when that changed the text (byte fallback, below)
+        prefixes, moved = _run_prefixes(tokenizer, token_ids, table, runs, move_on)
+        if prefixes is None:
+            return None
+        for (s, a, b), run in zip(runs, prefixes):
+            done, tail = run[-1]
+            pieces[a:b] = [""] * (b - a - 1) + [done + tail]  # the run's text, on its last token
         if "".join(pieces) == text:
-            return text, _cumulative(pieces)
-    prefixes = tokenizer.batch_decode([token_ids[: j + 1] for j in range(len(token_ids))], **kwargs)
+            break
+        if not moved:
+            return None
+    reach = list(itertools.accumulate(map(len, pieces)))
+    for (s, a, b), run in zip(runs, prefixes):
+        start = reach[a - 1] if a > 0 else 0
+        for k, (done, tail) in zip(range(a, b), run):
+            complete, at = tail.rstrip(_REPLACEMENT), start + len(done)
+            if text.startswith(complete, at):
+                reach[k] = at + len(complete)
+            else:  # a prefix that reads otherwise (byte fallback: U+FFFD per byte) is cut where it leaves the text
+                reach[k] = at + _common_prefix_length(complete, text[at : at + len(complete)])
+    return list(itertools.accumulate(reach, max))
+
+
+def _partial_runs(token_ids: list[int], table: _PieceTable) -> list[list[int]]:
+    """
+    The runs of partial tokens, as `[s, a, b]`: tokens `[a, b)` are read from window decodes that start at token s,
+    the nearest anchorable whole token before them (whole tokens skipped on the way join the run), or from token 0
+    (`s == a == 0`) when there is none. Runs whose windows would overlap are one run.
+    """
+    runs = []
+    for k, token in enumerate(token_ids):
+        if token not in table.partial:
+            continue
+        if runs and runs[-1][2] == k:  # the run goes on
+            runs[-1][2] = k + 1
+            continue
+        s = k - 1
+        while s > 0 and token_ids[s] not in table.anchorable:
+            s -= 1
+        a = s + 1
+        if s < 0 or token_ids[s] in table.partial:  # no anchor (token 0 reads as itself: it is one when whole)
+            s = a = 0
+        while runs and runs[-1][2] > s:
+            s, a, _ = runs.pop()
+        runs.append([s, a, k + 1])
+    return runs
+
+
+_RUN_CHUNK = 16  # tokens of a run read per batch of window decodes; a longer run takes several batches
+
+
+@dataclass
+class _RunWindow:
+    """Where the decodes of one run's prefixes stand: each is `head + token_ids[start : k + 1]`, which reads as
+    `head_text`, then the text of tokens `start..k` in context; `done` is the run's text before `start`."""
+
+    head: list[int]
+    head_text: str
+    start: int
+    next: int  # the next token to read
+    stop: int  # the end of the run
+    done: str = ""
+    prefixes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _run_prefixes(tokenizer, token_ids: list[int], table: _PieceTable, runs, move_on: bool = True):
+    """
+    For each run `[s, a, b]` and each of its tokens k: `(done, tail)`, such that the text of `token_ids[: k + 1]`
+    is the text before the run, then `done + tail`. Returns `(prefixes, moved)`, `moved` telling whether a window
+    moved on; `prefixes` is None if a window changed the text of the token it starts at.
+
+    Token k's prefix is read from the window `token_ids[s : k + 1]` (token s gives the run's first token its
+    context, as in the whole text), less token s's own text. So that a long run (a stretch of characters the
+    vocabulary splits into bytes) costs linear time, with `move_on` the window moves on after a token whose prefix
+    reads as whole characters (no trailing U+FFFD): UTF-8 decoding starts afresh there, so the window restarts after
+    the table's anchor token, the run's text so far going to `done`. (A byte-fallback decoder reads a group of byte
+    tokens with one invalid byte as all U+FFFD, whole characters before it included: the run's text then differs
+    from the whole text, and the caller reads the run again without moving on.) All runs advance together,
+    `_RUN_CHUNK` tokens per batch of decodes: one batch unless a run is longer.
+    """
+    anchor = table.anchor if move_on else None
+    moved = False
+    windows = [
+        _RunWindow([token_ids[s]], table.first[token_ids[s]], a, a, b) if s < a else _RunWindow([], "", a, a, b)
+        for s, a, b in runs
+    ]
+    pending = windows
+    while pending:
+        chunks = [range(w.next, min(w.stop, w.next + _RUN_CHUNK)) for w in pending]
+        decoded = iter(tokenizer.batch_decode(
+            [w.head + token_ids[w.start : k + 1] for w, ks in zip(pending, chunks) for k in ks], **_DECODE
+        ))
+        for w, ks in zip(pending, chunks):
+            tails = [next(decoded) for _ in ks]
+            if not all(text.startswith(w.head_text) for text in tails):
+                return None, moved  # the run changed the text of the token its window starts at: not local
+            tails = [text[len(w.head_text) :] for text in tails]
+            w.prefixes += [(w.done, tail) for tail in tails]
+            w.next = ks.stop
+            if w.next < w.stop and anchor is not None:
+                cut = next((i for i in reversed(range(len(tails))) if tails[i][-1:] not in ("", _REPLACEMENT)), None)
+                if cut is not None:
+                    w.head, w.head_text, w.start, w.done = [anchor[0]], anchor[1], ks[cut] + 1, w.done + tails[cut]
+                    moved = True
+        pending = [w for w in pending if w.next < w.stop]
+    return [w.prefixes for w in windows], moved
+
+
+def _prefix_end_offsets(tokenizer, token_ids: list[int], text: str) -> list[int]:
+    """The reference computation, exact for any decoder and quadratic: decode every prefix."""
+    prefixes = tokenizer.batch_decode([token_ids[: j + 1] for j in range(len(token_ids))], **_DECODE)
     ends, best = [], 0
     for prefix in prefixes:
-        prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character is not text yet
+        prefix = prefix.rstrip(_REPLACEMENT)  # an unfinished multi-byte character is not text yet
         if not text.startswith(prefix):
             prefix = prefix[: _common_prefix_length(prefix, text)]
         best = max(best, len(prefix))
         ends.append(best)
-    return text, ends
-
-
-# tokenizer -> {token id: its text decoded alone}; a token's piece never changes, and decoding every token of every
-# completion through the tokenizer again was most of segmentation's cost at hundreds of completions per step
-_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _single_token_pieces(tokenizer, token_ids: list[int], kwargs: dict) -> list[str]:
-    """Each token's text decoded alone, through a per-tokenizer cache."""
-    try:
-        cache = _PIECES.setdefault(tokenizer, {})
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
-        cache = {}
-    missing = list({t for t in token_ids if t not in cache})
-    if missing:
-        cache.update(zip(missing, tokenizer.batch_decode([[t] for t in missing], **kwargs)))
-    return [cache[t] for t in token_ids]
-
-
-def _cumulative(pieces: list[str]) -> list[int]:
-    ends, total = [], 0
-    for piece in pieces:
-        total += len(piece)
-        ends.append(total)
     return ends
 
 

@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_step  # noqa: E402
 from _common import every_step_right, grade_steps  # noqa: E402
+from bench_host import main as host_benchmark  # noqa: E402
+from bench_host import make_batch  # noqa: E402
 from oracle_step_credit import main as oracle_study  # noqa: E402
 from oracle_step_credit import oracle_trainer_class  # noqa: E402
 
@@ -25,6 +27,7 @@ from trl_mig import StepBatch  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
 from trl_mig.builtin.tiny import build_char_tokenizer  # noqa: E402
 from trl_mig.builtin.tokenizers import tiny_tokenizer  # noqa: E402
+from trl_mig.builtin.tokenizers import TOKENIZER_KINDS  # noqa: E402
 
 EXPRESSION = "((3+4)*2)-5"  # gold steps 3+4=7, 7*2=14, 14-5=9
 RIGHT = "<think>### Step 1\n3+4=7\n### Step 2\n7*2=14\n### Step 3\n14-5=9\n</think>\n<answer>7 14 9</answer>"
@@ -191,3 +194,18 @@ def test_step_benchmark_byte_bpe_completions_carry_multi_byte_symbols():
         steps = text.count("### Step")
         assert segments.num_steps == steps >= 1
         assert sum(text.count(symbol) for symbol in symbols) >= steps and "\ufffd" not in text
+def test_host_benchmark_batches_have_the_asked_length_and_steps():
+    for kind in TOKENIZER_KINDS:
+        batch = make_batch(kind, size=3, length=96, steps=5, seed=0)
+        assert [len(ids) for ids in batch.completion_ids] == [96] * 3
+        segments = [segment_completion(batch.tokenizer, ids, batch.spec) for ids in batch.completion_ids]
+        assert [s.num_steps for s in segments] == [5] * 3 and all(s.layout.well_formed for s in segments)
+
+
+def test_host_benchmark_quick_prints_the_table_and_a_json_line(capsys):
+    summary = host_benchmark(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    assert [case["tokenizer"] for case in summary["cases"]] == list(TOKENIZER_KINDS)
+    assert all(case["segment_ms"] > 0 for case in summary["cases"])
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(TOKENIZER_KINDS)  # header and one row per case
