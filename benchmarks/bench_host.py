@@ -10,6 +10,10 @@ metaspace_unigram does not know; the step boundaries are cut at random tokens, a
 Stages (`STAGES`: name -> function of a `HostBatch`, timed over the whole batch):
 
 - `segment`: `segment_completion` on every completion (decode, per-token character offsets, step boundaries).
+- `rows`: `build_block_batches`, the block scoring pass's inputs for the whole batch (ids, positions, the copies'
+  mask inputs, the scored tokens) in micro-batches of `--scoring-batch-size`, from a 32-token prompt, the steps and
+  one answer variant per completion, as the trainer builds them (`keep_completion`: the fused pass's rows, the whole
+  completion in the shared part).
 
 The piece tables that segmentation caches per tokenizer are warm before timing (one untimed pass), as they are after
 the first training step. Printed: a markdown table of ms per generation batch and per completion for each stage
@@ -36,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _common import machine  # noqa: E402
 from trl_mig.builtin.tokenizers import TOKENIZER_KINDS, tiny_tokenizer  # noqa: E402
+from trl_mig.scoring import ScoringItem, build_block_batches, encode_answer  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
 
 ASCII_WORDS = ("so", "then", "the", "sum", "is", "we", "get", "carry", "x", "=", "+", "-", "*", "(", ")", "12", "7",
@@ -54,6 +59,8 @@ class HostBatch:
     completion_ids: list[list[int]]
     length: int
     steps: int
+    items: list[ScoringItem] | None = None  # what the scoring pass is given, built once (untimed) for `rows`
+    scoring_batch_size: int = 8
 
 
 def segment_stage(batch: HostBatch) -> None:
@@ -61,7 +68,19 @@ def segment_stage(batch: HostBatch) -> None:
         segment_completion(batch.tokenizer, ids, batch.spec)
 
 
-STAGES: dict[str, Callable[[HostBatch], None]] = {"segment": segment_stage}
+def rows_stage(batch: HostBatch) -> None:
+    if batch.items is None:
+        prompt = batch.tokenizer("Compute (12+7)*3 - 5, step by step. " * 2, add_special_tokens=False)["input_ids"]
+        answer = encode_answer(batch.tokenizer, "\n</think>\n<answer>", "57")
+        batch.items = [
+            ScoringItem(prompt[:32], ids, segment_completion(batch.tokenizer, ids, batch.spec).boundaries, [answer],
+                        keep_completion=True)
+            for ids in batch.completion_ids
+        ]
+    build_block_batches(batch.items, batch.scoring_batch_size, pad_token_id=batch.tokenizer.pad_token_id)
+
+
+STAGES: dict[str, Callable[[HostBatch], None]] = {"segment": segment_stage, "rows": rows_stage}
 
 
 def make_batch(kind: str, size: int, length: int, steps: int, seed: int, multibyte_share: float = 0.25) -> HostBatch:
