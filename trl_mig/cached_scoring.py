@@ -35,12 +35,14 @@ class GenerationCache:
     """
     What one `generate` call left: `cache` (a transformers `DynamicCache`: per layer, keys and values of shape
     (B, H_kv, S, D)), passed back to the model under the keyword `cache_keyword`; `prompt_mask` (B, P), 1 on the real
-    prompt columns (the prompts are left-padded to P); row i of the cache is the generation batch's row i.
+    prompt columns (the prompts are left-padded to P); `tokens` (B, S): the ids whose keys and values it holds, the
+    prompt then every generated token but the last; row i of the cache is the generation batch's row i.
     """
 
     cache: object
     cache_keyword: str
     prompt_mask: torch.Tensor
+    tokens: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -53,6 +55,7 @@ class _Capture:
     caches: list = field(default_factory=list)
     keyword: str | None = None
     prompt_mask: torch.Tensor | None = None
+    fed: list = field(default_factory=list)  # the input ids of every forward, in order
     result: GenerationCache | None = None
     reason: str | None = None
 
@@ -69,8 +72,10 @@ def capture_generation_cache(causal_lm):
         keyword = "cache" if "cache" in kwargs else "past_key_values"
         cache = kwargs.get(keyword)
         calls.append(cache)
+        ids = kwargs.get("input_ids")
+        captured.fed.append(ids.detach() if isinstance(ids, torch.Tensor) else None)
         if len(calls) == 1:  # the prompt's forward: its mask says which columns are padding
-            mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+            mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 captured.prompt_mask = mask.detach()
             elif mask is None and isinstance(ids, torch.Tensor):  # no padding: generate passes no mask
@@ -87,8 +92,9 @@ def capture_generation_cache(causal_lm):
         hook.remove()
     captured.reason = _capture_problem(captured)
     if captured.reason is None:
-        captured.result = GenerationCache(captured.caches[0], captured.keyword, captured.prompt_mask)
-    captured.caches = []
+        tokens = torch.cat(captured.fed, dim=1)  # (B, S): the prompt, then one generated token per decoding step
+        captured.result = GenerationCache(captured.caches[0], captured.keyword, captured.prompt_mask, tokens)
+    captured.caches, captured.fed = [], []
 
 
 def _capture_problem(captured: _Capture) -> str | None:
@@ -103,11 +109,23 @@ def _capture_problem(captured: _Capture) -> str | None:
         return "a sliding-window cache"
     if captured.prompt_mask is None:
         return "neither a 2-D attention mask nor input ids in the first generation forward"
+    if any(ids is None or ids.dim() != 2 for ids in captured.fed):
+        return "a generation forward without input ids (embeddings passed)"
+    if len({ids.shape[0] for ids in captured.fed}) != 1 or any(ids.shape[1] != 1 for ids in captured.fed[1:]):
+        return "generation forwards that are not one prompt pass then one token per step"
+    if sum(ids.shape[1] for ids in captured.fed) != cache.get_seq_length():
+        return "a cache that does not hold exactly the tokens fed to the model"
     return None
 
 
-def cache_unsupported_reason(model, generation: GenerationCache, items: Sequence[ScoringItem]) -> str | None:
-    """Why `items` cannot be scored from `generation`'s cache with `model`, or None when they can."""
+def cache_unsupported_reason(
+    model, generation: GenerationCache, items: Sequence[ScoringItem], rows: Sequence[int]
+) -> str | None:
+    """
+    Why `items` (completion `rows[j]` of the generation batch) cannot be scored from `generation`'s cache with
+    `model`, or None when they can: among others, when the tokens the cache holds are not each item's prompt and
+    completion (a `rollout_func` that generated from another prompt, or edited what it generated).
+    """
     reason = block_mask_unsupported_reason(model)
     if reason is not None:
         return reason
@@ -117,6 +135,17 @@ def cache_unsupported_reason(model, generation: GenerationCache, items: Sequence
         if any(block.scored[0] == 0 for block in item.answers):
             # the first answer token would be predicted from the prefix's last hidden state, which a cache lacks
             return "an answer block without a scaffold before the answer"
+    width = generation.prompt_mask.shape[1]
+    tokens = generation.tokens.tolist()  # one device-to-host copy
+    masks = generation.prompt_mask.sum(1).tolist()
+    for item, row in zip(items, rows):
+        prompt, completion = list(item.prompt_ids), list(item.completion_ids)
+        if row >= len(tokens) or masks[row] != len(prompt):
+            return "a generation batch whose prompts are not the scored ones"
+        generated = tokens[row][width:]  # the completion, but its last token (and what follows an early EOS)
+        shared = min(len(generated), len(completion))
+        if tokens[row][width - len(prompt) : width] != prompt or generated[:shared] != completion[:shared]:
+            return "cached tokens that are not the scored prompt and completion"
     return None
 
 

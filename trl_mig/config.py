@@ -89,7 +89,8 @@ class MIGSettings:
             completion of MIG's own. When TRL runs its own no-gradient forward over the completions (old log-probs:
             vLLM importance-sampling correction, or generation not aligned with optimizer steps, e.g.
             `num_iterations` > 1; reference log-probs when `beta` > 0 and `mig_likelihood_model="reference"`), the
-            scoring pass computes those log-probs too and TRL's forward is skipped. Otherwise, when transformers'
+            scoring pass computes those log-probs too, with as many rows per forward as TRL's (at least
+            `mig_scoring_batch_size`), and TRL's forward is skipped. Otherwise, when transformers'
             `generate` sampled the completions (no vLLM, tools, environment or `rollout_func`), only the answer
             copies run, against generation's key/value cache. Where neither applies (prefix scoring, no TRL fused LM
             head, post-processed logits, multimodal prompts for the cache, an overridden `step_log_likelihoods`)

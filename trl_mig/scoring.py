@@ -241,6 +241,16 @@ class StepLikelihoodScorer:
             self._warned.add(reason)
         return "prefix"
 
+    @contextlib.contextmanager
+    def rows_per_forward(self, rows: int):
+        """Score at least `rows` rows per forward inside the block (the fused pass takes the batch size of TRL's
+        forward it replaces, whose memory the user has already budgeted)."""
+        saved, self.batch_size = self.batch_size, max(self.batch_size, int(rows or 0))
+        try:
+            yield
+        finally:
+            self.batch_size = saved
+
     def plan(self, items: Sequence[ScoringItem], method: str) -> int:
         """Forward passes this process needs for `items` (before synchronisation); depends on nothing else."""
         rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)

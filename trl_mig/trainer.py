@@ -532,7 +532,7 @@ class MIGMixin:
         if self.mig_scorer.resolve_method(model, items) != "block":
             fusion.give_up()
             return None
-        with self.accelerator.autocast():
+        with self.mig_scorer.rows_per_forward(kwargs.get("batch_size")), self.accelerator.autocast():
             scores, completion_logps = self.mig_scorer.score(model, items, completion_logps=True)
         loglik = step_batch.empty_log_likelihoods()
         logps = torch.zeros(len(items), logits_to_keep, device=device)
@@ -580,7 +580,7 @@ class MIGMixin:
         model, context = self._scoring_model_context()
         generation = self._generation_cache
         if generation is not None and (
-            len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items)
+            len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items, rows)
         ):
             generation = None
         with (

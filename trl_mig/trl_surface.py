@@ -390,7 +390,7 @@ PRIVATE_MEMBERS: tuple[PrivateMember, ...] = (
         optional=True,
     ),
     PrivateMember(
-        "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLModel.get_rope_index", "scoring.py (_item_positions)",
+        "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLModel.get_rope_index", "scoring.py (_rope_positions)",
         "3-D rotary positions of multimodal rotary models (Qwen2-VL style), called with mm_token_type_ids",
         parameters=("input_ids",), keywords=("mm_token_type_ids", "image_grid_thw"), optional=True,
     ),

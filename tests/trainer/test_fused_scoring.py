@@ -93,7 +93,8 @@ def same_logliks(fused, plain):
         ("char", dict(num_iterations=2, temperature=0.7)),  # TRL's temperature on the old log-probs, not on l_k
         ("char", dict(steps_per_generation=2, mask_truncated_completions=True, mig_scoring_batch_size=3)),
         ("char", dict(gradient_accumulation_steps=2, steps_per_generation=3)),
-        ("bpe", dict(steps_per_generation=2, mig_scoring_batch_size=1)),
+        # micro-batches: the fused pass takes TRL's rows per forward (4) when mig_scoring_batch_size is smaller
+        ("bpe", dict(steps_per_generation=2, per_device_train_batch_size=4, mig_scoring_batch_size=1)),
     ],
 )
 def test_fused_old_logps_equal_trls(tmp_path, char_tokenizer, tokenizer_kind, options):
@@ -277,5 +278,60 @@ def test_default_configuration_scores_from_the_generation_cache(tmp_path, char_t
     assert torch.equal(fused_out["completion_ids"], plain_out["completion_ids"])
     assert block_forwards[0] == 0 and block_forwards[1] > 0
     gains = same_logliks(fused, plain)
+    assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
+
+
+def generating_rollout(extra_prompt_tokens=0):
+    """A `rollout_func` that samples with the policy's own `generate`, from each prompt with `extra_prompt_tokens`
+    tokens put before it (0: the prompt TRL is given back), and returns the prompt without them."""
+
+    def rollout(prompts, trainer):
+        tokenizer = trainer.processing_class
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        fed = [ids[:1] * extra_prompt_tokens + ids for ids in prompt_ids]
+        width, pad = max(map(len, fed)), tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in fed])
+        with torch.no_grad():
+            out = trainer.model.generate(
+                input_ids=input_ids, attention_mask=(input_ids != pad).long(), do_sample=True, max_new_tokens=12,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            )
+        completions = []
+        for row in out[:, width:].tolist():
+            cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            completions.append(row[:cut])
+        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
+
+    return rollout
+
+
+@pytest.mark.parametrize("extra_prompt_tokens, from_cache", [(0, True), (2, False)])
+def test_a_rollout_func_cache_is_used_only_if_it_holds_the_scored_tokens(
+    tmp_path, char_tokenizer, extra_prompt_tokens, from_cache
+):
+    """A rollout_func that generates with the policy leaves a cache too: it is used when it holds exactly the prompt
+    and completion that are scored, and left alone (the block pass scores) when the rollout generated from another
+    prompt, whose cache would give other l_k."""
+    from helpers import addition_dataset
+
+    made = []
+    for fuse in (True, False):
+        trainer = MIGGRPOTrainer(
+            build_tiny_model(char_tokenizer).float(),
+            args=cpu_config(tmp_path / f"roll{fuse}", mig_fuse_scoring=fuse),
+            train_dataset=addition_dataset(),
+            processing_class=char_tokenizer,
+            rollout_func=generating_rollout(extra_prompt_tokens),
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        made.append(trainer)
+    made[1].model.load_state_dict(made[0].model.state_dict())
+    batch = [made[0].train_dataset[i] for i in range(8)]
+    (fused_out, plain_out), block_forwards = sample_both(made, batch)
+    assert torch.equal(fused_out["completion_ids"], plain_out["completion_ids"])
+    assert (block_forwards[0] == 0) == from_cache and block_forwards[1] > 0
+    gains = same_logliks(*made)
     assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
     assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
