@@ -590,7 +590,9 @@ class MIGMixin:
             self.accelerator.autocast(),
         ):
             if generation is not None:  # only the answer copies run, against generation's key/value cache
-                scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
+                # a few copy tokens per row against a cache generate already held: as many rows as the loss takes
+                with self.mig_scorer.rows_per_forward(self.args.per_device_train_batch_size):
+                    scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
             else:
                 scores = self.mig_scorer.score(model, items)
         for row, score in zip(rows, scores):
