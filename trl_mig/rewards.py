@@ -85,7 +85,32 @@ def answers_match(answer: str, gold: list[str], match: str = "math") -> bool:
     return False
 
 
-class AnswerAccuracyReward:
+class _AnswerReward:
+    """A reward of the answer after the thought against the ground truth in `column`: `score_answer` per completion,
+    None for rows without a ground truth (TRL then leaves them out of the statistics)."""
+
+    name = ""
+
+    def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
+        self.spec = spec or FormatSpec()
+        self.column = column
+        self.__name__ = self.name
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        if self.column not in kwargs:
+            raise KeyError(f"{self.name} needs the dataset column {self.column!r}; got {sorted(kwargs)}.")
+        rewards = []
+        for completion, gold in zip(completions, kwargs[self.column], strict=True):
+            variants = answer_variants(gold, self.column)
+            answer = analyze_text(completion_text(completion), self.spec).answer if variants else None
+            rewards.append(self.score_answer(answer, variants) if variants else None)
+        return rewards
+
+    def score_answer(self, answer: str | None, variants: list[str]) -> float:
+        raise NotImplementedError
+
+
+class AnswerAccuracyReward(_AnswerReward):
     """
     1.0 when the answer found by `spec.answer_pattern` after the thought matches the ground truth in `column`
     (a string or a list of variants) as `spec.answer_match` compares them, 0.0 when it does not or when there is no
@@ -93,26 +118,13 @@ class AnswerAccuracyReward:
     callable, named like a function.
     """
 
-    def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
-        self.spec = spec or FormatSpec()
-        self.column = column
-        self.__name__ = "answer_accuracy_reward"
+    name = "answer_accuracy_reward"
 
-    def __call__(self, completions, **kwargs) -> list[float | None]:
-        if self.column not in kwargs:
-            raise KeyError(f"answer_accuracy_reward needs the dataset column {self.column!r}; got {sorted(kwargs)}.")
-        rewards = []
-        for completion, gold in zip(completions, kwargs[self.column], strict=True):
-            variants = answer_variants(gold, self.column)
-            if not variants:
-                rewards.append(None)
-                continue
-            answer = analyze_text(completion_text(completion), self.spec).answer
-            rewards.append(float(answer is not None and answers_match(answer.strip(), variants, self.spec.answer_match)))
-        return rewards
+    def score_answer(self, answer: str | None, variants: list[str]) -> float:
+        return float(answer is not None and answers_match(answer.strip(), variants, self.spec.answer_match))
 
 
-class PartialCreditReward:
+class PartialCreditReward(_AnswerReward):
     """
     The share of an answer's values that are right, counted from the first value up to the first wrong one: for answers
     that list values separated by whitespace (e.g. every step's result, `task_answer: running`). The answer is found by
@@ -130,24 +142,11 @@ class PartialCreditReward:
     half-right completion must not pass it.
     """
 
-    def __init__(self, spec: FormatSpec | None = None, column: str = "solution"):
-        self.spec = spec or FormatSpec()
-        self.column = column
-        self.__name__ = "partial_credit_reward"
+    name = "partial_credit_reward"
 
-    def __call__(self, completions, **kwargs) -> list[float | None]:
-        if self.column not in kwargs:
-            raise KeyError(f"partial_credit_reward needs the dataset column {self.column!r}; got {sorted(kwargs)}.")
-        rewards = []
-        for completion, gold in zip(completions, kwargs[self.column], strict=True):
-            variants = answer_variants(gold, self.column)
-            if not variants:
-                rewards.append(None)
-                continue
-            answer = analyze_text(completion_text(completion), self.spec).answer
-            values = answer.split() if answer is not None else []
-            rewards.append(max(self.score(values, variant.split()) for variant in variants))
-        return rewards
+    def score_answer(self, answer: str | None, variants: list[str]) -> float:
+        values = answer.split() if answer is not None else []
+        return max(self.score(values, variant.split()) for variant in variants)
 
     def score(self, values: list[str], gold_values: list[str]) -> float:
         """Leading right values of `values` (compared with `gold_values` position by position), over the longer list."""
