@@ -202,8 +202,8 @@ def _score_chunk(scorer, model, generation, items, rows, columns, prompt_mask, d
     cache = DynamicCache(ddp_cache_data=layers, config=_model_config(model))
     # per item: the copies of every (variant, k), one after the other
     ids, positions, visible, copy_start, predict, targets, slots, slot_counts = [], [], [], [], [], [], [], []
-    for item, row in zip(items, rows):
-        prompt_len = int(prompt_mask[row].sum())
+    prompt_lengths = prompt_mask[index].sum(1).tolist()  # one device-to-host copy
+    for item, prompt_len in zip(items, prompt_lengths):
         bounds = torch.as_tensor(list(item.boundaries), dtype=torch.long)
         num_k = bounds.numel()
         row_ids, row_pos, row_visible, row_start, row_predict, row_targets, row_slots = [], [], [], [], [], [], []
@@ -246,7 +246,7 @@ def _score_chunk(scorer, model, generation, items, rows, columns, prompt_mask, d
     query = copy_key.view(1, -1, 1)
     sees, starts = sees.to(device).unsqueeze(-1), starts.to(device).unsqueeze(-1)
     real_prompt = torch.zeros((n, columns), dtype=torch.bool, device=device)
-    real_prompt[:, :width] = prompt_mask[torch.as_tensor(rows, device=device)]
+    real_prompt[:, :width] = prompt_mask[index]
     real_prompt[:, width:] = True
     cached = (key < sees) & real_prompt.unsqueeze(1)  # (B, C, columns): the prompt and completion[:b_k]
     own = (copy_key >= starts) & (copy_key <= query)  # (B, C, C): its own copy, causally

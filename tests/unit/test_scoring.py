@@ -517,3 +517,24 @@ def test_a_micro_batch_goes_to_the_device_in_one_copy(char_tokenizer):
     copied = _copy_together(tensors, torch.device("cpu"))
     assert len(copied) == len(tensors)
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(copied, tensors))
+
+
+def test_completion_log_probs_need_trls_fused_head_and_plain_logits(char_tokenizer):
+    """The fused pass scores answer tokens through the bare LM head: it refuses models whose logits the model's own
+    forward post-processes, and models without TRL's fused head; the prefix method cannot give completion log-probs."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_mig.scoring import fusion_unsupported_reason
+
+    model = build_tiny_model(char_tokenizer).float().eval()
+    assert "no TRL fused LM head" in fusion_unsupported_reason(model)
+    add_fused_lm_head(model, temperature=0.7)
+    assert fusion_unsupported_reason(model) is None
+    item = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"])
+    item = ScoringItem(item.prompt_ids, item.completion_ids, item.boundaries, item.answers, keep_completion=True)
+    with pytest.raises(ValueError, match="block method's pass only"):
+        StepLikelihoodScorer("prefix").score(model, [item], completion_logps=True)
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping=30.0" in fusion_unsupported_reason(model)
+    with pytest.raises(ValueError, match="post-processed"):
+        StepLikelihoodScorer("block").score(model, [item], completion_logps=True)
