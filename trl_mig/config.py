@@ -90,11 +90,11 @@ class MIGSettings:
             vLLM importance-sampling correction, or generation not aligned with optimizer steps, e.g.
             `num_iterations` > 1; reference log-probs when `beta` > 0 and `mig_likelihood_model="reference"`), the
             scoring pass computes those log-probs too, with as many rows per forward as TRL's (at least
-            `mig_scoring_batch_size`), and TRL's forward is skipped. Otherwise, when transformers'
-            `generate` sampled the completions (no vLLM, tools, environment or `rollout_func`), only the answer
-            copies run, against generation's key/value cache. Where neither applies (prefix scoring, no TRL fused LM
-            head, post-processed logits, multimodal prompts for the cache, an overridden `step_log_likelihoods`)
-            MIG runs its own pass.
+            `mig_scoring_batch_size`), and TRL's forward is skipped. Otherwise, when transformers' `generate` sampled
+            the completions with the policy (no vLLM or tools; a `rollout_func` qualifies if it generated from the
+            same prompts: the cached tokens are checked), only the answer copies run, against generation's
+            key/value cache. Where neither applies (prefix scoring, no TRL fused LM head, post-processed logits,
+            multimodal prompts for the cache, an overridden `step_log_likelihoods`) MIG runs its own pass.
 
     Agent trajectories (docs/agents.md):
         mig_turn_steps (`str`, defaults to `"auto"`): how a multi-turn completion (TRL `tools`, `environment_factory`,

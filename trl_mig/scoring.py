@@ -928,14 +928,19 @@ def _copy_together(tensors: list[torch.Tensor], device: torch.device) -> list[to
 
 
 # ------------------------------------------------------------------------------------ completion log-probs
+def causal_lm_of(model):
+    """The causal LM inside `model`, through DDP / DeepSpeed and PEFT wrappers (PEFT's base model)."""
+    causal_lm = _unwrapped(model)
+    return causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+
+
 def fused_head_model(model):
     """
-    The causal LM inside `model` (through DDP and PEFT wrappers) when TRL's fused LM head is on it
-    (`trl.trainer.utils.add_fused_lm_head`, which GRPOTrainer adds to the policy and the reference model), else None.
+    The causal LM inside `model` ([`causal_lm_of`]) when TRL's fused LM head is on it
+    (`trl.trainer.utils.add_fused_lm_head`, which GRPOTrainer adds to the policy and the reference model; with PEFT, to
+    the base model), else None.
     """
-    causal_lm = _unwrapped(model)
-    if hasattr(causal_lm, "get_base_model"):  # PEFT: TRL patches the base model's forward
-        causal_lm = causal_lm.get_base_model()
+    causal_lm = causal_lm_of(model)
     forward = getattr(causal_lm, "forward", None)
     try:  # TRL's patched forward keeps the model's signature for `generate` (functools.wraps): look past it
         parameters = inspect.signature(getattr(forward, "__func__", forward), follow_wrapped=False).parameters

@@ -44,7 +44,7 @@ from .scoring import (
     AnswerBlock,
     ScoringItem,
     StepLikelihoodScorer,
-    _unwrapped,
+    causal_lm_of,
     encode_answer,
     fusion_unsupported_reason,
 )
@@ -192,7 +192,8 @@ class MIGMixin:
         if fusion is None:
             return super()._generate(prompts)
         if fusion.target == "old":  # policy likelihoods: generation's key/value cache can serve the scoring pass
-            with capture_generation_cache(_backbone(self.model)) as captured:
+            # the backbone: every forward of the causal LM calls it (PEFT calls the causal LM's `forward` directly)
+            with capture_generation_cache(causal_lm_of(self.model).base_model) as captured:
                 generated = super()._generate(prompts)
             fusion.generation = captured.result
         else:
@@ -466,7 +467,8 @@ class MIGMixin:
         """
         Whether the scoring pass of this generation batch may replace one of TRL's no-gradient forwards over the
         completions: the old log-probs' (policy likelihoods) or the reference log-probs' (`mig_likelihood_model=
-        "reference"`). TRL decides whether it runs that forward; the pass replaces it only if it does.
+        "reference"`). TRL decides whether it runs that forward; the pass replaces it only if it does. For policy
+        likelihoods, generation's key/value cache is kept too, for when TRL runs none (`step_log_likelihoods`).
         """
         if not self.args.mig_fuse_scoring or self.mig_scorer.method == "prefix":
             return None
@@ -685,12 +687,6 @@ class _Fusion:
         self.done = True
 
 
-def _backbone(model):
-    """The transformer body of `model` (through DDP and PEFT wrappers): the module every forward calls."""
-    causal_lm = _unwrapped(model)
-    if hasattr(causal_lm, "get_base_model"):
-        causal_lm = causal_lm.get_base_model()
-    return causal_lm.base_model
 def _unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Each row's ids where `mask` is 1, as lists: (B, P) tensors read back in one copy each, then cut on the host."""
     ids, mask = ids.cpu(), mask.cpu().bool()
