@@ -20,6 +20,7 @@ from .credit import (
 from .inspection import CompletionCredit, StepCredit, inspect_completion
 from .rewards import (
     AnswerAccuracyReward,
+    DigitCreditReward,
     PartialCreditReward,
     StepFormatReward,
     answer_accuracy_reward,
@@ -42,6 +43,7 @@ __all__ = [
     "MIGGRPOTrainer",
     "MIGMixin",
     "MIGSettings",
+    "DigitCreditReward",
     "PartialCreditReward",
     "StepBatch",
     "StepCredit",

@@ -21,6 +21,8 @@ def summarize(correct, formatted, groups=None, num_samples: int = 1) -> dict:
     """
     Metrics of scored completions (from `score_completions`): pass@1 over the rows with a ground truth (NaN when
     none has one), format rate over all completions, and pass@1 per value of `groups` (one per completion) when given.
+    With `num_samples` = k > 1 completions per row (a row's samples next to each other, as `generate_completions`
+    returns them), also pass@k: the share of rows with a ground truth that at least one of their k samples gets right.
     """
     scored = [c for c in correct if c is not None]
     out = {
@@ -30,6 +32,10 @@ def summarize(correct, formatted, groups=None, num_samples: int = 1) -> dict:
         "pass@1": sum(scored) / len(scored) if scored else float("nan"),
         "format_rate": sum(formatted) / len(formatted) if formatted else float("nan"),
     }
+    if num_samples > 1:
+        rows = [correct[start : start + num_samples] for start in range(0, len(correct), num_samples)]
+        solved = [any(samples) for samples in rows if samples[0] is not None]
+        out[f"pass@{num_samples}"] = sum(solved) / len(solved) if solved else float("nan")
     if groups is not None:
         by_group: dict[str, list[float]] = {}
         for group, value in zip(groups, correct):

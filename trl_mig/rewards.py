@@ -158,6 +158,56 @@ class PartialCreditReward(_AnswerReward):
         return leading / max(len(values), len(gold_values))
 
 
+class DigitCreditReward(_AnswerReward):
+    """
+    The share of an integer answer's digits that are right, counted from the units digit up to the first wrong one:
+    partial credit for a sum worked out column by column from the units (`builtin:addition`, one digit per step),
+    where `PartialCreditReward` would see one value. The answer is found as `AnswerAccuracyReward` finds it; answer
+    and ground truth are read as integers (surrounding spaces and a leading `+` stripped) and aligned at the units
+    digit. For the ground truth "8783":
+
+        "8783" -> 1, "8773" -> 1/4 (the units right, the tens wrong), "9783" -> 3/4, "8784" -> 0, "18783" -> 4/5 (an
+        extra digit is wrong: the count is divided by the longer of the two, so only the exact answer earns 1),
+        "783" -> 3/4, no answer or one that is not an integer -> 0.
+
+    A ground truth that is not an integer raises a ValueError naming the column. With several variants, the best
+    score; None for rows without a ground truth. No "accuracy" in its name (`digit_credit_reward`), so that gated
+    SFT's default correctness check never takes a half-right sum for a right one.
+    """
+
+    name = "digit_credit_reward"
+
+    def score_answer(self, answer: str | None, variants: list[str]) -> float:
+        digits = _integer_digits(answer) if answer is not None else None
+        best = 0.0
+        for variant in variants:
+            gold = _integer_digits(variant)
+            if gold is None:
+                raise ValueError(
+                    f"digit_credit needs integer ground truths; column {self.column!r} holds {variant!r}."
+                )
+            if digits is not None:
+                best = max(best, self.score(digits, gold))
+        return best
+
+    @staticmethod
+    def score(digits: str, gold: str) -> float:
+        """Right digits of `digits` from the units up to the first wrong one, over the longer of the two strings."""
+        right = 0
+        for digit, gold_digit in zip(reversed(digits), reversed(gold)):
+            if digit != gold_digit:
+                break
+            right += 1
+        return right / max(len(digits), len(gold))
+
+
+def _integer_digits(text: str) -> str | None:
+    """The digits of an integer written in `text` ('-' kept as a sign character), or None when it is not one."""
+    text = text.strip().lstrip("+")
+    body = text[1:] if text.startswith("-") else text
+    return text if body.isdigit() else None
+
+
 class StepFormatReward:
     """
     1.0 when a completion has at least one step header, a closed thought and an answer after it (the structural gate

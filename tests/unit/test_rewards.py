@@ -6,6 +6,7 @@ import pytest
 
 from trl_mig import (
     AnswerAccuracyReward,
+    DigitCreditReward,
     FormatSpec,
     PartialCreditReward,
     answer_accuracy_reward,
@@ -190,3 +191,20 @@ def test_answer_matching_in_a_thread_leaves_the_math_verify_logger_alone():
     worker.start()
     worker.join()
     assert results == [True] and logger.level == level
+
+
+def test_digit_credit_counts_the_right_digits_from_the_units():
+    reward = DigitCreditReward()
+    assert reward.__name__ == "digit_credit_reward"
+    # all right; units right then tens wrong; only the leading digit wrong; units wrong (nothing else counts)
+    got = reward(_answers("8783", "8773", "9783", "8784", " 8783 "), solution=["8783"] * 5)
+    assert got == pytest.approx([1.0, 1 / 4, 3 / 4, 0.0, 1.0])
+    # a missing or an extra digit is wrong: only the exact sum earns 1
+    assert reward(_answers("783", "18783", "-8783"), solution=["8783"] * 3) == pytest.approx([3 / 4, 4 / 5, 4 / 5])
+    # malformed: no answer, an empty one, words, a number with other text
+    assert reward(_answers("", "eight", "8783 apples"), solution=["8783"] * 3) == [0.0, 0.0, 0.0]
+    assert reward(["<think>### Step 1\n8783</think>"], solution=["8783"]) == [0.0]
+    # variants: the best; no ground truth: None; a ground truth that is not an integer names the column
+    assert reward(_answers("8783", "1"), solution=[["1783", "8780"], None]) == pytest.approx([3 / 4, None])
+    with pytest.raises(ValueError, match="column 'solution' holds '3 7 9'"):
+        reward(_answers("3"), solution=["3 7 9"])

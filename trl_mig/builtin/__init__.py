@@ -41,6 +41,7 @@ from .model import (
     prepare_tiny_tool_model,
     prepare_tiny_vlm,
 )
+from .addition import AdditionTaskConfig, load_addition_dataset
 from .task import (
     ANSWER_FORMATS,
     PROMPT_TEMPLATES,
@@ -54,12 +55,15 @@ from .visual import VisualTaskConfig, load_visual_dataset
 
 BUILTIN_PREFIX = "builtin:"
 _TASK, _WARM = ArithmeticTaskConfig(), WarmStartConfig()  # the defaults, in one place
+_ADDITION = AdditionTaskConfig()
 _VISUAL = VisualTaskConfig()
 _TOOLS, _TOOLS_WARM = ToolTaskConfig(), ToolWarmStartConfig()
 BUILTIN_DATASETS = {
     "arithmetic": "multi-step integer arithmetic (splits: train, validation, test, ood)",
     "visual": "counting coloured shapes in synthetic images, for VLMs (splits: train, validation, test, ood)",
     "tools": "multi-step arithmetic done with a calculator tool the model calls (splits: train, validation, test, ood)",
+    "addition": "column addition of two numbers, one column per step, the sum as the answer (splits: train, "
+    "validation, test, ood)",
 }
 BUILTIN_MODELS = {
     **{f"tiny-{arch}": f"tiny {arch} model with a char tokenizer, warm-started by SFT on builtin:arithmetic (cached)"
@@ -69,6 +73,8 @@ BUILTIN_MODELS = {
        "builtin:visual smoke tests)" for arch in VLM_ARCHITECTURES},
     **{f"tiny-{arch}-tools": f"tiny {arch} model with a tool-calling char tokenizer, warm-started by SFT on "
        "builtin:tools conversations (cached)" for arch in ARCHITECTURES},
+    **{f"tiny-{arch}-addition": f"tiny {arch} model with a char tokenizer, warm-started by SFT on correct "
+       "builtin:addition solutions (cached)" for arch in ARCHITECTURES},
 }
 TOOL_TASK_DATASETS = (BUILTIN_PREFIX + "tools",)  # the built-in datasets whose rollouts call tools
 
@@ -127,6 +133,19 @@ class BuiltinArguments:
             "(the expression alone: less than half the prompt tokens; the warm start teaches the format).",
             "choices": list(PROMPT_TEMPLATES),
         },
+    )
+    addition_min_digits: int = field(
+        default=_ADDITION.min_digits, metadata={"help": "builtin:addition: fewest digits per number (train/validation/test)."}
+    )
+    addition_max_digits: int = field(
+        default=_ADDITION.max_digits, metadata={"help": "builtin:addition: most digits per number (train/validation/test)."}
+    )
+    addition_ood_min_digits: int = field(
+        default=_ADDITION.ood_min_digits,
+        metadata={"help": "builtin:addition: fewest digits per number of the ood split (> addition_max_digits)."},
+    )
+    addition_ood_max_digits: int = field(
+        default=_ADDITION.ood_max_digits, metadata={"help": "builtin:addition: most digits per number of the ood split."}
     )
     visual_image_size: int = field(
         default=_VISUAL.image_size, metadata={"help": "Side in pixels of the scenes of builtin:visual."}
@@ -220,6 +239,21 @@ class BuiltinArguments:
     def task_config(self) -> ArithmeticTaskConfig:
         return ArithmeticTaskConfig(**{f.name: getattr(self, f"task_{f.name}") for f in fields(ArithmeticTaskConfig)})
 
+    def addition_task_config(self) -> AdditionTaskConfig:
+        """builtin:addition: seed, sizes and prompt style from the `task_*` fields, number lengths from `addition_*`."""
+        return AdditionTaskConfig(
+            seed=self.task_seed,
+            train_size=self.task_train_size,
+            validation_size=self.task_validation_size,
+            test_size=self.task_test_size,
+            ood_size=self.task_ood_size,
+            min_digits=self.addition_min_digits,
+            max_digits=self.addition_max_digits,
+            ood_min_digits=self.addition_ood_min_digits,
+            ood_max_digits=self.addition_ood_max_digits,
+            prompt=self.task_prompt,
+        )
+
     def visual_task_config(self) -> VisualTaskConfig:
         return VisualTaskConfig(
             seed=self.task_seed,
@@ -303,6 +337,8 @@ def load_builtin_dataset(name: str, args: BuiltinArguments | None = None, field_
         return load_visual_dataset(args.visual_task_config())
     if suffix == "tools":
         return load_tools_dataset(args.tools_task_config())
+    if suffix == "addition":
+        return load_addition_dataset(args.addition_task_config())
     return load_arithmetic_dataset(args.task_config())
 
 
@@ -333,6 +369,12 @@ def resolve_builtin_model(
             suffix, spec, warm, args.tools_task_config(), args.builtin_cache_dir, base_path=base_path,
             use_cpu=use_cpu, bf16=bf16, fp16=fp16,
         )
+    if suffix.endswith("-addition"):
+        architecture = architecture.removesuffix("-addition")
+        return prepare_tiny_model(
+            suffix, args.model_spec(architecture), args.warmstart_config(), args.addition_task_config(),
+            args.builtin_cache_dir, use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+        )
     if architecture in VLM_ARCHITECTURES:
         return prepare_tiny_vlm(
             suffix, architecture, args.tiny_hidden_size, args.tiny_num_layers, args.tiny_seed, args.builtin_cache_dir,
@@ -356,6 +398,7 @@ __all__ = [
     "BUILTIN_PREFIX",
     "SCAFFOLD",
     "TOOL_TASK_DATASETS",
+    "AdditionTaskConfig",
     "ArithmeticTaskConfig",
     "BuiltinArguments",
     "check_answer_match",

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .addition import AdditionTaskConfig, addition_sft_rows
 from .task import ArithmeticTaskConfig, asdict_without_defaults, sft_rows
 from .tiny import build_char_tokenizer, build_tiny_model, build_tiny_vlm, build_tool_char_tokenizer
 from .tools import tool_sft_rows
@@ -96,7 +97,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "trl-mig"
 
 
-def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None, task: ArithmeticTaskConfig | None) -> str:
+def cache_key(spec: TinyModelSpec, warm: WarmStartConfig | None,
+              task: ArithmeticTaskConfig | AdditionTaskConfig | None) -> str:
     payload = {"spec": asdict_without_defaults(spec, ("step_token",)), "version": WARMSTART_VERSION}
     if warm is not None:
         payload["warm"] = asdict_without_defaults(warm, ("slip_rate",))
@@ -139,7 +141,7 @@ def prepare_tiny_model(
     name: str,
     spec: TinyModelSpec,
     warm: WarmStartConfig | None,
-    task: ArithmeticTaskConfig | None = None,
+    task: ArithmeticTaskConfig | AdditionTaskConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     *,
     use_cpu: bool = False,
@@ -150,10 +152,23 @@ def prepare_tiny_model(
     Path of a saved tiny model (and its tokenizer) for `name`, building it first if the cache lacks it.
 
     `warm=None` gives the randomly initialised model; otherwise it is warm-started by SFT on the task's worked
-    solutions. Every process of a distributed launch must call this (the ranks agree on whether to build, and build
-    together).
+    solutions (the arithmetic task's, or with an `AdditionTaskConfig` the addition task's correct ones). Every process
+    of a distributed launch must call this (the ranks agree on whether to build, and build together).
     """
     task = task or ArithmeticTaskConfig()
+    make_rows = None
+    if isinstance(task, AdditionTaskConfig) and warm is not None:
+        unused = [f"warmstart_{name}" for name in ("min_ops", "max_ops", "shortcut_rate", "slip_rate")
+                  if getattr(warm, name) != getattr(WarmStartConfig(), name)]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} shape(s) the builtin:arithmetic warm start only; the addition warm start trains "
+                "on correct solutions of addition_min_digits-addition_max_digits digits. Remove them."
+            )
+
+        def make_rows(count):
+            return addition_sft_rows(task, count, warm.seed)
+
     path, state, ready = _cache_slot(name, cache_key(spec, warm, task), cache_dir, use_cpu)
     if ready:
         return str(path)
@@ -163,7 +178,8 @@ def prepare_tiny_model(
     info = {"name": name, "spec": asdict(spec), "warmstart": None, "task": task.to_dict()}
     if warm is not None:
         state.print(f"[trl-mig] warm-starting {name} by SFT on the built-in task ({warm.max_steps} steps), cached at {path}")
-        model, info["warmstart"] = _warm_start(model, tokenizer, warm, task, use_cpu=use_cpu, bf16=bf16, fp16=fp16)
+        model, info["warmstart"] = _warm_start(model, tokenizer, warm, task, use_cpu=use_cpu, bf16=bf16, fp16=fp16,
+                                               make_rows=make_rows)
     info["build_seconds"] = round(time.perf_counter() - started, 2)
     _save_once(state, model, tokenizer, info, path)
     return str(path)

@@ -50,7 +50,11 @@ class EvalArguments(ModelArguments, DataArguments):
     batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per completion."})
     num_samples: int = field(
-        default=1, metadata={"help": "Completions per prompt; pass@1 is their mean accuracy (needs temperature > 0)."}
+        default=1,
+        metadata={
+            "help": "Completions per prompt (needs temperature > 0): pass@1 is their mean accuracy, and pass@k "
+            "(k = num_samples) the share of prompts that one of them gets right."
+        },
     )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy decoding."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (with temperature > 0)."})
@@ -173,8 +177,10 @@ def run_eval(args: EvalArguments, builtin_args: BuiltinArguments | None = None) 
     }
     if args.save_completions:
         payload["completions"] = completions
-    header = ["split", "n", "pass@1", "format rate"]
-    rows = [[name, r["num_examples"], r["pass@1"], r["format_rate"]] for name, r in results.items()]
+    pass_at_k = [f"pass@{args.num_samples}"] if args.num_samples > 1 else []
+    header = ["split", "n", "pass@1", *pass_at_k, "format rate"]
+    rows = [[name, r["num_examples"], r["pass@1"], *(r.get(k) for k in pass_at_k), r["format_rate"]]
+            for name, r in results.items()]
     print(format_table(header, rows))
     for name, r in results.items():
         if "pass@1_by_group" in r:

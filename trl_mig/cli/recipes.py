@@ -26,7 +26,8 @@ class MIGScriptArguments(ScriptArguments, DataArguments):
         default=None,
         metadata={
             "help": "Reward functions, by name: 'answer_accuracy', 'partial_credit' (the leading right values of an "
-            "answer that lists values), 'step_format' (trl-mig, answer in tags), "
+            "answer that lists values), 'digit_credit' (the right digits of an integer answer from the units up), "
+            "'step_format' (trl-mig, answer in tags), "
             "'accuracy_reward', 'reasoning_accuracy_reward', 'think_format_reward' (TRL, \\boxed answers), or a "
             "dotted import path (an importable module, or a module or package in the working directory). Default: "
             "answer_accuracy + step_format. Weights: `reward_weights`."

@@ -38,6 +38,7 @@ from ..config import MIGConfig
 from ..evaluation import evaluate_splits
 from ..rewards import (
     AnswerAccuracyReward,
+    DigitCreditReward,
     PartialCreditReward,
     StepFormatReward,
     answer_accuracy_reward,
@@ -259,6 +260,7 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
     own = {
         "answer_accuracy": lambda: AnswerAccuracyReward(spec, solution_column),
         "partial_credit": lambda: PartialCreditReward(spec, solution_column),
+        "digit_credit": lambda: DigitCreditReward(spec, solution_column),
         "step_format": lambda: StepFormatReward(spec),
     }
     own.update({f"{name}_reward": build for name, build in list(own.items())})  # the functions' own names too
@@ -278,7 +280,7 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         else:
             raise CLIError(
                 f"reward_funcs: unknown reward function {name!r}; expected one of "
-                f"{['answer_accuracy', 'partial_credit', 'step_format', *trl_names]} or a dotted import path."
+                f"{['answer_accuracy', 'partial_credit', 'digit_credit', 'step_format', *trl_names]} or a dotted import path."
             )
     if not funcs:
         raise CLIError("reward_funcs is empty: name at least one reward function, or leave it unset.")
