@@ -1,0 +1,188 @@
+"""The pre-registered comparisons of a finished study, against every comparator the registration names.
+
+`trl-mig study` compares every arm with one `reference_arm`. A registration may name several comparators (e.g.
+docs/benchmark.md, section 12: each MIG variant against `grpo` and against `grpo_partial_credit`) and a corrected
+confidence level for them (Bonferroni: 1 - 0.05 / number of comparisons). This reads the study's study.json, keeps
+every arm at the setting its validation score selected, and writes for each (arm, comparator) pair the study's own
+primary metric, paired by seed: per-seed differences, mean, t-interval and bootstrap interval over seeds x problems
+(`trl_mig.study.statistics.compare_arms`, the computation study.md uses), at each confidence level asked for; the
+verdict the registration defines (beats: both intervals above 0; loses: both below; else a tie); and each arm's
+wall-clock seconds per run against the comparator's, paired by seed. Writes OUTPUT.json and OUTPUT.md and ends with
+one JSON line.
+
+    python benchmarks/registered_comparisons.py docs/study/cpu_arms/study.json \
+        --arms mig_rtg mig_failure_scaled --against grpo grpo_partial_credit --confidence 0.95 0.9875 \
+        --output docs/study/cpu_arms/registered_comparisons
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trl_mig.study.statistics import compare_arms, t_interval
+
+
+def selected_cells(study: dict) -> dict:
+    """arm -> its runs (study.json records) at the setting the study selected for it."""
+    chosen = {arm: entry["setting"] for arm, entry in study["selection"].items()}
+    cells: dict[str, list] = {}
+    for run in study["runs"]:
+        if run["setting"] == chosen.get(run["arm"]):
+            cells.setdefault(run["arm"], []).append(run)
+    return cells
+
+
+def verdict(entry: dict, lower_is_better: bool) -> str:
+    bounds = [entry["t_low"], entry["t_high"], entry["bootstrap_low"], entry["bootstrap_high"]]
+    if any(b is None for b in bounds):
+        return "no interval"
+    above, below = min(bounds[0], bounds[2]) > 0, max(bounds[1], bounds[3]) < 0
+    if lower_is_better:  # steps_to: fewer steps is better
+        above, below = below, above
+    return "beats" if above else "loses" if below else "tie"
+
+
+def compare(study: dict, arms: list[str], against: list[str], levels: list[float], resamples: int) -> dict:
+    config, cells = study["config"], selected_cells(study)
+    primary = config.get("primary") or study.get("primary", {}).get("primary")
+    if not primary:
+        raise SystemExit("The study declares no primary metric: nothing was registered to compare.")
+    missing = [arm for arm in [*arms, *against] if arm not in cells]
+    if missing:
+        raise SystemExit(f"Arm(s) {missing} are not in the study; it has {sorted(cells)}.")
+    scale = 1.0 if primary["metric"] == "steps_to" else 100.0  # pass@1 in points, as study.md shows it
+    rows = []
+    for comparator in against:
+        for level in levels:
+            result = compare_arms(primary, {a: cells[a] for a in dict.fromkeys([comparator, *arms])}, comparator,
+                                  eval_steps=config["eval_steps"], resamples=resamples, confidence=level)
+            for arm in arms:
+                if arm == comparator:
+                    continue
+                entry = result["differences"][arm]
+                rows.append({
+                    "arm": arm, "comparator": comparator, "confidence": level,
+                    "per_seed": {str(s): round(scale * v, 4) for s, v in zip(entry["seeds"], entry["values"])},
+                    **{k: None if entry[k] is None else round(scale * entry[k], 4)
+                       for k in ("mean", "t_low", "t_high", "bootstrap_low", "bootstrap_high")},
+                    "bootstrap_over": entry["bootstrap_over"],
+                    "verdict": verdict(entry, result["lower_is_better"]),
+                })
+    seconds = {}
+    for arm in dict.fromkeys([*arms, *against]):
+        per_seed = {run["seed"]: run["seconds"] for run in cells[arm]}
+        seconds[arm] = {"per_seed": per_seed, "mean": round(sum(per_seed.values()) / len(per_seed), 1)}
+    cost = []
+    for comparator in against:
+        for arm in arms:
+            ratios = {s: seconds[arm]["per_seed"][s] / seconds[comparator]["per_seed"][s]
+                      for s in sorted(seconds[arm]["per_seed"]) if s in seconds[comparator]["per_seed"]}
+            mean, low, high = t_interval(list(ratios.values()))
+            cost.append({"arm": arm, "comparator": comparator, "time_ratio_per_seed": {str(s): round(r, 3) for s, r in
+                         ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
+    matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if primary["metric"] == "auc" else []
+    return {"primary": primary, "description": compare_arms(primary, {against[0]: cells[against[0]]}, None,
+                                                            eval_steps=config["eval_steps"])["description"],
+            "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
+            "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear value of `points` ((x, y), x increasing) at `x`; the last y beyond the last x."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+def compute_matched(cells: dict, arms: list[str], against: list[str], primary: dict, eval_steps: int) -> list[dict]:
+    """
+    Secondary, defined after the studies ran: the primary AUC at equal training wall-clock time. Per seed, the
+    comparator's evaluations in the primary's step window give the times (its `train_seconds` there); the arm's
+    held-out curve, linear in its own `train_seconds`, is read at those times (its last value past its end). The
+    arm's mean there minus the comparator's mean: points of pass@1, with a 95 % t-interval over seeds.
+    """
+    split, (first, last) = primary["split"], primary["steps"]
+    rows = []
+    for comparator in against:
+        for arm in arms:
+            runs = {r["seed"]: r for r in cells[arm]}
+            diffs = {}
+            for ref in cells[comparator]:
+                if ref["seed"] not in runs:
+                    continue
+                run = runs[ref["seed"]]
+                ref_time = {int(step): seconds for step, seconds, _ in ref["compute"]}
+                ref_curve = [(int(step), value) for step, value in ref["curves"][split] if first <= step <= last]
+                arm_time = {int(step): seconds for step, seconds, _ in run["compute"]}
+                arm_points = [(arm_time[int(step)], value) for step, value in run["curves"][split]]
+                at_times = [interpolate(arm_points, ref_time[step]) for step, _ in ref_curve]
+                diffs[ref["seed"]] = 100 * (sum(at_times) / len(at_times) - sum(v for _, v in ref_curve) / len(ref_curve))
+            mean, low, high = t_interval(list(diffs.values()))
+            rows.append({"arm": arm, "comparator": comparator,
+                         "per_seed": {str(k): round(v, 4) for k, v in sorted(diffs.items())},
+                         "mean": round(mean, 4), "t95": [round(low, 4), round(high, 4)]})
+    return rows
+
+
+def markdown(result: dict, study_path: str) -> str:
+    lines = [
+        f"# Registered comparisons: {study_path}",
+        "",
+        f"Primary: {result['description']} (`{json.dumps(result['primary'])}`); every arm at its selected setting "
+        f"({', '.join(f'{a}: {s}' for a, s in result['selection'].items())}). Difference = arm - comparator "
+        "(points of pass@1, or steps for steps_to), paired by seed. Verdict: beats when the t-interval and the bootstrap interval both lie "
+        "above 0, loses when both lie below, else a tie.",
+        "",
+        "| arm - comparator | confidence | per seed | mean | t-interval | bootstrap interval | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["comparisons"]:
+        seeds = " / ".join(f"{v:+.1f}" for v in row["per_seed"].values())
+        lines.append(
+            f"| {row['arm']} - {row['comparator']} | {100 * row['confidence']:.2f} % | {seeds} | {row['mean']:+.1f} | "
+            f"[{row['t_low']:+.1f}, {row['t_high']:+.1f}] | [{row['bootstrap_low']:+.1f}, {row['bootstrap_high']:+.1f}]"
+            f" ({row['bootstrap_over']}) | {row['verdict']} |"
+        )
+    lines += ["", "Wall-clock seconds per run, arm / comparator, paired by seed (start-up and held-out evaluations "
+              "included; two runs at a time on 2 cores):", "", "| arm / comparator | per seed | mean | 95 % t-interval |",
+              "|---|---|---|---|"]
+    for row in result["time_ratios"]:
+        seeds = " / ".join(f"{v:.2f}" for v in row["time_ratio_per_seed"].values())
+        lines.append(f"| {row['arm']} / {row['comparator']} | {seeds} | {row['mean']:.2f} | "
+                     f"[{row['t95'][0]:.2f}, {row['t95'][1]:.2f}] |")
+    if result["compute_matched"]:
+        lines += ["", "Secondary, defined after the study ran: the primary at equal training wall-clock time (the arm's "
+                  "curve read at the comparator's `train_seconds` of the primary's evaluations, held-out evaluation "
+                  "time excluded), arm - comparator in points, 95 % t-interval over seeds:", "",
+                  "| arm - comparator | per seed | mean | 95 % t-interval |", "|---|---|---|---|"]
+        for row in result["compute_matched"]:
+            seeds = " / ".join(f"{v:+.1f}" for v in row["per_seed"].values())
+            lines.append(f"| {row['arm']} - {row['comparator']} | {seeds} | {row['mean']:+.1f} | "
+                         f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="A finished study's study.json.")
+    parser.add_argument("--arms", nargs="+", required=True, help="The arms whose comparisons were registered.")
+    parser.add_argument("--against", nargs="+", required=True, help="The comparators, e.g. grpo grpo_partial_credit.")
+    parser.add_argument("--confidence", nargs="+", type=float, default=[0.95], help="Levels, e.g. 0.95 0.9875.")
+    parser.add_argument("--resamples", type=int, default=10_000, help="Bootstrap resamples (the study's: 10000).")
+    parser.add_argument("--output", required=True, help="Path without suffix: writes OUTPUT.json and OUTPUT.md.")
+    args = parser.parse_args(argv)
+    result = compare(json.loads(Path(args.study).read_text()), args.arms, args.against, args.confidence,
+                     args.resamples)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.output).with_suffix(".md").write_text(markdown(result, args.study))
+    print(Path(args.output).with_suffix(".md").read_text())
+    summary = {f"{r['arm']}-{r['comparator']}@{r['confidence']}": r["verdict"] for r in result["comparisons"]}
+    print(json.dumps(summary))
+    return result
+
+
+if __name__ == "__main__":
+    main()
