@@ -107,6 +107,41 @@ def test_reanalysis_pairs_seeds_and_gives_the_t_interval(tmp_path):
     sd = (sum((v - mean) ** 2 for v in expected) / 2) ** 0.5
     assert auc["t95"] == [round(mean - 4.302653 * sd / 3**0.5, 2), round(mean + 4.302653 * sd / 3**0.5, 2)]
     assert (tmp_path / "reanalysis.md").read_text().count("| [cpu_slip]") == 1
+def test_registered_comparisons_pair_every_comparator_and_match_the_committed_results(tmp_path):
+    """The registered comparisons of the committed cpu_arms study: per-seed differences and t-intervals against each
+    comparator at each level (deterministic: equal to the committed JSON), the registered verdict, the run-time ratios,
+    and the compute-matched secondary (an arm compared with itself is 0 on every seed)."""
+    from registered_comparisons import interpolate, main as registered, verdict
+
+    assert verdict({"t_low": 0.1, "t_high": 2, "bootstrap_low": 0.2, "bootstrap_high": 3}, False) == "beats"
+    assert verdict({"t_low": -0.1, "t_high": 2, "bootstrap_low": 0.2, "bootstrap_high": 3}, False) == "tie"
+    assert verdict({"t_low": -3, "t_high": -1, "bootstrap_low": -2, "bootstrap_high": -0.5}, False) == "loses"
+    assert verdict({"t_low": -3, "t_high": -1, "bootstrap_low": -2, "bootstrap_high": -0.5}, True) == "beats"
+    assert interpolate([(0, 0.0), (10, 1.0), (20, 1.0)], 5) == 0.5 and interpolate([(0, 0.0), (10, 1.0)], 30) == 1.0
+
+    study = ROOT / "docs" / "study" / "cpu_arms"
+    result = registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "grpo", "--against", "grpo",
+                         "grpo_partial_credit", "--confidence", "0.95", "0.9875", "--resamples", "200",
+                         "--output", str(tmp_path / "out")])
+    committed = {(r["arm"], r["comparator"], r["confidence"]): r
+                 for r in json.loads((study / "registered_comparisons.json").read_text())["comparisons"]}
+    rows = {(r["arm"], r["comparator"], r["confidence"]): r for r in result["comparisons"]}
+    assert ("grpo", "grpo", 0.95) not in rows and len(rows) == 6  # an arm is not compared with itself
+    for key in [("mig_failure_scaled", c, level) for c in ("grpo", "grpo_partial_credit") for level in (0.95, 0.9875)]:
+        for field in ("per_seed", "mean", "t_low", "t_high"):
+            assert rows[key][field] == committed[key][field], (key, field)
+    assert rows[("mig_failure_scaled", "grpo", 0.95)]["t_low"] > 0  # the committed per-step result
+    ratios = {(r["arm"], r["comparator"]): r for r in result["time_ratios"]}
+    seconds = result["seconds"]
+    assert ratios[("grpo", "grpo")]["mean"] == 1.0
+    seed = next(iter(seconds["grpo"]["per_seed"]))
+    expected = seconds["mig_failure_scaled"]["per_seed"][seed] / seconds["grpo"]["per_seed"][seed]
+    assert ratios[("mig_failure_scaled", "grpo")]["time_ratio_per_seed"][str(seed)] == round(expected, 3)
+    matched = {(r["arm"], r["comparator"]): r for r in result["compute_matched"]}
+    assert set(matched[("grpo", "grpo")]["per_seed"].values()) == {0.0}
+    assert "| mig_failure_scaled - grpo | 95.00 % |" in (tmp_path / "out.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ step benchmark
 STEP_SUMMARY_KEYS = {
     "preset", "time_ratio", "memory_ratio", "grpo_s", "mig_s", "batch", "completion_length", "tokenizer",
