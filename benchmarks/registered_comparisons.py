@@ -77,6 +77,8 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
     cost = []
     for comparator in against:
         for arm in arms:
+            if arm == comparator:
+                continue
             ratios = {s: seconds[arm]["per_seed"][s] / seconds[comparator]["per_seed"][s]
                       for s in sorted(seconds[arm]["per_seed"]) if s in seconds[comparator]["per_seed"]}
             mean, low, high = t_interval(list(ratios.values()))
@@ -108,6 +110,8 @@ def compute_matched(cells: dict, arms: list[str], against: list[str], primary: d
     rows = []
     for comparator in against:
         for arm in arms:
+            if arm == comparator:
+                continue
             runs = {r["seed"]: r for r in cells[arm]}
             diffs = {}
             for ref in cells[comparator]:
