@@ -30,7 +30,15 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from .task import PROMPT_TEMPLATES, SCAFFOLD, SPLITS
+from .task import (
+    PROMPT_TEMPLATES,
+    SCAFFOLD,
+    SPLITS,
+    check_split_names,
+    check_split_sizes,
+    disjoint_splits,
+    draw_distinct,
+)
 
 ADDITION_TASK_VERSION = 1  # bump when the generated problems change, so cached warm starts are rebuilt
 
@@ -51,9 +59,7 @@ class AdditionTaskConfig:
     prompt: str = "instructions"  # a key of PROMPT_TEMPLATES ("expression": the warm start teaches the format)
 
     def __post_init__(self):
-        for name in ("train_size", "validation_size", "test_size", "ood_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"task {name} must be >= 0, got {getattr(self, name)}.")
+        check_split_sizes(self)
         for low, high in (("min_digits", "max_digits"), ("ood_min_digits", "ood_max_digits")):
             if not 1 <= getattr(self, low) <= getattr(self, high):
                 raise ValueError(
@@ -121,50 +127,25 @@ def sample_addition(rng: random.Random, digits: int) -> Addition:
     return Addition(rng.randint(low, high), rng.randint(low, high))
 
 
-def _additions(rng: random.Random, count: int, low: int, high: int, exclude: set[str]) -> list[Addition]:
-    problems, seen, attempts = [], set(exclude), 0
-    while len(problems) < count:
-        attempts += 1
-        if attempts > 50 * count + 1000:
-            raise ValueError(
-                f"Could not draw {count} distinct additions of {low}-{high} digits; lower the split size or allow "
-                "more digits."
-            )
-        problem = sample_addition(rng, rng.randint(low, high))
-        if problem.expression in seen:
-            continue
-        seen.add(problem.expression)
-        problems.append(problem)
-    return problems
-
-
 def generate_addition_splits(config: AdditionTaskConfig | None = None, splits=SPLITS) -> dict[str, list[dict]]:
     """
-    Rows of each requested split (columns prompt, solution, gold_completion, expression, num_digits). `train`,
-    `validation` and `test` never share a problem; `ood` has longer numbers. Each split draws from its own random
-    stream (seed and split name), as the arithmetic task's do.
+    Rows of each requested split (columns prompt, solution, gold_completion, expression, num_digits), disjoint as the
+    arithmetic task's are (`trl_mig.builtin.task.disjoint_splits`); `ood` has longer numbers. Each split draws from its
+    own random stream (seed and split name).
     """
     config = config or AdditionTaskConfig()
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise ValueError(f"Unknown split(s) {unknown} of the built-in addition task; expected some of {list(SPLITS)}.")
+    check_split_names(splits, "addition")
 
-    def draw(name: str, size: int, low: int, high: int, exclude: set[str]) -> list[Addition]:
-        return _additions(random.Random(f"trl-mig/addition/{config.seed}/{name}"), size, low, high, exclude)
-
-    train = draw("train", config.train_size, config.min_digits, config.max_digits, set())
-    seen = {p.expression for p in train}
-    need_test = bool({"test", "validation"} & set(splits))
-    test = draw("test", config.test_size, config.min_digits, config.max_digits, seen) if need_test else []
-    drawn = {"train": train, "test": test}
-    if "validation" in splits:
-        drawn["validation"] = draw(
-            "validation", config.validation_size, config.min_digits, config.max_digits,
-            seen | {p.expression for p in test},
+    def draw(name: str, exclude: set[str]) -> list[Addition]:
+        low, high = (config.ood_min_digits, config.ood_max_digits) if name == "ood" else (config.min_digits,
+                                                                                           config.max_digits)
+        return draw_distinct(
+            random.Random(f"trl-mig/addition/{config.seed}/{name}"), getattr(config, f"{name}_size"),
+            lambda rng: sample_addition(rng, rng.randint(low, high)), exclude, f"additions of {low}-{high} digits",
+            "lower the split size or allow more digits",
         )
-    if "ood" in splits:
-        drawn["ood"] = draw("ood", config.ood_size, config.ood_min_digits, config.ood_max_digits, set())
-    return {name: [p.row(config.prompt) for p in drawn[name]] for name in splits}
+
+    return {name: [p.row(config.prompt) for p in problems] for name, problems in disjoint_splits(splits, draw).items()}
 
 
 def addition_sft_rows(config: AdditionTaskConfig, count: int, seed: int) -> list[dict]:
@@ -190,4 +171,5 @@ def load_addition_dataset(config: AdditionTaskConfig | None = None, splits=SPLIT
     """The task as a `datasets.DatasetDict` (splits train, validation, test, ood)."""
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({name: Dataset.from_list(rows) for name, rows in generate_addition_splits(config, splits).items()})
+    splits = generate_addition_splits(config, splits)
+    return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})

@@ -68,9 +68,7 @@ class ArithmeticTaskConfig:
     prompt: str = "instructions"  # a key of PROMPT_TEMPLATES ("expression": shorter; the warm start teaches the format)
 
     def __post_init__(self):
-        for name in ("train_size", "validation_size", "test_size", "ood_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"task {name} must be >= 0, got {getattr(self, name)}.")
+        check_split_sizes(self)
         for low, high in (("min_ops", "max_ops"), ("ood_min_ops", "ood_max_ops")):
             if not 1 <= getattr(self, low) <= getattr(self, high):
                 raise ValueError(
@@ -188,16 +186,15 @@ def sample_problem(rng: random.Random, num_ops: int, config: ArithmeticTaskConfi
     return Problem(start, tuple(ops))
 
 
-def _problems(rng: random.Random, count: int, min_ops: int, max_ops: int, config, exclude: set[str]) -> list[Problem]:
+def draw_distinct(rng: random.Random, count: int, sample, exclude: set[str], what: str, advice: str) -> list:
+    """`count` problems `sample(rng)` with distinct `expression`s, none in `exclude`; a ValueError naming `what`
+    (e.g. "problems with 2-4 operations") and `advice` when too few distinct ones come up."""
     problems, seen, attempts = [], set(exclude), 0
     while len(problems) < count:
         attempts += 1
         if attempts > 50 * count + 1000:
-            raise ValueError(
-                f"Could not draw {count} distinct problems with {min_ops}-{max_ops} operations; lower the split size "
-                "or widen the number ranges."
-            )
-        problem = sample_problem(rng, rng.randint(min_ops, max_ops), config)
+            raise ValueError(f"Could not draw {count} distinct {what}; {advice}.")
+        problem = sample(rng)
         if problem.expression in seen:
             continue
         seen.add(problem.expression)
@@ -205,32 +202,54 @@ def _problems(rng: random.Random, count: int, min_ops: int, max_ops: int, config
     return problems
 
 
-def generate_splits(config: ArithmeticTaskConfig | None = None, splits=SPLITS) -> dict[str, list[dict]]:
-    """
-    Rows of each requested split. `train`, `validation` and `test` never share a problem (`validation` excludes the
-    problems of `train` and `test`, `test` those of `train`); `ood` has longer chains. Each split has its own random
-    stream derived from the seed and the split name, so a split does not change with the sizes of the others (except
-    through those exclusions).
-    """
-    config = config or ArithmeticTaskConfig()
+def check_split_names(splits, task: str) -> None:
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
-        raise ValueError(f"Unknown split(s) {unknown} of the built-in arithmetic task; expected some of {list(SPLITS)}.")
+        raise ValueError(f"Unknown split(s) {unknown} of the built-in {task} task; expected some of {list(SPLITS)}.")
 
-    def draw(name: str, size: int, low: int, high: int, exclude: set[str]) -> list[Problem]:
-        return _problems(random.Random(f"trl-mig/{config.seed}/{name}"), size, low, high, config, exclude)
 
-    train = draw("train", config.train_size, config.min_ops, config.max_ops, set())
+def check_split_sizes(config) -> None:
+    for name in ("train_size", "validation_size", "test_size", "ood_size"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"task {name} must be >= 0, got {getattr(config, name)}.")
+
+
+def disjoint_splits(splits, draw) -> dict[str, list]:
+    """
+    The problems of each requested split, from `draw(name, exclude)` (the split's own problems, none of whose
+    expressions is in `exclude`): `train`; `test` excluding train's; `validation` excluding both; `ood` (longer
+    problems) excluding nothing. So train, validation and test never share a problem.
+    """
+    train = draw("train", set())
     seen = {p.expression for p in train}
-    test = draw("test", config.test_size, config.min_ops, config.max_ops, seen) if {"test", "validation"} & set(splits) else []
+    test = draw("test", seen) if {"test", "validation"} & set(splits) else []
     drawn = {"train": train, "test": test}
     if "validation" in splits:
-        drawn["validation"] = draw(
-            "validation", config.validation_size, config.min_ops, config.max_ops, seen | {p.expression for p in test}
-        )
+        drawn["validation"] = draw("validation", seen | {p.expression for p in test})
     if "ood" in splits:
-        drawn["ood"] = draw("ood", config.ood_size, config.ood_min_ops, config.ood_max_ops, set())
-    return {name: [p.row(config.answer, config.prompt) for p in drawn[name]] for name in splits}
+        drawn["ood"] = draw("ood", set())
+    return {name: drawn[name] for name in splits}
+
+
+def generate_splits(config: ArithmeticTaskConfig | None = None, splits=SPLITS) -> dict[str, list[dict]]:
+    """
+    Rows of each requested split (`disjoint_splits`); `ood` has longer chains. Each split has its own random stream
+    derived from the seed and the split name, so a split does not change with the sizes of the others (except through
+    the exclusions).
+    """
+    config = config or ArithmeticTaskConfig()
+    check_split_names(splits, "arithmetic")
+
+    def draw(name: str, exclude: set[str]) -> list[Problem]:
+        low, high = (config.ood_min_ops, config.ood_max_ops) if name == "ood" else (config.min_ops, config.max_ops)
+        return draw_distinct(
+            random.Random(f"trl-mig/{config.seed}/{name}"), getattr(config, f"{name}_size"),
+            lambda rng: sample_problem(rng, rng.randint(low, high), config), exclude,
+            f"problems with {low}-{high} operations", "lower the split size or widen the number ranges",
+        )
+
+    return {name: [p.row(config.answer, config.prompt) for p in problems]
+            for name, problems in disjoint_splits(splits, draw).items()}
 
 
 def held_out_expressions(config: ArithmeticTaskConfig) -> set[str]:
