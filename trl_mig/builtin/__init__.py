@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .addition import AdditionTaskConfig, load_addition_dataset
 from .model import (
     ARCHITECTURES,
     VLM_ARCHITECTURES,
@@ -41,7 +42,6 @@ from .model import (
     prepare_tiny_tool_model,
     prepare_tiny_vlm,
 )
-from .addition import AdditionTaskConfig, load_addition_dataset
 from .task import (
     ANSWER_FORMATS,
     PROMPT_TEMPLATES,
@@ -135,10 +135,12 @@ class BuiltinArguments:
         },
     )
     addition_min_digits: int = field(
-        default=_ADDITION.min_digits, metadata={"help": "builtin:addition: fewest digits per number (train/validation/test)."}
+        default=_ADDITION.min_digits,
+        metadata={"help": "builtin:addition: fewest digits per number (train/validation/test)."},
     )
     addition_max_digits: int = field(
-        default=_ADDITION.max_digits, metadata={"help": "builtin:addition: most digits per number (train/validation/test)."}
+        default=_ADDITION.max_digits,
+        metadata={"help": "builtin:addition: most digits per number (train/validation/test)."},
     )
     addition_ood_min_digits: int = field(
         default=_ADDITION.ood_min_digits,

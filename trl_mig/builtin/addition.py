@@ -17,7 +17,7 @@ A problem is a sum of two numbers of the same length, e.g. `4827+3956`. Its work
 The answer is only the final value (the paper's setting), and every step fixes one more of its digits (the last digit
 of the step's result; the last step's result gives the leading digits). So the likelihood of the ground truth after
 step k can rise step by step, where the arithmetic task's final value only moves at its last step. The warm start
-(`sft_rows`) is plain SFT on correct solutions: the model's errors are its own (a column added wrong, a carry lost),
+(`addition_sft_rows`) is plain SFT on correct solutions: the model's errors are its own (a column added wrong, a carry lost),
 not a demonstrator's habit. `DigitCreditReward` (`trl_mig.rewards`) gives GRPO the same information as a reward:
 the share of the answer's digits right from the units up.
 

@@ -263,6 +263,7 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         "digit_credit": lambda: DigitCreditReward(spec, solution_column),
         "step_format": lambda: StepFormatReward(spec),
     }
+    own_names = list(own)
     own.update({f"{name}_reward": build for name, build in list(own.items())})  # the functions' own names too
     trl_names = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
     funcs = []
@@ -280,7 +281,7 @@ def build_reward_funcs(names: list[str] | None, training_args: MIGConfig, soluti
         else:
             raise CLIError(
                 f"reward_funcs: unknown reward function {name!r}; expected one of "
-                f"{['answer_accuracy', 'partial_credit', 'digit_credit', 'step_format', *trl_names]} or a dotted import path."
+                f"{[*own_names, *trl_names]} or a dotted import path."
             )
     if not funcs:
         raise CLIError("reward_funcs is empty: name at least one reward function, or leave it unset.")
