@@ -64,8 +64,8 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
                 entry = result["differences"][arm]
                 rows.append({
                     "arm": arm, "comparator": comparator, "confidence": level,
-                    "per_seed": {str(s): round(scale * v, 4) for s, v in zip(entry["seeds"], entry["values"])},
-                    **{k: None if entry[k] is None else round(scale * entry[k], 4)
+                    "per_seed": {str(s): scale * v for s, v in zip(entry["seeds"], entry["values"])},
+                    **{k: None if entry[k] is None else scale * entry[k]
                        for k in ("mean", "t_low", "t_high", "bootstrap_low", "bootstrap_high")},
                     "bootstrap_over": entry["bootstrap_over"],
                     "verdict": verdict(entry, result["lower_is_better"]),
