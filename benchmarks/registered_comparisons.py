@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trl_mig.study.statistics import compare_arms, t_interval
+from trl_mig.study.statistics import compare_arms, describe_primary, t_interval
 
 
 def selected_cells(study: dict) -> dict:
@@ -85,8 +85,7 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
             cost.append({"arm": arm, "comparator": comparator, "time_ratio_per_seed": {str(s): round(r, 3) for s, r in
                          ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
     matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if primary["metric"] == "auc" else []
-    return {"primary": primary, "description": compare_arms(primary, {against[0]: cells[against[0]]}, None,
-                                                            eval_steps=config["eval_steps"])["description"],
+    return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
             "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched}
 
