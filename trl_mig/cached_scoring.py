@@ -157,8 +157,12 @@ def score_from_cache(
     l_0..l_K of `items[j]`, completion `rows[j]` of the generation batch, from `generation`'s cache.
 
     The prompt of `items[j]` must be the real (unpadded) prompt of that row and its completion the tokens generated
-    for it. Micro-batches of `scorer.batch_size` rows; forwards are counted by `scorer` (and synchronised across
-    processes as its own are).
+    for it. Micro-batches of `scorer.batch_size` rows, those with the most copy tokens together (a micro-batch pads
+    to its longest row); forwards are counted by `scorer` (and synchronised across processes as its own are).
+
+    Where the completion itself continues step k with the scaffold (typically after the last step: the model closed
+    its thought and opened the answer), the cache already holds the scaffold's keys and values after that prefix, so
+    copy k re-runs only the scaffold's last token (its logits predict the first answer token) and the answer.
 
     Returns:
         One float32 tensor of shape `(K_i + 1,)` per item, on the CPU (max over answer variants).
@@ -167,8 +171,7 @@ def score_from_cache(
     width = generation.prompt_mask.shape[1]
     cache_length = generation.length
     prompt_mask = generation.prompt_mask.to(device).bool()  # (B, P)
-    needed = [width + max(item.boundaries) for item in items]
-    extend = any(columns > cache_length for columns in needed)
+    extend = any(width + max(item.boundaries) > cache_length for item in items)
     first_forward = scorer.forward_count
     required = None
     if scorer.sync_forward_count is not None:  # agreed before the first forward (ZeRO-3, FSDP: see StepLikelihoodScorer)
@@ -177,14 +180,16 @@ def score_from_cache(
     if extend:
         _extend_by_last_token(scorer, model, generation, items, rows, device)
         cache_length = generation.length
-    if any(columns > cache_length for columns in needed):
+    if any(width + max(item.boundaries) > cache_length for item in items):
         raise ValueError("The generation cache does not cover the completions' steps (was it from this batch?).")
-    order = sorted(range(len(items)), key=lambda j: -needed[j])
+    plans = [_CopyPlan.of(item, cache_length - width) for item in items]
+    # most copy tokens first (the forward's cost grows with them), then the most cached columns
+    order = sorted(range(len(items)), key=lambda j: (-plans[j].tokens, -plans[j].columns))
     out: list[torch.Tensor | None] = [None] * len(items)
     for start in range(0, len(order), scorer.batch_size):
         chunk = order[start : start + scorer.batch_size]
-        sums = _score_chunk(scorer, model, generation, [items[j] for j in chunk], [rows[j] for j in chunk],
-                            max(needed[j] for j in chunk), prompt_mask, device)
+        sums = _score_chunk(scorer, model, generation, [items[j] for j in chunk], [plans[j] for j in chunk],
+                            [rows[j] for j in chunk], prompt_mask, device)
         for j, values in zip(chunk, sums):
             out[j] = values
     if required is not None:
@@ -192,35 +197,73 @@ def score_from_cache(
     return out
 
 
-def _score_chunk(scorer, model, generation, items, rows, columns, prompt_mask, device) -> list[torch.Tensor]:
-    """One forward over the answer copies of `items` against the cache's first `columns` columns."""
+@dataclass
+class _CopyPlan:
+    """
+    The answer copies of one item: per answer variant, `skips[v]` (K+1,) = how many of the block's first tokens
+    copy k leaves to the cache (0, or all but the last scaffold token when the completion continues step k with the
+    scaffold's ids); `tokens`: copy tokens in all; `columns`: completion columns the copies see (at most
+    `cached_columns`, the completion tokens the cache holds).
+    """
+
+    skips: list[torch.Tensor]
+    tokens: int
+    columns: int
+
+    @classmethod
+    def of(cls, item: ScoringItem, cached_columns: int) -> _CopyPlan:
+        completion, bounds = item.completion_ids, item.boundaries
+        skips, tokens, columns = [], 0, max(bounds)
+        for block in item.answers:
+            scaffold = list(block.ids[: block.scored[0]])
+            size = len(scaffold)
+            skip = [
+                size - 1
+                if size > 1 and end + size - 1 <= cached_columns and list(completion[end : end + size]) == scaffold
+                else 0
+                for end in bounds
+            ]
+            skips.append(torch.tensor(skip, dtype=torch.long))
+            tokens += (block.scored[1] - 1) * len(bounds) - sum(skip)
+            columns = max([columns] + [end + s for end, s in zip(bounds, skip) if s])
+        return cls(skips, tokens, columns)
+
+
+def _score_chunk(scorer, model, generation, items, plans, rows, prompt_mask, device) -> list[torch.Tensor]:
+    """One forward over the answer copies of `items` against the cache's columns they see."""
     from transformers.cache_utils import DynamicCache
 
     width = prompt_mask.shape[1]
+    columns = width + max(plan.columns for plan in plans)
     index = torch.as_tensor(rows, device=device)
     layers = [(layer.keys[index, :, :columns], layer.values[index, :, :columns]) for layer in generation.cache.layers]
     cache = DynamicCache(ddp_cache_data=layers, config=_model_config(model))
     # per item: the copies of every (variant, k), one after the other
     ids, positions, visible, copy_start, predict, targets, slots, slot_counts = [], [], [], [], [], [], [], []
     prompt_lengths = prompt_mask[index].sum(1).tolist()  # one device-to-host copy
-    for item, prompt_len in zip(items, prompt_lengths):
+    for item, plan, prompt_len in zip(items, plans, prompt_lengths):
         bounds = torch.as_tensor(list(item.boundaries), dtype=torch.long)
         num_k = bounds.numel()
         row_ids, row_pos, row_visible, row_start, row_predict, row_targets, row_slots = [], [], [], [], [], [], []
         offset = 0
-        for variant, block in enumerate(item.answers):
+        for variant, (block, skip) in enumerate(zip(item.answers, plan.skips)):
             block_ids = torch.as_tensor(block.ids, dtype=torch.long)
             size = block_ids.numel()
-            starts = offset + size * torch.arange(num_k)  # (K+1,)
-            row_ids.append(block_ids.repeat(num_k))
-            row_pos.append(((prompt_len + bounds).unsqueeze(1) + torch.arange(size)).flatten())
-            row_visible.append((width + bounds).repeat_interleave(size))
-            row_start.append(starts.repeat_interleave(size))
+            # copy k runs the block's tokens [skip_k, last scored): the last scored token is a target, never a query
+            within = torch.arange(size).unsqueeze(0)
+            kept = (within >= skip.unsqueeze(1)) & (within < block.scored[1] - 1)  # (K+1, size)
+            sizes = block.scored[1] - 1 - skip
+            starts = offset + torch.cumsum(sizes, 0) - sizes  # (K+1,)
+            row_ids.append(block_ids.expand(num_k, size)[kept])
+            row_pos.append(((prompt_len + bounds).unsqueeze(1) + torch.arange(size))[kept])
+            # the prompt, completion[:b_k] and the scaffold tokens the cache holds for this copy
+            row_visible.append((width + bounds + skip).repeat_interleave(sizes))
+            row_start.append(starts.repeat_interleave(sizes))
             scored = torch.arange(*block.scored)  # every scored token has a predecessor in its copy (scored[0] > 0)
-            row_predict.append((starts.unsqueeze(1) + scored - 1).flatten())
+            row_predict.append((starts.unsqueeze(1) - skip.unsqueeze(1) + scored - 1).flatten())
             row_targets.append(block_ids[scored].repeat(num_k))
             row_slots.append((variant * num_k + torch.arange(num_k)).repeat_interleave(scored.numel()))
-            offset += size * num_k
+            offset += int(sizes.sum())
         ids.append(torch.cat(row_ids))
         positions.append(torch.cat(row_pos))
         visible.append(torch.cat(row_visible))

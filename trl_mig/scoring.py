@@ -16,9 +16,12 @@ Row layout of a block micro-batch of B rows, width W = S + C:
     columns [S, W):  the row's answer copies, one after the other (then padding); copy k sees the first P + b_k
                      columns and itself causally
 
-(`ScoringItem.keep_completion`: the shared part holds the whole completion.) A micro-batch is built on the CPU by
-tensor operations over the flattened items (`BlockBatch`, `build_block_batches`), with no Python loop over tokens or
-copies, and goes to the device in one copy.
+(`ScoringItem.keep_completion`: the shared part holds the whole completion.) A copy never runs the answer's last
+token (a target, never a query), and with `keep_completion` a copy whose prefix the completion continues with the
+scaffold's own ids (typically the last step's: the model closed its thought and opened the answer) leaves the
+scaffold to the shared part, whose last scaffold token then predicts the answer's first. A micro-batch is built on
+the CPU by tensor operations over the flattened items (`BlockBatch`, `build_block_batches`), with no Python loop over
+tokens or copies, and goes to the device in one copy.
 
 With sdpa, the block mask only covers the C copy queries: the scoring forward temporarily routes attention through
 `_split_sdpa_attention`, which runs the S shared queries with `is_causal=True` (the fast causal kernels, no W x W mask)
@@ -491,8 +494,9 @@ class BlockBatch:
         position_ids (`torch.Tensor` of shape `(D, B, W)`): position ids, D = 1, or 3 for multimodal rotary positions
             (`model_position_ids` gives them as the model takes them). Each row's `position_offset` is included.
         copy_start, copy_visible (`torch.Tensor` of shape `(B, C)`): per copy-region column, the column where its
-            copy starts and how many leading shared columns the copy sees (P + b_k); what the block mask is built
-            from (`copy_attention`, `full_attention`).
+            copy starts and how many leading shared columns the copy sees (P + b_k, plus the scaffold tokens the shared
+            part holds after the prefix, see `_shared_scaffold`); what the block mask is built from
+            (`copy_attention`, `full_attention`).
         prompt_lengths, completion_lengths (`torch.Tensor` of shape `(B,)`): the two parts of each row's shared part.
         rows, cols, targets, slots (`torch.Tensor` of shape `(N,)`): each scored answer token's row, the column whose
             logits predict it, its id, and its slot in the row's item: `v * (K + 1) + k` for variant v, copy k.
@@ -569,7 +573,8 @@ class BlockBatch:
 @dataclass(frozen=True)
 class _PrefixBatch:
     """
-    One prefix micro-batch: B rows `prompt + completion[:b_k] + scaffold+answer`, left-padded to width W.
+    One prefix micro-batch: B rows `prompt + completion[:b_k] + scaffold+answer` (but the answer's last token, a
+    target only), left-padded to width W.
     input_ids, attention_mask (B, W); position_ids (D, B, W); rows, cols, targets, slots (N,) as in `BlockBatch` but
     `slots` index the whole scoring call's slots; logit_columns (U,), logit_index (N,).
     """
@@ -639,7 +644,11 @@ class _FlatItems:
     tensors), `position_offsets`, `slot_base`, `copies_lengths` (tokens of its answer copies), `has_rope`.
     Per prefix (sum of K_i + 1,): `visible` (P + b_k) and `continue_at` (the position id of a text token after the
     prefix). Per variant (G,): `block_sizes`, `block_base` (start in `block_ids`), `scored_start`, `scored_end`,
-    `variant_index` (v within its item).
+    `variant_index` (v within its item), `copy_base` (start in the per-copy tensors). Per copy, i.e. per (variant,
+    prefix) (sum over variants of K_i + 1,): `copy_skip`, the block's first tokens that the shared part already holds
+    after the prefix (the scaffold, when a `keep_completion` item's completion continues step k with the scaffold's
+    ids; else 0), and `copy_lengths`, the tokens the copy runs: the block's [copy_skip, scored_end - 1) (the last
+    scored token is a target, never a query).
     """
 
     def __init__(
@@ -647,7 +656,7 @@ class _FlatItems:
     ):
         self.items = items
         self.pad_token_id = pad_token_id
-        tokens, boundaries, block_ids, block_sizes, scored = [], [], [], [], []
+        tokens, boundaries, block_ids, block_sizes, scored, copy_skip = [], [], [], [], [], []
         prompt_lengths, completion_lengths, num_prefixes, num_variants, offsets = [], [], [], [], []
         for item in items:
             prompt = _as_list(item.prompt_ids)
@@ -664,6 +673,7 @@ class _FlatItems:
                 block_ids += block.ids
                 block_sizes.append(len(block.ids))
                 scored += block.scored
+                copy_skip += _shared_scaffold(item, block)
         self.prompt_lengths = _long_tensor(prompt_lengths)
         self.completion_lengths = _long_tensor(completion_lengths)
         shared_lengths = self.prompt_lengths + self.completion_lengths
@@ -698,8 +708,13 @@ class _FlatItems:
         self.block_sizes = _long_tensor(block_sizes)
         self.block_base = _starts(self.block_sizes)
         self.scored_start, self.scored_end = _long_tensor(scored).view(-1, 2).unbind(1)
-        copies_per_variant = self.block_sizes * self.num_prefixes[variant_item]
-        self.copies_lengths = torch.zeros(len(items), dtype=torch.long).index_add_(0, variant_item, copies_per_variant)
+        self.copy_base = _starts(self.num_prefixes[variant_item])
+        self.copy_skip = _long_tensor(copy_skip)
+        copy_variant = torch.repeat_interleave(self.num_prefixes[variant_item])
+        self.copy_lengths = self.scored_end[copy_variant] - 1 - self.copy_skip
+        self.copies_lengths = torch.zeros(len(items), dtype=torch.long).index_add_(
+            0, variant_item[copy_variant], self.copy_lengths
+        )
         slots_per_item = self.num_prefixes * self.num_variants
         self.slot_base = _starts(slots_per_item)
         self.num_slots = int(slots_per_item.sum())
@@ -727,23 +742,27 @@ class _BlockLayout:
         copy_variant, copy_k = _segments(num_prefixes[variant_row])
         copy_row = variant_row[copy_variant]
         variant_id = (flat.variant_base[order][variant_row] + variant)[copy_variant]  # (Q,) index of the variant
-        copy_size = flat.block_sizes[variant_id]
+        copy_id = flat.copy_base[variant_id] + copy_k
+        copy_size, skip = flat.copy_lengths[copy_id], flat.copy_skip[copy_id]
         copy_at = _starts(copy_size) - _starts(self.copies_lengths)[copy_row]  # start within the row's copy region
         prefix = flat.prefix_base[order][copy_row] + copy_k
         visible, continue_at = flat.visible[prefix], flat.continue_at[prefix]
         token_copy, within = _segments(copy_size)  # every copy token, row after row
+        block_index = skip[token_copy] + within  # the token's index in its block
         self.token_row, self.token_column = copy_row[token_copy], copy_at[token_copy] + within
-        self.token_ids = flat.block_ids[flat.block_base[variant_id][token_copy] + within]
-        self.token_positions = continue_at[token_copy] + within
-        self.token_copy_start, self.token_visible = copy_at[token_copy], visible[token_copy]
-        # scored tokens: token m of copy k is predicted by the token before it: the copy's own, or the prefix's last
+        self.token_ids = flat.block_ids[flat.block_base[variant_id][token_copy] + block_index]
+        self.token_positions = continue_at[token_copy] + block_index
+        # a copy sees the prefix and the block's tokens the shared part holds, then itself
+        self.token_copy_start, self.token_visible = copy_at[token_copy], (visible + skip)[token_copy]
+        # scored tokens: block token m is predicted by token m - 1: the copy's own, or the shared part's (the
+        # prefix's last token, or a scaffold token the completion holds)
         start, end = flat.scored_start[variant_id], flat.scored_end[variant_id]
         scored_copy, offset = _segments(end - start)
         m = start[scored_copy] + offset
         self.scored_row = copy_row[scored_copy]
-        self.scored_from_shared = m == 0
-        self.scored_shared_column = visible[scored_copy] - 1
-        self.scored_copy_column = copy_at[scored_copy] + m - 1
+        self.scored_from_shared = m <= skip[scored_copy]
+        self.scored_shared_column = visible[scored_copy] + m - 1
+        self.scored_copy_column = copy_at[scored_copy] + m - 1 - skip[scored_copy]
         self.scored_targets = flat.block_ids[flat.block_base[variant_id][scored_copy] + m]
         self.scored_slots = flat.variant_index[variant_id][scored_copy] * num_prefixes[self.scored_row]
         self.scored_slots += copy_k[scored_copy]
@@ -821,11 +840,11 @@ class _PrefixLayout:
         row_variant, row_k = _segments(flat.num_prefixes[variant_item])
         row_item = variant_item[row_variant]
         row_prefix = flat.prefix_base[row_item] + row_k
-        lengths = flat.visible[row_prefix] + flat.block_sizes[row_variant]
+        lengths = flat.visible[row_prefix] + flat.scored_end[row_variant] - 1  # the last scored token: a target only
         order = torch.sort(-lengths, stable=True).indices
         self.num_rows = order.numel()
         self.item, self.variant_id, self.prefix = row_item[order], row_variant[order], row_prefix[order]
-        self.prefix_lengths, self.sizes = flat.visible[self.prefix], flat.block_sizes[self.variant_id]
+        self.prefix_lengths, self.sizes = flat.visible[self.prefix], flat.scored_end[self.variant_id] - 1
         self.lengths = self.prefix_lengths + self.sizes
         # scaffold + answer after each prefix: column W - size + within
         answer_row, within = _segments(self.sizes)
@@ -883,6 +902,20 @@ class _PrefixLayout:
                 [flat.items[i].multimodal for i in item.tolist()], width, (width - lengths).tolist()
             ),
         )
+
+
+def _shared_scaffold(item: ScoringItem, block: AnswerBlock) -> list[int]:
+    """
+    Per prefix k of `item`, the tokens of `block` its row's shared part holds right after the prefix: the scaffold
+    (the block's tokens before the answer), where the item keeps its whole completion and the completion continues
+    step k with exactly those ids (typically after the last step: the model closed its thought and opened the
+    answer); else 0. Those copy tokens would repeat the shared part's computation.
+    """
+    scaffold = list(block.ids[: block.scored[0]])
+    if not item.keep_completion or not scaffold:
+        return [0] * len(item.boundaries)
+    completion, size = item.completion_ids, len(scaffold)
+    return [size if list(completion[end : end + size]) == scaffold else 0 for end in item.boundaries]
 
 
 def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,10 @@ from trl_mig.builtin.tiny import build_tiny_model
 from helpers import build_bpe_tokenizer, cpu_config, scripted_batch, scripted_rollout, SCRIPT, save_tiny_model
 
 ATOL = 1e-5
+# Advantages divide the l_k gains by their group's spread (~1e-2 with these tiny models): the l_k's float32 rounding
+# (~1e-7; where the completion continues a step with the scaffold, the fused pass takes those tokens from the
+# completion, a different summation order) can come out ~100x larger there.
+ADVANTAGE_ATOL = 1e-4
 
 
 @contextlib.contextmanager
@@ -72,7 +76,7 @@ def assert_same_batch(fused_out, plain_out, key):
     assert got.shape == expected.shape
     assert torch.allclose(got[mask], expected[mask], atol=ATOL), (got[mask] - expected[mask]).abs().max()
     assert torch.isfinite(got).all()
-    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ADVANTAGE_ATOL)
 
 
 def assert_same_loss(fused, plain, fused_out, plain_out):
@@ -114,7 +118,7 @@ def test_without_trls_forward_nothing_is_fused(tmp_path, char_tokenizer):
     (fused_out, plain_out), calls = generate_both(fused, plain)
     assert calls == [0, 0]
     assert "old_per_token_logps" not in fused_out
-    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ADVANTAGE_ATOL)
 
 
 def test_prefix_scoring_falls_back_to_trls_forward(tmp_path, char_tokenizer):
@@ -279,7 +283,7 @@ def test_default_configuration_scores_from_the_generation_cache(tmp_path, char_t
     assert block_forwards[0] == 0 and block_forwards[1] > 0
     gains = same_logliks(fused, plain)
     assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
-    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ADVANTAGE_ATOL)
 
 
 def generating_rollout(extra_prompt_tokens=0):
@@ -334,4 +338,4 @@ def test_a_rollout_func_cache_is_used_only_if_it_holds_the_scored_tokens(
     assert (block_forwards[0] == 0) == from_cache and block_forwards[1] > 0
     gains = same_logliks(*made)
     assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
-    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ATOL)
+    assert torch.allclose(fused_out["advantages"], plain_out["advantages"], atol=ADVANTAGE_ATOL)

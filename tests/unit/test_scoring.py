@@ -466,6 +466,26 @@ def test_keep_completion_puts_the_whole_completion_in_the_shared_part(char_token
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tokenizer_name", ["char", "bpe", "metaspace"])
+def test_kept_completion_that_continues_with_the_scaffold_leaves_it_to_the_shared_part(tokenizers, tokenizer_name):
+    """Where the completion continues step k with the scaffold's ids, the shared part already computed those tokens
+    after the prefix: copy k runs only the answer's tokens but the last, and l_k stay the teacher-forced ones."""
+    tokenizer = tokenizers[tokenizer_name]
+    model = build_tiny_model(tokenizer).float().eval()
+    items = [dataclasses.replace(item, keep_completion=True) for item in sample_items(tokenizer)]
+    expected = [reference_scores(model, item) for item in items]
+    for scorer in scorers().values():
+        assert_scores_close(scorer.score(model, items), expected)
+    first = items[0]  # ends its last step with the scaffold, then the answer "57"
+    block = first.answers[0]
+    scaffold, answer = block.scored[0], len(block.ids) - block.scored[0]
+    batch = build_block_batch(items[:1])
+    assert int((batch.copy_visible > 0).sum()) == (len(block.ids) - 1) * (first.num_prefixes - 1) + answer - 1
+    # without keep_completion the shared part ends at b_K: every copy runs its scaffold
+    plain = build_block_batch([dataclasses.replace(first, keep_completion=False)])
+    assert int((plain.copy_visible > 0).sum()) == (len(block.ids) - 1) * first.num_prefixes
+
+
 @torch.no_grad()
 def test_block_batch_reproduces_a_left_padded_policy_forward(char_tokenizer, tiny_model):
     """
@@ -538,3 +558,62 @@ def test_completion_log_probs_need_trls_fused_head_and_plain_logits(char_tokeniz
     assert "final_logit_softcapping=30.0" in fusion_unsupported_reason(model)
     with pytest.raises(ValueError, match="post-processed"):
         StepLikelihoodScorer("block").score(model, [item], completion_logps=True)
+
+
+# ------------------------------------------------------------------------------------ from generation's key/value cache
+def generate_forced(model, tokenizer, items):
+    """`generate` over the items' left-padded prompts, each row forced to write its item's completion (then EOS or
+    padding); returns the captured `GenerationCache`."""
+    from trl_mig.cached_scoring import capture_generation_cache
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    width = max(len(item.prompt_ids) for item in items)
+    input_ids = torch.tensor([[pad] * (width - len(item.prompt_ids)) + list(item.prompt_ids) for item in items])
+
+    def forced(row, ids):
+        completion = items[row].completion_ids
+        t = ids.shape[0] - width
+        return [completion[t]] if t < len(completion) else [eos]
+
+    with capture_generation_cache(model.model) as captured:
+        model.generate(
+            input_ids=input_ids, attention_mask=(input_ids != pad).long(), do_sample=False, pad_token_id=pad,
+            eos_token_id=eos, max_new_tokens=max(len(item.completion_ids) for item in items),
+            prefix_allowed_tokens_fn=forced,
+        )
+    assert captured.result is not None, captured.reason
+    return captured.result
+
+
+@pytest.mark.parametrize("tokenizer_name", ["char", "bpe", "metaspace"])
+@pytest.mark.parametrize("architecture, attention", [("qwen2", "sdpa"), ("llama", "eager")])
+def test_scores_from_the_generation_cache_equal_teacher_forcing(tokenizers, tokenizer_name, architecture, attention):
+    """Only the answer copies run, against generate's cache (padding, a truncated completion that needs the cache
+    extended by its last token, b_0 = 0, several variants); the copy after the last step, which the completion
+    continues with the scaffold, leaves the scaffold to the cache."""
+    from trl_mig.cached_scoring import cache_unsupported_reason, score_from_cache
+
+    tokenizer = tokenizers[tokenizer_name]
+    model = build_tiny_model(tokenizer, architecture, attn_implementation=attention).float().eval()
+    items = sample_items(tokenizer)
+    generation = generate_forced(model, tokenizer, items)
+    rows = list(range(len(items)))
+    assert cache_unsupported_reason(model, generation, items, rows) is None
+    expected = [reference_scores(model, item) for item in items]
+    counter = ForwardCounter(model)
+    scorer = StepLikelihoodScorer("block", batch_size=1)
+    assert_scores_close(score_from_cache(scorer, model, generation, items, rows), expected)
+    # a copy runs its block but the last token (a target only); the first item continues its last step with the
+    # scaffold, so its last copy is the scaffold's last token and the answer's tokens but the last
+    first = items[0]
+    block = first.answers[0]
+    scaffold = block.scored[0]
+    assert first.completion_ids[first.boundaries[-1] :][:scaffold] == list(block.ids[:scaffold])
+    assert (1, (len(block.ids) - 1) * first.num_prefixes - scaffold + 1) in counter.shapes
+    # the truncated item (its last step ends the completion) leaves nothing to the cache
+    truncated = items[3]
+    assert (1, sum(len(b.ids) - 1 for b in truncated.answers) * truncated.num_prefixes) in counter.shapes
+    # in micro-batches of several rows, ordered by copy tokens: the same numbers
+    assert_scores_close(
+        score_from_cache(StepLikelihoodScorer("block", batch_size=3), model, generation, items, rows), expected
+    )
