@@ -294,6 +294,12 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
         ({"warmstart_per_seed": True, "arms": {"grpo": {}, "mig": {"warmstart_seed": 3}}},
          "arm 'mig' sets ['warmstart_seed'], which `warmstart_per_seed: true` sets to each run's seed"),
         ({"warmstart_per_seed": True, "sweep": {"tiny_seed": [0, 1]}}, "sweep sets ['tiny_seed']"),
+        ({"seed_overrides": {7: {"warmstart_max_steps": 10}}}, "names seed 7, which is not one of `seeds` [0, 1]"),
+        ({"seed_overrides": {1: {}}}, "`seed_overrides` of seed 1 must be a non-empty mapping"),
+        ({"seed_overrides": {1: {"output_dir": "x"}}}, "of seed 1 sets ['output_dir'], which the study sets itself"),
+        ({"seed_overrides": {1: {"learning_rate": 1e-4}}},
+         "of seed 1 sets ['learning_rate'], which the study's sweep sets too"),
+        ({"seed_overrides": {0: {"algorithm": "grpo"}}}, "which the study's arm 'grpo' sets too"),
     ],
 )
 def test_bad_studies_name_the_problem(tmp_path, changes, message):
@@ -372,6 +378,15 @@ def test_a_run_recipe_parses_from_its_mapping_and_names_the_run_in_errors(tmp_pa
         parse_run_recipe({**run.recipe, "mig_wieght": 1.0}, "the recipe of run 'grpo'")
     with pytest.raises(CLIError, match="mig_scoring_batch_size"):
         parse_run_recipe({**run.recipe, "mig_scoring_batch_size": 0})
+
+
+def test_seed_overrides_apply_to_every_run_of_their_seed(tmp_path):
+    """Over the study-wide overrides (TINY's warmstart_max_steps: 3), alike for every arm of the seed."""
+    config = StudyConfig.from_yaml(
+        str(write_study(tmp_path, warmstart_per_seed=True, seed_overrides={1: {"warmstart_max_steps": 5}}))
+    )
+    steps = {(run.arm, run.seed): run.recipe["warmstart_max_steps"] for run in plan_runs(config)}
+    assert steps == {("grpo", 0): 3, ("mig", 0): 3, ("grpo", 1): 5, ("mig", 1): 5}
 
 
 def test_warmstart_per_seed_builds_one_cached_warm_start_per_seed_shared_by_its_arms(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ STUDY_KEYS = {
     "report_splits", "eval_steps", "eval_max_samples", "reference_arm", "jobs", "threads_per_job", "description",
     "primary",
     "warmstart_per_seed",
+    "seed_overrides",
 }
 SELECT_BY = ("final", "best")
 # recipe fields a study sets itself for every run
@@ -72,6 +73,9 @@ class StudyConfig:
     threads_per_job: int | None = None
     # each seed its own built-in warm start (tiny_seed = warmstart_seed = the run's seed), shared by the seed's arms
     warmstart_per_seed: bool = False
+    # seed -> recipe fields for every run of that seed, over `overrides` (e.g. a warm start's length calibrated per
+    # seed); fields that no arm and no sweep sets, so the arms of a seed stay alike
+    seed_overrides: dict = field(default_factory=dict)
     description: str = ""
     source: str = ""  # the YAML file it was read from
     reproduce: str = ""  # the command that reproduces it, when not `trl-mig study --config SOURCE` (a benchmark's)
@@ -141,6 +145,27 @@ class StudyConfig:
             except ValueError as err:
                 raise CLIError(f"Study {err}") from None
         self._validate_warmstart_per_seed(base)
+        self._validate_seed_overrides()
+
+    def _validate_seed_overrides(self) -> None:
+        if not isinstance(self.seed_overrides, dict):
+            raise CLIError(f"Study `seed_overrides` must map seeds to recipe overrides, got {self.seed_overrides!r}.")
+        varied = {"sweep": self.sweep, **{f"arm {a!r}": o for a, o in self.arms.items()}}
+        for seed, overrides in self.seed_overrides.items():
+            if seed not in self.seeds:
+                raise CLIError(f"Study `seed_overrides` names seed {seed!r}, which is not one of `seeds` {self.seeds}.")
+            if not isinstance(overrides, dict) or not overrides:
+                raise CLIError(f"Study `seed_overrides` of seed {seed} must be a non-empty mapping, got {overrides!r}.")
+            reserved = sorted(set(overrides) & set(MANAGED_FIELDS + PER_SEED_WARMSTART_FIELDS + ("seed",)))
+            if reserved:
+                raise CLIError(f"Study `seed_overrides` of seed {seed} sets {reserved}, which the study sets itself.")
+            for scope, mapping in varied.items():
+                clash = sorted(set(overrides) & set(mapping))
+                if clash:
+                    raise CLIError(
+                        f"Study `seed_overrides` of seed {seed} sets {clash}, which the study's {scope} sets too: a "
+                        "seed's overrides must apply alike to all its arms and settings."
+                    )
 
     def _validate_warmstart_per_seed(self, base: dict) -> None:
         if not isinstance(self.warmstart_per_seed, bool):
@@ -214,6 +239,7 @@ def make_run(config: StudyConfig, base: dict, arm: str, setting: dict, seed: int
         accuracy_eval_steps=config.eval_steps,
         save_strategy="no",
     )
+    recipe.update(config.seed_overrides.get(seed, {}))
     if config.warmstart_per_seed:
         recipe.update(dict.fromkeys(PER_SEED_WARMSTART_FIELDS, seed))
     if config.eval_max_samples is not None:
