@@ -329,8 +329,12 @@ def build_trainer(variant, args, preset_name, model_folder, tokenizer, prompts, 
         seed=0,
     )
     if variant == "mig":
+        scaffold = {} if args.scaffold is None else {"mig_scaffold": args.scaffold.replace("\\n", "\n")}
         config = MIGConfig(
-            **common, mig_scoring_batch_size=args.scoring_batch_size, mig_likelihood_model=preset.mig_likelihood_model
+            **common,
+            mig_scoring_batch_size=args.scoring_batch_size,
+            mig_likelihood_model=preset.mig_likelihood_model,
+            **scaffold,
         )
     else:
         config = GRPOConfig(**common)
@@ -542,6 +546,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
         "mig_likelihood_model": preset.mig_likelihood_model,
         "mig_scores_with_reference_model": reference_scorer,
         "scoring_batch_size": args.scoring_batch_size,
+        "scaffold": args.scaffold,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "grpo_s": round(grpo_s, 4),
@@ -598,6 +603,12 @@ def parse_args(argv):
     parser.add_argument("--max-steps", type=int, default=8, help="K per completion is drawn from 1..max-steps")
     parser.add_argument("--rollout", choices=["generate", "scripted"], default="generate")
     parser.add_argument("--scoring-batch-size", type=int, default=8, help="MIGConfig.mig_scoring_batch_size")
+    parser.add_argument(
+        "--scaffold",
+        help="MIGConfig.mig_scaffold, a written \\n read as a newline (default: MIGConfig's). '</think>\\n<answer>' "
+        "is the text the template writes after a step (a step keeps its closing newline), so the copy after the last "
+        "step reuses it",
+    )
     parser.add_argument("--repeats", type=int, default=8, help="timed cycle pairs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed cycles per variant first")
     parser.add_argument(

@@ -130,7 +130,7 @@ def compute_matched(cells: dict, arms: list[str], against: list[str], primary: d
     return rows
 
 
-def markdown(result: dict, study_path: str) -> str:
+def markdown(result: dict, study_path: str, compute_matched_registered: bool = False) -> str:
     lines = [
         f"# Registered comparisons: {study_path}",
         "",
@@ -157,7 +157,8 @@ def markdown(result: dict, study_path: str) -> str:
         lines.append(f"| {row['arm']} / {row['comparator']} | {seeds} | {row['mean']:.2f} | "
                      f"[{row['t95'][0]:.2f}, {row['t95'][1]:.2f}] |")
     if result["compute_matched"]:
-        lines += ["", "Secondary, defined after the study ran: the primary at equal training wall-clock time (the arm's "
+        when = "Registered with the study" if compute_matched_registered else "Secondary, defined after the study ran"
+        lines += ["", f"{when}: the primary at equal training wall-clock time (the arm's "
                   "curve read at the comparator's `train_seconds` of the primary's evaluations, held-out evaluation "
                   "time excluded), arm - comparator in points, 95 % t-interval over seeds:", "",
                   "| arm - comparator | per seed | mean | 95 % t-interval |", "|---|---|---|---|"]
@@ -176,11 +177,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.95], help="Levels, e.g. 0.95 0.9875.")
     parser.add_argument("--resamples", type=int, default=10_000, help="Bootstrap resamples (the study's: 10000).")
     parser.add_argument("--output", required=True, help="Path without suffix: writes OUTPUT.json and OUTPUT.md.")
+    parser.add_argument("--compute-matched-registered", action="store_true",
+                        help="The registration declared the compute-matched comparison before the study ran "
+                        "(else it is labelled a secondary defined afterwards).")
     args = parser.parse_args(argv)
     result = compare(json.loads(Path(args.study).read_text()), args.arms, args.against, args.confidence,
                      args.resamples)
+    result["compute_matched_registered"] = args.compute_matched_registered
     Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.output).with_suffix(".md").write_text(markdown(result, args.study))
+    Path(args.output).with_suffix(".md").write_text(markdown(result, args.study, args.compute_matched_registered))
     print(Path(args.output).with_suffix(".md").read_text())
     summary = {f"{r['arm']}-{r['comparator']}@{r['confidence']}": r["verdict"] for r in result["comparisons"]}
     print(json.dumps(summary))

@@ -140,7 +140,12 @@ def test_registered_comparisons_pair_every_comparator_and_match_the_committed_re
     matched = {(r["arm"], r["comparator"]): r for r in result["compute_matched"]}
     assert ("grpo", "grpo") not in matched and set(matched[("grpo", "grpo_partial_credit")]["per_seed"]) == {
         "0", "1", "2", "3", "4"}
-    assert "| mig_failure_scaled - grpo | 95.00 % |" in (tmp_path / "out.md").read_text()
+    report = (tmp_path / "out.md").read_text()
+    assert "| mig_failure_scaled - grpo | 95.00 % |" in report and "Secondary, defined after the study ran" in report
+    registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo", "--resamples", "20",
+                "--output", str(tmp_path / "registered"), "--compute-matched-registered"])
+    assert "Registered with the study: the primary at equal training" in (tmp_path / "registered.md").read_text()
+    assert json.loads((tmp_path / "registered.json").read_text())["compute_matched_registered"] is True
 
 
 # ------------------------------------------------------------------------------------------------ step benchmark
@@ -245,3 +250,20 @@ def test_host_benchmark_quick_prints_the_table_and_a_json_line(capsys):
     assert [case["tokenizer"] for case in summary["cases"]] == list(TOKENIZER_KINDS)
     assert all(case["segment_ms"] > 0 for case in summary["cases"])
     assert sum(line.startswith("| ") for line in lines) == 1 + len(TOKENIZER_KINDS)  # header and one row per case
+
+
+def test_step_benchmark_scaffold_reaches_the_mig_config(monkeypatch, capsys):
+    """`--scaffold` with a written \\n sets MIGConfig.mig_scaffold (a newline) and is recorded in the JSON line."""
+    scaffolds = []
+    build = bench_step.build_trainer
+
+    def recording_build(variant, *args, **kwargs):
+        trainer = build(variant, *args, **kwargs)
+        scaffolds.append((variant, getattr(trainer.args, "mig_scaffold", None)))
+        return trainer
+
+    monkeypatch.setattr(bench_step, "build_trainer", recording_build)
+    bench_step.main(["--quick", "--no-memory", "--repeats", "1", "--scaffold", "</think>\\n<answer>"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["scaffold"] == "</think>\\n<answer>"
+    assert ("mig", "</think>\n<answer>") in scaffolds and ("grpo", None) in scaffolds
