@@ -300,6 +300,9 @@ def test_steps_to_the_reference_best_count_trained_checkpoints_only(tmp_path):
         ({"seed_overrides": {1: {"learning_rate": 1e-4}}},
          "of seed 1 sets ['learning_rate'], which the study's sweep sets too"),
         ({"seed_overrides": {0: {"algorithm": "grpo"}}}, "which the study's arm 'grpo' sets too"),
+        ({"seed_overrides": [1]}, "`seed_overrides` must map seeds to recipe overrides, got [1]"),
+        ({"warmstart_per_seed": True, "seed_overrides": {1: {"tiny_seed": 3}}},
+         "of seed 1 sets ['tiny_seed'], which the study sets itself"),
     ],
 )
 def test_bad_studies_name_the_problem(tmp_path, changes, message):

@@ -122,6 +122,7 @@ class StudyConfig:
             managed = sorted(set(mapping) & set(MANAGED_FIELDS))
             if managed:
                 raise CLIError(f"Study {scope} sets {managed}, which the study sets for every run; remove them.")
+        self._validate_seed_overrides()  # before any run is planned below
         if self.select_by not in SELECT_BY:
             raise CLIError(f"Study `select_by` must be one of {list(SELECT_BY)}, got {self.select_by!r}.")
         if self.select_split in self.report_splits:
@@ -145,7 +146,6 @@ class StudyConfig:
             except ValueError as err:
                 raise CLIError(f"Study {err}") from None
         self._validate_warmstart_per_seed(base)
-        self._validate_seed_overrides()
 
     def _validate_seed_overrides(self) -> None:
         if not isinstance(self.seed_overrides, dict):
@@ -156,7 +156,8 @@ class StudyConfig:
                 raise CLIError(f"Study `seed_overrides` names seed {seed!r}, which is not one of `seeds` {self.seeds}.")
             if not isinstance(overrides, dict) or not overrides:
                 raise CLIError(f"Study `seed_overrides` of seed {seed} must be a non-empty mapping, got {overrides!r}.")
-            reserved = sorted(set(overrides) & set(MANAGED_FIELDS + PER_SEED_WARMSTART_FIELDS + ("seed",)))
+            own = MANAGED_FIELDS + ("seed",) + (PER_SEED_WARMSTART_FIELDS if self.warmstart_per_seed is True else ())
+            reserved = sorted(set(overrides) & set(own))
             if reserved:
                 raise CLIError(f"Study `seed_overrides` of seed {seed} sets {reserved}, which the study sets itself.")
             for scope, mapping in varied.items():
