@@ -27,6 +27,7 @@ from .scoring import (
     _model_config,
     _model_device,
     block_mask_unsupported_reason,
+    scaffold_continuations,
 )
 
 
@@ -212,16 +213,13 @@ class _CopyPlan:
 
     @classmethod
     def of(cls, item: ScoringItem, cached_columns: int) -> _CopyPlan:
-        completion, bounds = item.completion_ids, item.boundaries
+        bounds = item.boundaries
         skips, tokens, columns = [], 0, max(bounds)
         for block in item.answers:
-            scaffold = list(block.ids[: block.scored[0]])
-            size = len(scaffold)
+            # the last scaffold token re-runs: its logits, which a cache lacks, predict the first answer token
             skip = [
-                size - 1
-                if size > 1 and end + size - 1 <= cached_columns and list(completion[end : end + size]) == scaffold
-                else 0
-                for end in bounds
+                size - 1 if size > 1 and end + size - 1 <= cached_columns else 0
+                for end, size in zip(bounds, scaffold_continuations(item, block))
             ]
             skips.append(torch.tensor(skip, dtype=torch.long))
             tokens += (block.scored[1] - 1) * len(bounds) - sum(skip)

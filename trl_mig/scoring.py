@@ -904,18 +904,21 @@ class _PrefixLayout:
         )
 
 
-def _shared_scaffold(item: ScoringItem, block: AnswerBlock) -> list[int]:
+def scaffold_continuations(item: ScoringItem, block: AnswerBlock) -> list[int]:
     """
-    Per prefix k of `item`, the tokens of `block` its row's shared part holds right after the prefix: the scaffold
-    (the block's tokens before the answer), where the item keeps its whole completion and the completion continues
-    step k with exactly those ids (typically after the last step: the model closed its thought and opened the
-    answer); else 0. Those copy tokens would repeat the shared part's computation.
+    Per prefix k of `item`: the scaffold's length (the tokens of `block` before the answer) where the completion
+    continues step k with exactly the scaffold's ids (typically after the last step: the model closed its thought
+    and opened the answer), else 0. Those copy tokens would repeat computation the completion already had.
     """
     scaffold = list(block.ids[: block.scored[0]])
-    if not item.keep_completion or not scaffold:
-        return [0] * len(item.boundaries)
     completion, size = item.completion_ids, len(scaffold)
-    return [size if list(completion[end : end + size]) == scaffold else 0 for end in item.boundaries]
+    return [size if size and list(completion[end : end + size]) == scaffold else 0 for end in item.boundaries]
+
+
+def _shared_scaffold(item: ScoringItem, block: AnswerBlock) -> list[int]:
+    """Per prefix k, the tokens of `block` that the row's shared part holds right after the prefix: the scaffold
+    where the item keeps its whole completion and it continues step k with the scaffold (`scaffold_continuations`)."""
+    return scaffold_continuations(item, block) if item.keep_completion else [0] * len(item.boundaries)
 
 
 def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
