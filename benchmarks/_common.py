@@ -18,6 +18,26 @@ def machine() -> str:
     return f"{device} ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def library_commit() -> str:
+    """The commit of the `trl_mig` the numbers were measured with (the one imported, wherever it lies), with
+    "+changes" when its files differ from that commit; "unknown" outside a git checkout."""
+    import subprocess
+
+    import trl_mig
+
+    folder = os.path.dirname(os.path.abspath(trl_mig.__file__))
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
 def recipe_and_model(config_path: str, model_path: str | None = None):
     """
     The settings of a recipe with a `builtin:` model and dataset, and that model (or the one in `model_path`), for the

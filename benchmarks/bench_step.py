@@ -68,7 +68,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import machine  # noqa: E402
+from _common import library_commit, machine  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -132,14 +132,17 @@ def batch_plan(args, preset: Preset) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def make_prompts(n: int) -> dict[str, str]:
-    """`n` distinct arithmetic prompts -> their solutions (fixed seed)."""
+def make_prompts(n: int, answer: str = "final") -> dict[str, str]:
+    """`n` distinct arithmetic prompts -> their solutions (fixed seed): the final value, or with `answer="running"`
+    every intermediate value and the final one, space-separated (the built-in task's `task_answer: running`, whose
+    longer answers make every answer copy longer)."""
     rng = random.Random(0)
     prompts = {}
     while len(prompts) < n:
         a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
         d = rng.randint(1, (a + b) * c - 1)
-        prompts[f"Compute ({a}+{b})*{c}-{d}.\n"] = str((a + b) * c - d)
+        values = [a + b, (a + b) * c, (a + b) * c - d]
+        prompts[f"Compute ({a}+{b})*{c}-{d}.\n"] = " ".join(map(str, values if answer == "running" else values[-1:]))
     return prompts
 
 
@@ -203,7 +206,8 @@ def template_plans(tokenizer, solutions, length, max_steps, generator, symbols=(
     symbol_ids = [ids(symbol) for symbol in symbols]
     plans = []
     for row, solution in enumerate(solutions):
-        answer = solution if row % 2 == 0 else str(int(solution) + 1)
+        *head_values, last = solution.split()
+        answer = solution if row % 2 == 0 else " ".join([*head_values, str(int(last) + 1)])
         steps = int(torch.randint(1, max_steps + 1, (1,), generator=generator))
         head, tail = ids("<think>"), ids("\n</think>\n<answer>" + answer + "</answer>") + [tokenizer.eos_token_id]
         headers = [ids(f"### Step {k}\n") for k in range(1, steps + 1)]
@@ -404,7 +408,7 @@ def reset_peak_rss() -> bool:
 def worker(args):
     """One variant of one preset alone in this process: its peak RSS over `--memory-cycles` cycles, after a warm-up
     cycle."""
-    prompts = make_prompts(args.prompts)
+    prompts = make_prompts(args.prompts, args.answer)
     rows = generation_rows(args, prompts)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = save_model(args, os.path.join(tmp, "model"))
@@ -472,7 +476,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
 
     preset = PRESETS[preset_name]
     plan = batch_plan(args, preset)
-    prompts = make_prompts(args.prompts)
+    prompts = make_prompts(args.prompts, args.answer)
     rows = generation_rows(args, prompts)
     print(
         f"\npreset {preset_name}: {preset.description}\n"
@@ -536,6 +540,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
         "benchmark": "step",
         "preset": preset_name,
         "machine": machine(),
+        "library_commit": library_commit(),
         "tokenizer": args.tokenizer,
         "rollout": args.rollout,
         "batch": plan,
@@ -547,6 +552,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
         "mig_scores_with_reference_model": reference_scorer,
         "scoring_batch_size": args.scoring_batch_size,
         "scaffold": args.scaffold,
+        "answer": args.answer,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "grpo_s": round(grpo_s, 4),
@@ -608,6 +614,10 @@ def parse_args(argv):
         help="MIGConfig.mig_scaffold, a written \\n read as a newline (default: MIGConfig's). '</think>\\n<answer>' "
         "is the text the template writes after a step (a step keeps its closing newline), so the copy after the last "
         "step reuses it",
+    )
+    parser.add_argument(
+        "--answer", choices=["final", "running"], default="final",
+        help="the ground truth: the final value, or every intermediate value too (as the CPU demo's studies use)",
     )
     parser.add_argument("--repeats", type=int, default=8, help="timed cycle pairs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed cycles per variant first")

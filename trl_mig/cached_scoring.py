@@ -30,6 +30,9 @@ from .scoring import (
     scaffold_continuations,
 )
 
+# a forward of answer copies ends where a row would run fewer copy tokens than this share of its longest row's
+MIN_CHUNK_FILL = 0.9
+
 
 @dataclass
 class GenerationCache:
@@ -158,8 +161,8 @@ def score_from_cache(
     l_0..l_K of `items[j]`, completion `rows[j]` of the generation batch, from `generation`'s cache.
 
     The prompt of `items[j]` must be the real (unpadded) prompt of that row and its completion the tokens generated
-    for it. Micro-batches of `scorer.batch_size` rows, those with the most copy tokens together (a micro-batch pads
-    to its longest row); forwards are counted by `scorer` (and synchronised across processes as its own are).
+    for it. Forwards of at most `scorer.batch_size` rows with similar numbers of copy tokens (`_chunks_by_copy_tokens`);
+    they are counted by `scorer` (and synchronised across processes as its own are).
 
     Where the completion itself continues step k with the scaffold (typically after the last step: the model closed
     its thought and opened the answer), the cache already holds the scaffold's keys and values after that prefix, so
@@ -170,25 +173,21 @@ def score_from_cache(
     """
     device = _model_device(model)
     width = generation.prompt_mask.shape[1]
-    cache_length = generation.length
     prompt_mask = generation.prompt_mask.to(device).bool()  # (B, P)
-    extend = any(width + max(item.boundaries) > cache_length for item in items)
-    first_forward = scorer.forward_count
-    required = None
-    if scorer.sync_forward_count is not None:  # agreed before the first forward (ZeRO-3, FSDP: see StepLikelihoodScorer)
-        planned = -(-len(items) // scorer.batch_size) + int(extend)
-        required = int(scorer.sync_forward_count(planned))
-    if extend:
-        _extend_by_last_token(scorer, model, generation, items, rows, device)
-        cache_length = generation.length
+    extend = any(width + max(item.boundaries) > generation.length for item in items)
+    cache_length = generation.length + int(extend)  # extending adds the last generated token's column
     if any(width + max(item.boundaries) > cache_length for item in items):
         raise ValueError("The generation cache does not cover the completions' steps (was it from this batch?).")
     plans = [_CopyPlan.of(item, cache_length - width) for item in items]
-    # most copy tokens first (the forward's cost grows with them), then the most cached columns
-    order = sorted(range(len(items)), key=lambda j: (-plans[j].tokens, -plans[j].columns))
+    chunks = _chunks_by_copy_tokens(plans, scorer.batch_size)
+    first_forward = scorer.forward_count
+    required = None
+    if scorer.sync_forward_count is not None:  # agreed before the first forward (ZeRO-3, FSDP: see StepLikelihoodScorer)
+        required = int(scorer.sync_forward_count(len(chunks) + int(extend)))
+    if extend:
+        _extend_by_last_token(scorer, model, generation, items, rows, device)
     out: list[torch.Tensor | None] = [None] * len(items)
-    for start in range(0, len(order), scorer.batch_size):
-        chunk = order[start : start + scorer.batch_size]
+    for chunk in chunks:
         sums = _score_chunk(scorer, model, generation, [items[j] for j in chunk], [plans[j] for j in chunk],
                             [rows[j] for j in chunk], prompt_mask, device)
         for j, values in zip(chunk, sums):
@@ -196,6 +195,23 @@ def score_from_cache(
     if required is not None:
         scorer._pad_forwards(model, device, required - (scorer.forward_count - first_forward))
     return out
+
+
+def _chunks_by_copy_tokens(plans: Sequence[_CopyPlan], max_rows: int) -> list[list[int]]:
+    """
+    The items' indices in forwards: most copy tokens first (a forward pads every row to its longest, and its cost
+    grows with the padded width), then the most cached columns; a forward holds at most `max_rows` rows and ends
+    where a row's copy tokens fall below `MIN_CHUNK_FILL` of its first row's, so that padding stays under a quarter
+    of the tokens it runs. Depends only on the plans, so every process can count its forwards before the first.
+    """
+    order = sorted(range(len(plans)), key=lambda j: (-plans[j].tokens, -plans[j].columns))
+    chunks: list[list[int]] = []
+    for j in order:
+        if chunks and len(chunks[-1]) < max_rows and plans[j].tokens >= MIN_CHUNK_FILL * plans[chunks[-1][0]].tokens:
+            chunks[-1].append(j)
+        else:
+            chunks.append([j])
+    return chunks
 
 
 @dataclass

@@ -592,7 +592,8 @@ class MIGMixin:
             self.accelerator.autocast(),
         ):
             if generation is not None:  # only the answer copies run, against generation's key/value cache
-                # a few copy tokens per row against a cache generate already held: as many rows as the loss takes
+                # a few copy tokens per row against a cache generate already held: up to as many rows as the loss
+                # takes, rows of similar copy lengths together
                 with self.mig_scorer.rows_per_forward(self.args.per_device_train_batch_size):
                     scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import pytest
 import torch
@@ -617,3 +618,43 @@ def test_scores_from_the_generation_cache_equal_teacher_forcing(tokenizers, toke
     assert_scores_close(
         score_from_cache(StepLikelihoodScorer("block", batch_size=3), model, generation, items, rows), expected
     )
+
+
+def test_cache_route_forwards_hold_rows_of_similar_copy_tokens():
+    """A forward pads its rows to the longest: rows go by copy tokens, at most `max_rows` per forward, and a forward
+    ends where a row would run fewer than MIN_CHUNK_FILL of its first row's copy tokens."""
+    from trl_mig.cached_scoring import MIN_CHUNK_FILL, _chunks_by_copy_tokens, _CopyPlan
+
+    assert MIN_CHUNK_FILL == 0.9
+    tokens = [20, 40, 37, 5, 36, 19, 40]
+    plans = [_CopyPlan(skips=[], tokens=t, columns=c) for t, c in zip(tokens, [9, 3, 9, 9, 9, 9, 8])]
+    # 40 (8 cached columns before 3), 40, 37, 36 share a forward; 20 and 19; 5 alone
+    assert _chunks_by_copy_tokens(plans, max_rows=8) == [[6, 1, 2, 4], [0, 5], [3]]
+    assert _chunks_by_copy_tokens(plans, max_rows=2) == [[6, 1], [2, 4], [0, 5], [3]]
+    assert _chunks_by_copy_tokens(plans, max_rows=1) == [[j] for j in (6, 1, 2, 4, 0, 5, 3)]
+    assert _chunks_by_copy_tokens([], max_rows=4) == []
+
+
+def test_cache_route_asks_for_its_forward_count_before_the_first_forward(char_tokenizer):
+    """Under ZeRO-3 / FSDP the ranks agree on the forward count before any forward: the count asked is the forwards
+    the route runs (the grouped copy forwards and the cache extension), and padding forwards fill up to the answer."""
+    from trl_mig.cached_scoring import _chunks_by_copy_tokens, _CopyPlan, score_from_cache
+
+    model = build_tiny_model(char_tokenizer).float().eval()
+    items = sample_items(char_tokenizer)
+    generation = generate_forced(model, char_tokenizer, items)
+    rows = list(range(len(items)))
+    expected = [reference_scores(model, item) for item in items]
+    width = generation.prompt_mask.shape[1]
+    for extra in (0, 3):
+        extend = any(width + max(item.boundaries) > generation.length for item in items)  # then one more forward
+        plans = [_CopyPlan.of(item, generation.length + extend - width) for item in items]
+        own = len(_chunks_by_copy_tokens(plans, 2)) + extend
+        assert own > math.ceil(len(items) / 2)  # rows of unlike copy tokens take forwards of their own
+        asked = []
+        scorer = StepLikelihoodScorer("block", batch_size=2, sync_forward_count=lambda n: asked.append(n) or n + extra)
+        counter = ForwardCounter(model)
+        assert_scores_close(score_from_cache(scorer, model, generation, items, rows), expected)
+        counter.handle.remove()
+        assert asked == [own]
+        assert counter.count == scorer.forward_count == own + extra
