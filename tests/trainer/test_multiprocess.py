@@ -108,3 +108,47 @@ def test_fsdp_ranks_with_uneven_scoring_run_the_same_forwards_and_give_the_singl
     prefix0, prefix1 = (rank["fsdp1"]["prefix"] for rank in ranks)
     assert prefix0["needed"] != prefix1["needed"]
     assert prefix0["forwards"] == prefix1["forwards"] == max(prefix0["needed"], prefix1["needed"])
+
+
+FSDP_ROUTES_WORKER = SCRIPTS / "mig_fsdp_routes_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route, port", [("fused", 29519), ("cache", 29520)])
+def test_fsdp_ranks_run_the_same_forwards_on_the_fused_and_cache_routes(tmp_path, route, port):
+    """
+    FSDP2 on 2 CPU ranks (see mig_fsdp_worker.py), MIG's cheap scoring routes: `fused` (the block pass replaces TRL's
+    old-log-prob forward and gives both) and `cache` (the sharded policy generates; only the answer copies run against
+    its key/value cache, in forwards grouped by copy tokens, whose number depends on each rank's completions). Every
+    forward all-gathers the sharded parameters: the ranks agree on one count before the first and run it, and l_k
+    (and the fused old log-probs) are those of one unsharded process scoring every row.
+    """
+    spec = importlib.util.spec_from_file_location("mig_fsdp_routes_worker", FSDP_ROUTES_WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ranks = run_worker(tmp_path / "two", 2, FSDP_ROUTES_WORKER, "fsdp", route, port=port)
+    single = module.run(str(tmp_path / "one"), fsdp=False, route=route)
+
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)], "two real ranks ran"
+    steps = 4 if route == "fused" else 2  # fused: two generations, each trained on twice (num_iterations 2)
+    assert all(r["distributed_type"] == "DistributedType.FSDP" and r["global_step"] == steps for r in ranks)
+    assert len(single["calls"]) == 2 and single["calls"][0]["routes"] == [route]
+    for call in range(2):
+        rank0, rank1 = (r["calls"][call] for r in ranks)
+        for record in (rank0, rank1):
+            assert record["fsdp2"] and record["routes"] == [route], "the route ran on the sharded policy"
+            assert len(record["asked"]) == 1, "one agreement, before the first forward"
+        # whatever each rank's rows need, both ran the largest count asked
+        assert rank0["forwards"] == rank1["forwards"] == max(rank0["asked"] + rank1["asked"])
+    if route == "cache":  # the ranks' completions have different step counts: unequal forward needs, made equal
+        assert ranks[0]["calls"][0]["asked"] != ranks[1]["calls"][0]["asked"]
+
+    # before the first update: l_k (and old log-probs) of each rank's rows are those of one process scoring every row
+    rank0, rank1 = (r["calls"][0] for r in ranks)
+    expected = _steps(single["calls"][0]["loglik"])
+    assert _steps(rank0["loglik"] + rank1["loglik"]) == [pytest.approx(row, abs=1e-4) for row in expected]
+    if route == "fused":
+        old = rank0["old_logp_sums"] + rank1["old_logp_sums"]
+        assert old == pytest.approx(single["calls"][0]["old_logp_sums"], abs=1e-3)
+    else:
+        assert rank0["old_logp_sums"] is None, "no TRL forward to fold into: the cache route ran instead"
