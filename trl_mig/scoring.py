@@ -147,6 +147,64 @@ class ScoringItem:
         return len(self.boundaries)
 
 
+@dataclass
+class DistinctPrefixes:
+    """
+    Items with every prefix scored once (`distinct_prefixes`): `items` to score, `origins[j]` the input item that
+    `items[j]` keeps prefixes of, and per input item, for each of its prefixes, `sources[i][k] = (j, m)`: the value is
+    prefix m of `items[j]`.
+    """
+
+    items: list[ScoringItem]
+    origins: list[int]
+    sources: list[list[tuple[int, int]]]
+
+    def spread(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per input item, its (K_i + 1,) l_k from `scores`, one (prefixes,) tensor per item of `self.items`."""
+        if not self.sources:
+            return []
+        flat = torch.cat([*scores, torch.zeros(0)]) if scores else torch.zeros(0)
+        starts = [0]
+        for score in scores:
+            starts.append(starts[-1] + score.numel())
+        index = torch.tensor([starts[j] + m for where in self.sources for j, m in where], dtype=torch.long)
+        return list(flat[index].split([len(where) for where in self.sources]))
+
+
+def distinct_prefixes(items: Sequence[ScoringItem]) -> DistinctPrefixes:
+    """
+    l_k depends only on the prompt, `completion_ids[:b_k]` and the answer blocks, and the completions of one prompt
+    share l_0 and often their first steps (all of them once the policy is sure): keep each distinct prefix in the
+    first item that has it, and drop it from the others (an item left without one is not scored). Items whose rows
+    carry more than tokens (images, a position offset, the whole completion) are kept whole. Linear in the tokens: a
+    prefix is identified by its previous prefix and its last step's tokens.
+    """
+    node_of: dict = {}  # (previous prefix's node, step tokens) -> node; the root holds the prompt and the answers
+    value_of: dict[int, tuple[int, int]] = {}  # node -> where its value is computed
+    kept_items, origins, sources = [], [], []
+    for i, item in enumerate(items):
+        if item.multimodal is not None or item.position_offset or item.keep_completion:
+            sources.append([(len(kept_items), m) for m in range(item.num_prefixes)])
+            kept_items.append(item)
+            origins.append(i)
+            continue
+        answers = tuple((tuple(block.ids), tuple(block.scored)) for block in item.answers)
+        node = node_of.setdefault((None, tuple(item.prompt_ids), answers), len(node_of))
+        kept, where, start = [], [], 0
+        for end in item.boundaries:
+            node = node_of.setdefault((node, tuple(item.completion_ids[start:end])), len(node_of))
+            start = end
+            if node not in value_of:
+                value_of[node] = (len(kept_items), len(kept))
+                kept.append(end)
+            where.append(value_of[node])
+        if kept:
+            kept_items.append(dataclasses.replace(item, boundaries=kept))
+            origins.append(i)
+        sources.append(where)
+    return DistinctPrefixes(kept_items, origins, sources)
+
+
 def sliding_window_active(config) -> bool:
     """Whether the model masks attention to a sliding window, which a custom 4-D mask would bypass."""
     layer_types = getattr(config, "layer_types", None)

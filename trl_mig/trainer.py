@@ -45,6 +45,7 @@ from .scoring import (
     ScoringItem,
     StepLikelihoodScorer,
     causal_lm_of,
+    distinct_prefixes,
     encode_answer,
     fusion_unsupported_reason,
 )
@@ -585,6 +586,7 @@ class MIGMixin:
             len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items, rows)
         ):
             generation = None
+        distinct = distinct_prefixes(items)  # a prefix that several completions share is scored once
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -595,10 +597,11 @@ class MIGMixin:
                 # a few copy tokens per row against a cache generate already held: up to as many rows as the loss
                 # takes, rows of similar copy lengths together
                 with self.mig_scorer.rows_per_forward(self.args.per_device_train_batch_size):
-                    scores = score_from_cache(self.mig_scorer, model, generation, items, rows)
+                    scores = score_from_cache(self.mig_scorer, model, generation, distinct.items,
+                                              [rows[i] for i in distinct.origins])
             else:
-                scores = self.mig_scorer.score(model, items)
-        for row, score in zip(rows, scores):
+                scores = self.mig_scorer.score(model, distinct.items)
+        for row, score in zip(rows, distinct.spread(scores)):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
 

@@ -658,3 +658,55 @@ def test_cache_route_asks_for_its_forward_count_before_the_first_forward(char_to
         counter.handle.remove()
         assert asked == [own]
         assert counter.count == scorer.forward_count == own + extra
+
+
+# ------------------------------------------------------------------------------------ prefixes shared by completions
+def test_a_prefix_several_completions_share_is_scored_once(char_tokenizer):
+    """l_k depends on the prompt, completion[:b_k] and the answers only: a later item keeps only prefixes no earlier
+    item had (an item left with none is not scored), and every item gets its l_k back, equal to scoring them all."""
+    from trl_mig.scoring import distinct_prefixes
+
+    wrong_first = ["### Step 1\n12+7=18\n", "### Step 2\n18*3=54\n"]
+    items = [
+        make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"]),
+        make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS, ["57"]),  # its first three prefixes are item 0's
+        make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"], tail=""),  # item 0's prefixes, another tail
+        make_item(char_tokenizer, PROMPTS[0], wrong_first, ["57"]),  # shares l_0 only
+        make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57", "fifty-seven"]),  # other answers: nothing shared
+        make_item(char_tokenizer, PROMPTS[1], STEP_TEXTS[:2], ["57"]),  # another prompt: nothing shared
+    ]
+    distinct = distinct_prefixes(items)
+    assert distinct.origins == [0, 1, 3, 4, 5]
+    assert [list(item.boundaries) for item in distinct.items] == [
+        list(items[0].boundaries), [items[1].boundaries[3]], list(items[3].boundaries[1:]),
+        list(items[4].boundaries), list(items[5].boundaries)]
+    assert distinct.sources[2] == [(0, 0), (0, 1), (0, 2)]
+    assert distinct.sources[1] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert distinct.sources[3] == [(0, 0), (2, 0), (2, 1)]
+
+    model = build_tiny_model(char_tokenizer).float().eval()
+    counter = ForwardCounter(model)
+    scorer = StepLikelihoodScorer("prefix", batch_size=1)  # one row per prefix and answer: rows counted by forwards
+    spread = distinct.spread(scorer.score(model, distinct.items))
+    counter.handle.remove()
+    assert counter.count == sum(item.num_prefixes * len(item.answers) for item in distinct.items) == 15
+    assert sum(item.num_prefixes * len(item.answers) for item in items) == 22
+    assert_scores_close(spread, [reference_scores(model, item) for item in items])
+
+
+def test_items_whose_rows_carry_more_than_tokens_are_scored_whole(char_tokenizer):
+    """Images, a position offset or a kept completion make a row more than its tokens: such items keep every prefix;
+    no items give no scores."""
+    from trl_mig.scoring import distinct_prefixes
+
+    item = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"])
+    variants = [
+        dataclasses.replace(item, keep_completion=True),
+        dataclasses.replace(item, position_offset=3),
+        dataclasses.replace(item, multimodal={"pixel_values": torch.zeros(1, 3)}),
+    ]
+    distinct = distinct_prefixes([item, *variants])
+    assert distinct.origins == [0, 1, 2, 3]
+    assert all(list(kept.boundaries) == list(item.boundaries) for kept in distinct.items)
+    empty = distinct_prefixes([])
+    assert empty.items == [] and empty.spread([]) == []

@@ -11,7 +11,7 @@ must run the same number of forwards:
   two ranks' completions have different step counts), and only the answer copies run against generation's key/value
   cache, in forwards of rows with similar copy tokens: the ranks need different numbers of them. Two steps.
 
-Each rank holds one prompt's group of 4 (mig_fsdp_worker.py's script). Writes OUT/rank<k>.json with, per generation
+Each rank holds one prompt's group of 4 (see SCRIPT). Writes OUT/rank<k>.json with, per generation
 batch: the forward counts this rank asked the others to agree on, the scoring forwards it ran, the routes taken
 (`fused`, `trl forward`, `cache`, `own pass`), l_k, and the old log-probs' per-row sums.
 """
@@ -44,7 +44,10 @@ def _fsdp_worker():
 
 
 FSDP_WORKER = _fsdp_worker()
-PROMPTS, SCRIPT = FSDP_WORKER.PROMPTS, FSDP_WORKER.SCRIPT
+PROMPTS = FSDP_WORKER.PROMPTS
+# one group of completions with 2-3 steps, one of 4 equal completions, whose prefixes are scored once (on the cache
+# route: one forward of copies for one group, two or more for the other, whichever rank holds which)
+SCRIPT = {PROMPTS[0]: FSDP_WORKER.SCRIPT[PROMPTS[0]], PROMPTS[1]: FSDP_WORKER.SCRIPT[PROMPTS[1]][:1] * 4}
 
 
 class RouteRecordingTrainer(MIGGRPOTrainer):

@@ -26,7 +26,7 @@ os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 from helpers import cpu_config, scripted_rollout  # noqa: E402
 from trl_mig import MIGGRPOTrainer  # noqa: E402
 from trl_mig.builtin.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
-from trl_mig.scoring import ScoringItem, StepLikelihoodScorer  # noqa: E402
+from trl_mig.scoring import ScoringItem, StepLikelihoodScorer, distinct_prefixes  # noqa: E402
 
 
 def force_accelerate_fsdp_on_cpu():
@@ -67,12 +67,18 @@ class RecordingTrainer(MIGGRPOTrainer):
         self.records = []
 
     def step_log_likelihoods(self, batch):
-        needed = sum(len(seg.boundaries) * len(blocks) for seg, blocks in zip(batch.segments, batch.answers))
+        # one row per distinct prefix and variant (a prefix several completions share is scored once)
+        distinct = distinct_prefixes([
+            ScoringItem(prompt, content, seg.boundaries, blocks)
+            for prompt, content, seg, blocks in zip(batch.prompt_ids, batch.completion_ids, batch.segments,
+                                                    batch.answers)
+        ])
+        needed = sum(item.num_prefixes * len(item.answers) for item in distinct.items)
         before = self.mig_scorer.forward_count
         loglik = super().step_log_likelihoods(batch)
         layer_weight = self.model.model.layers[0].mlp.up_proj.weight
         record = {
-            "needed": needed,  # one row per prefix and variant, one row per forward
+            "needed": needed,  # one row per forward
             "forwards": self.mig_scorer.forward_count - before,
             "loglik": as_list(loglik),
             "fsdp2": isinstance(self.model, FSDPModule),
