@@ -22,6 +22,7 @@ from helpers import (
     policy_logps_and_entropies,
     reference_gated_nll,
 )
+import trl_mig.trainer
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -123,6 +124,16 @@ def reference_logliks(model, tokenizer, prompt, ids, bounds, solution):
     return values
 
 
+def record_scored_items(monkeypatch) -> list:
+    """The trainer's scoring items, one per completion, in order (recorded before the prefixes several completions
+    share are scored once)."""
+    scored = []
+    distinct_prefixes = trl_mig.trainer.distinct_prefixes
+    monkeypatch.setattr(trl_mig.trainer, "distinct_prefixes",
+                        lambda items: scored.extend(items) or distinct_prefixes(items))
+    return scored
+
+
 # boundaries written out by hand from the pieces (indices into each trajectory's piece ends)
 BOUNDS = {
     PROMPTS[0]: [lambda e: [e[0], e[2], e[3]], lambda e: [e[0], e[2], e[4], e[5]],
@@ -132,12 +143,10 @@ BOUNDS = {
 }
 
 
-def test_mig_credit_follows_turns_and_never_lands_on_external_tokens(tmp_path, char_tokenizer):
+def test_mig_credit_follows_turns_and_never_lands_on_external_tokens(tmp_path, char_tokenizer, monkeypatch):
     # outcome_weight = 0: the advantage is the MIG credit alone
     trainer = make_trainer(tmp_path, char_tokenizer, mig_weight=0.7, outcome_weight=0.0)
-    scored = []
-    score = trainer.mig_scorer.score
-    trainer.mig_scorer.score = lambda model, items: scored.extend(items) or score(model, items)
+    scored = record_scored_items(monkeypatch)
     output = trainer._generate_and_score_completions(batch())
     advantages, tool_mask = output["advantages"], output["tool_mask"]
 
@@ -197,11 +206,9 @@ def test_training_on_agent_trajectories_updates_parameters_and_logs_turn_metrics
     assert os.listdir(tmp_path / "mig_inspect")
 
 
-def test_turn_steps_never_reads_tool_results_as_text(tmp_path, char_tokenizer):
+def test_turn_steps_never_reads_tool_results_as_text(tmp_path, char_tokenizer, monkeypatch):
     trainer = make_trainer(tmp_path, char_tokenizer, mig_turn_steps="never")
-    scored = []
-    score = trainer.mig_scorer.score
-    trainer.mig_scorer.score = lambda model, items: scored.extend(items) or score(model, items)
+    scored = record_scored_items(monkeypatch)
     output = trainer._generate_and_score_completions(batch())
     _, _, ends = assemble(char_tokenizer, pieces_of(PROMPTS[0], 0))
     # the first </think> ends the thought: one step, the tool's result and the last turn are "answer"
@@ -220,7 +227,7 @@ def test_turn_steps_always_needs_a_mask(tmp_path, char_tokenizer):
 # ------------------------------------------------------------------------------------------ TRL's own tool loop
 
 
-def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
+def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path, monkeypatch):
     """With `tools`, TRL runs the calls and builds the tool_mask itself: the step of a call ends after its
     `<tool_response>`, which gets no credit, and the turn metrics sit next to TRL's tools/call_frequency."""
     from unittest.mock import patch
@@ -250,9 +257,7 @@ def test_trl_tool_calls_become_steps_that_end_after_the_tool_response(tmp_path):
         tools=[multiply_tool],
     )
     trainer.model.train()
-    scored = []
-    score = trainer.mig_scorer.score
-    trainer.mig_scorer.score = lambda model, items: scored.extend(items) or score(model, items)
+    scored = record_scored_items(monkeypatch)
     with patch.object(trainer.model, "generate", side_effect=fake_generate):
         output = trainer._generate_and_score_completions(rows)
     assert len(calls) == 2, "the tool's result was fed back for a second turn"

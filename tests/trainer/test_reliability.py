@@ -17,6 +17,7 @@ from datasets import Dataset
 from helpers import addition_dataset, cpu_config, scripted_rollout
 from trl_mig import MIGGRPOTrainer
 from trl_mig.builtin.tiny import build_tiny_model
+from trl_mig.scoring import DistinctPrefixes
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
@@ -202,16 +203,16 @@ def test_zero_variance_outcome_groups(tmp_path, char_tokenizer, script_kind):
 def test_non_finite_likelihoods_are_guarded_and_reported(tmp_path, char_tokenizer, monkeypatch):
     rows = rows_for(["A.\n"], ["20"])
     trainer = build(tmp_path, char_tokenizer, rows, {"A.\n": [GOOD, WRONG, GOOD, WRONG]})
-    real_score = trainer.mig_scorer.score
+    real_spread = DistinctPrefixes.spread
 
-    def overflowing(model, items):
-        scores = real_score(model, items)
+    def overflowing(self, scores):  # the scorer's values, handed back per completion
+        scores = real_spread(self, scores)
         scores[0][1] = float("inf")  # an fp16 overflow
         scores[1][:] = float("nan")  # nothing usable
         scores[2][0] = float("-inf")
         return scores
 
-    monkeypatch.setattr(trainer.mig_scorer, "score", overflowing)
+    monkeypatch.setattr(DistinctPrefixes, "spread", overflowing)
     inputs = trainer._generate_and_score_completions(rows)
     metrics = last_metrics(trainer)
     assert metrics["mig/nonfinite_frac"] == pytest.approx(0.75)
