@@ -34,6 +34,38 @@ def selected_cells(study: dict) -> dict:
     return cells
 
 
+def pooled(studies: list[dict]) -> dict:
+    """
+    One study made of several finished ones with the same primary metric and evaluation interval and no seed in
+    common between them (e.g. a replication on fresh seeds and the study it replicates): every arm's runs at the
+    setting each study selected for it, the settings named in its selection.
+    """
+    first = studies[0]["config"]
+    runs, settings = [], {}
+    for study in studies:
+        config = study["config"]
+        if (config.get("primary"), config["eval_steps"]) != (first.get("primary"), first["eval_steps"]):
+            raise SystemExit("Pooled studies must declare the same `primary` and `eval_steps`.")
+        for arm, cell in selected_cells(study).items():
+            settings.setdefault(arm, []).append(study["selection"][arm]["setting"])
+            runs += [{**run, "setting": "pooled"} for run in cell]
+    seeds: dict[str, list] = {}
+    for run in runs:
+        seeds.setdefault(run["arm"], []).append(run["seed"])
+    repeated = {arm: s for arm, s in seeds.items() if len(set(s)) != len(s)}
+    if repeated:
+        raise SystemExit(f"Pooled studies share seeds: {repeated}.")
+    return {"config": first, "runs": runs, "selection": {arm: {"setting": "pooled"} for arm in settings},
+            "pooled_settings": {arm: " + ".join(json.dumps(s, sort_keys=True) for s in settings[arm])
+                                for arm in settings}}
+
+
+def schedule(config: dict) -> str:
+    """How the study ran its runs, which the wall-clock times depend on."""
+    jobs, threads = config.get("jobs", 1), config.get("threads_per_job")
+    return f"{jobs} run(s) at a time" + (f", {threads} thread(s) each" if threads else "")
+
+
 def verdict(entry: dict, lower_is_better: bool) -> str:
     bounds = [entry["t_low"], entry["t_high"], entry["bootstrap_low"], entry["bootstrap_high"]]
     if any(b is None for b in bounds):
@@ -87,7 +119,8 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
     matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if primary["metric"] == "auc" else []
     return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
-            "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched}
+            "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched,
+            "schedule": schedule(config)}
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -150,7 +183,7 @@ def markdown(result: dict, study_path: str, compute_matched_registered: bool = F
             f" ({row['bootstrap_over']}) | {row['verdict']} |"
         )
     lines += ["", "Wall-clock seconds per run, arm / comparator, paired by seed (start-up and held-out evaluations "
-              "included; two runs at a time on 2 cores):", "", "| arm / comparator | per seed | mean | 95 % t-interval |",
+              f"included; {result['schedule']}):", "", "| arm / comparator | per seed | mean | 95 % t-interval |",
               "|---|---|---|---|"]
     for row in result["time_ratios"]:
         seeds = " / ".join(f"{v:.2f}" for v in row["time_ratio_per_seed"].values())
@@ -171,7 +204,8 @@ def markdown(result: dict, study_path: str, compute_matched_registered: bool = F
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", help="A finished study's study.json.")
+    parser.add_argument("study", nargs="+", help="A finished study's study.json; several (no seed in common) are "
+                        "pooled into one analysis, each arm at each study's selected setting.")
     parser.add_argument("--arms", nargs="+", required=True, help="The arms whose comparisons were registered.")
     parser.add_argument("--against", nargs="+", required=True, help="The comparators, e.g. grpo grpo_partial_credit.")
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.95], help="Levels, e.g. 0.95 0.9875.")
@@ -181,11 +215,17 @@ def main(argv=None) -> dict:
                         help="The registration declared the compute-matched comparison before the study ran "
                         "(else it is labelled a secondary defined afterwards).")
     args = parser.parse_args(argv)
-    result = compare(json.loads(Path(args.study).read_text()), args.arms, args.against, args.confidence,
-                     args.resamples)
+    studies = [json.loads(Path(path).read_text()) for path in args.study]
+    study = studies[0] if len(studies) == 1 else pooled(studies)
+    result = compare(study, args.arms, args.against, args.confidence, args.resamples)
     result["compute_matched_registered"] = args.compute_matched_registered
+    if len(studies) > 1:
+        result["pooled_from"] = args.study
+        result["schedule"] = " / ".join(schedule(s["config"]) for s in studies)
+        result["selection"] = {arm: study["pooled_settings"][arm] for arm in result["selection"]}
     Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.output).with_suffix(".md").write_text(markdown(result, args.study, args.compute_matched_registered))
+    Path(args.output).with_suffix(".md").write_text(markdown(result, " + ".join(args.study),
+                                                             args.compute_matched_registered))
     print(Path(args.output).with_suffix(".md").read_text())
     summary = {f"{r['arm']}-{r['comparator']}@{r['confidence']}": r["verdict"] for r in result["comparisons"]}
     print(json.dumps(summary))

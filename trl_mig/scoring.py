@@ -163,7 +163,7 @@ class DistinctPrefixes:
         """Per input item, its (K_i + 1,) l_k from `scores`, one (prefixes,) tensor per item of `self.items`."""
         if not self.sources:
             return []
-        flat = torch.cat([*scores, torch.zeros(0)]) if scores else torch.zeros(0)
+        flat = torch.cat([*scores, torch.zeros(0)])
         starts = [0]
         for score in scores:
             starts.append(starts[-1] + score.numel())

@@ -144,6 +144,7 @@ class MIGMixin:
         self._pending_mig = None
         self._capture_policy_logps = False
         self._captured_policy_logps = None
+        self._prefix_counts = [0, 0]  # this batch's prefixes scored, and in all (mig/scored_prefix_frac)
         self._answer_blocks: dict[str, AnswerBlock] = {}
         self._warned_unscorable = False
         self.resumed_mig_changes: dict[str, tuple] = {}  # MIG settings changed since the checkpoint resumed from
@@ -587,6 +588,7 @@ class MIGMixin:
         ):
             generation = None
         distinct = distinct_prefixes(items)  # a prefix that several completions share is scored once
+        self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -633,6 +635,11 @@ class MIGMixin:
         stacked = gather(torch.stack(list(columns.values()), dim=1).float())
         for name, value in zip(columns, torch.nanmean(stacked, dim=0).tolist()):
             self._metrics[mode][name].append(value)
+        # every process logs, whichever route scored: MIG's own pass and the cache route count their prefixes
+        scored, total = gather(torch.tensor([self._prefix_counts], dtype=torch.float32, device=device)).sum(0).tolist()
+        self._prefix_counts = [0, 0]
+        if total:
+            self._metrics[mode]["mig/scored_prefix_frac"].append(scored / total)
 
     def _log_turn_metrics(self, mode, loglik, gains, segments, scorable):
         """

@@ -267,3 +267,27 @@ def test_step_benchmark_scaffold_reaches_the_mig_config(monkeypatch, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["scaffold"] == "</think>\\n<answer>"
     assert ("mig", "</think>\n<answer>") in scaffolds and ("grpo", None) in scaffolds
+
+
+def test_registered_comparisons_pool_studies_without_common_seeds(tmp_path):
+    """Several study.json files pool into one analysis: each arm at each study's selected setting, the per-seed
+    differences of both, one interval over all seeds; studies that share a seed are refused."""
+    from registered_comparisons import main as registered
+
+    original = ROOT / "docs" / "study" / "cpu_arms" / "study.json"
+    study = json.loads(original.read_text())
+    study["runs"] = [{**run, "seed": run["seed"] + 5} for run in study["runs"]]  # the same runs as seeds 5-9
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps(study))
+    arguments = ["--arms", "mig_failure_scaled", "--against", "grpo", "--resamples", "50"]
+    alone = registered([str(original), *arguments, "--output", str(tmp_path / "alone")])
+    both = registered([str(original), str(shifted), *arguments, "--output", str(tmp_path / "both")])
+    (single,), (pooled,) = alone["comparisons"], both["comparisons"]
+    assert sorted(pooled["per_seed"]) == sorted(str(s) for s in range(10))
+    assert {s: pooled["per_seed"][str(int(s) + 5)] for s in single["per_seed"]} == single["per_seed"]
+    assert pooled["mean"] == pytest.approx(single["mean"])
+    assert pooled["t_high"] - pooled["t_low"] < single["t_high"] - single["t_low"]  # 10 seeds, not 5
+    assert both["pooled_from"] == [str(original), str(shifted)]
+    assert both["selection"]["grpo"].count("learning_rate") == 2
+    with pytest.raises(SystemExit, match="share seeds"):
+        registered([str(original), str(original), *arguments, "--output", str(tmp_path / "twice")])

@@ -200,6 +200,21 @@ def test_zero_variance_outcome_groups(tmp_path, char_tokenizer, script_kind):
     assert_finite_step(trainer, inputs)
 
 
+def test_a_shared_prefix_is_scored_once_and_the_share_is_logged(tmp_path, char_tokenizer):
+    """GOOD and WRONG share l_0 (after `<think>`), and each is written twice: 5 of the 12 prefixes are scored, and
+    the copies get the very values of the completions they repeat."""
+    rows = rows_for(["A.\n"], ["20"])
+    trainer = build(tmp_path, char_tokenizer, rows, {"A.\n": [GOOD, WRONG, GOOD, WRONG]})
+    logged = []
+    trainer._log_mig_metrics = lambda mode, loglik, *args: logged.append(loglik) or type(trainer)._log_mig_metrics(
+        trainer, mode, loglik, *args)
+    trainer._generate_and_score_completions(rows)
+    assert last_metrics(trainer)["mig/scored_prefix_frac"] == pytest.approx(5 / 12)
+    (loglik,) = logged
+    assert torch.equal(loglik[2], loglik[0]) and torch.equal(loglik[3], loglik[1])
+    assert loglik[1, 0] == loglik[0, 0] and loglik[1, 1] != loglik[0, 1]
+
+
 def test_non_finite_likelihoods_are_guarded_and_reported(tmp_path, char_tokenizer, monkeypatch):
     rows = rows_for(["A.\n"], ["20"])
     trainer = build(tmp_path, char_tokenizer, rows, {"A.\n": [GOOD, WRONG, GOOD, WRONG]})
