@@ -41,23 +41,21 @@ def pooled(studies: list[dict]) -> dict:
     setting each study selected for it, the settings named in its selection.
     """
     first = studies[0]["config"]
-    runs, settings = [], {}
+    cells, settings = {}, {}
     for study in studies:
         config = study["config"]
         if (config.get("primary"), config["eval_steps"]) != (first.get("primary"), first["eval_steps"]):
             raise SystemExit("Pooled studies must declare the same `primary` and `eval_steps`.")
         for arm, cell in selected_cells(study).items():
-            settings.setdefault(arm, []).append(study["selection"][arm]["setting"])
-            runs += [{**run, "setting": "pooled"} for run in cell]
-    seeds: dict[str, list] = {}
-    for run in runs:
-        seeds.setdefault(run["arm"], []).append(run["seed"])
-    repeated = {arm: s for arm, s in seeds.items() if len(set(s)) != len(s)}
+            cells.setdefault(arm, []).extend(cell)
+            settings.setdefault(arm, []).append(json.dumps(study["selection"][arm]["setting"], sort_keys=True))
+    repeated = {arm: seeds for arm, seeds in ((a, [r["seed"] for r in c]) for a, c in cells.items())
+                if len(set(seeds)) != len(seeds)}
     if repeated:
         raise SystemExit(f"Pooled studies share seeds: {repeated}.")
-    return {"config": first, "runs": runs, "selection": {arm: {"setting": "pooled"} for arm in settings},
-            "pooled_settings": {arm: " + ".join(json.dumps(s, sort_keys=True) for s in settings[arm])
-                                for arm in settings}}
+    label = {arm: " + ".join(settings[arm]) for arm in cells}  # the pooled arm's setting: each study's, named
+    return {"config": first, "runs": [{**run, "setting": label[arm]} for arm, cell in cells.items() for run in cell],
+            "selection": {arm: {"setting": label[arm]} for arm in cells}}
 
 
 def schedule(config: dict) -> str:
@@ -222,7 +220,6 @@ def main(argv=None) -> dict:
     if len(studies) > 1:
         result["pooled_from"] = args.study
         result["schedule"] = " / ".join(schedule(s["config"]) for s in studies)
-        result["selection"] = {arm: study["pooled_settings"][arm] for arm in result["selection"]}
     Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     Path(args.output).with_suffix(".md").write_text(markdown(result, " + ".join(args.study),
                                                              args.compute_matched_registered))
