@@ -114,10 +114,13 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
             mean, low, high = t_interval(list(ratios.values()))
             cost.append({"arm": arm, "comparator": comparator, "time_ratio_per_seed": {str(s): round(r, 3) for s, r in
                          ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
-    matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if primary["metric"] == "auc" else []
+    auc = primary["metric"] == "auc"
+    matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if auc else []
+    at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary) if auc else []
     return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
             "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched,
+            "compute_matched_at_pooled_cost": at_pooled_cost,
             "schedule": schedule(config)}
 
 
@@ -161,6 +164,43 @@ def compute_matched(cells: dict, arms: list[str], against: list[str], primary: d
     return rows
 
 
+def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[str], primary: dict) -> list[dict]:
+    """
+    The primary AUC at equal training time, with the arm's cost measured once over all seeds: R = the arm's training
+    seconds summed over the paired seeds / the comparator's (held-out evaluations excluded). Per seed, the arm's
+    held-out curve (linear in steps) is read at step s / R for each of the comparator's evaluation steps s in the
+    primary's window: where the arm would be after the comparator's training time at step s. Unlike
+    `compute_matched`, a run's own wall-clock noise (another process, a slow start) does not move its seed's
+    difference; the cost of the method does, through R. Points of pass@1, 95 % t-interval over seeds; the same at
+    R's upper 95 % t-bound over the per-seed ratios (a pessimistic cost) as a sensitivity.
+    """
+    split, (first, last) = primary["split"], primary["steps"]
+    rows = []
+    for comparator in against:
+        for arm in arms:
+            if arm == comparator:
+                continue
+            runs = {r["seed"]: r for r in cells[arm]}
+            pairs = [(runs[ref["seed"]], ref) for ref in cells[comparator] if ref["seed"] in runs]
+            trained = [(run["compute"][-1][1], ref["compute"][-1][1]) for run, ref in pairs]
+            ratio = sum(a for a, _ in trained) / sum(c for _, c in trained)
+            _, _, ratio_high = t_interval([a / c for a, c in trained])
+            row = {"arm": arm, "comparator": comparator, "cost_ratio": round(ratio, 4),
+                   "cost_ratio_t95_high": round(ratio_high, 4)}
+            for key, cost in (("", ratio), ("_at_high_cost", ratio_high)):
+                diffs = {}
+                for run, ref in pairs:
+                    ref_curve = [(int(step), value) for step, value in ref["curves"][split] if first <= step <= last]
+                    arm_curve = [(int(step), value) for step, value in run["curves"][split]]
+                    at_steps = [interpolate(arm_curve, step / cost) for step, _ in ref_curve]
+                    diffs[ref["seed"]] = 100 * (sum(at_steps) / len(at_steps) - sum(v for _, v in ref_curve) / len(ref_curve))
+                mean, low, high = t_interval(list(diffs.values()))
+                row.update({f"per_seed{key}": {str(k): round(v, 4) for k, v in sorted(diffs.items())},
+                            f"mean{key}": round(mean, 4), f"t95{key}": [round(low, 4), round(high, 4)]})
+            rows.append(row)
+    return rows
+
+
 def markdown(result: dict, study_path: str, compute_matched_registered: bool = False) -> str:
     lines = [
         f"# Registered comparisons: {study_path}",
@@ -197,6 +237,20 @@ def markdown(result: dict, study_path: str, compute_matched_registered: bool = F
             seeds = " / ".join(f"{v:+.1f}" for v in row["per_seed"].values())
             lines.append(f"| {row['arm']} - {row['comparator']} | {seeds} | {row['mean']:+.1f} | "
                          f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] |")
+    if result.get("compute_matched_at_pooled_cost"):
+        lines += ["", "The primary at equal training time with the arm's cost measured over all seeds (R = the arm's "
+                  "training seconds / the comparator's, summed over the paired seeds; the arm's curve read at step s / R "
+                  "for each comparator evaluation step s; a run's own timing noise left out), arm - comparator in "
+                  "points, 95 % t-interval over seeds; and the same at R's upper 95 % bound:", "",
+                  "| arm - comparator | R | per seed | mean | 95 % t-interval | at R's upper bound | mean | 95 % t-interval |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in result["compute_matched_at_pooled_cost"]:
+            seeds = " / ".join(f"{v:+.1f}" for v in row["per_seed"].values())
+            high = " / ".join(f"{v:+.1f}" for v in row["per_seed_at_high_cost"].values())
+            lines.append(f"| {row['arm']} - {row['comparator']} | {row['cost_ratio']:.3f} | {seeds} | {row['mean']:+.1f} | "
+                         f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] | {row['cost_ratio_t95_high']:.3f}: {high} | "
+                         f"{row['mean_at_high_cost']:+.1f} | [{row['t95_at_high_cost'][0]:+.1f}, "
+                         f"{row['t95_at_high_cost'][1]:+.1f}] |")
     return "\n".join(lines) + "\n"
 
 

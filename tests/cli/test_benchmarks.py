@@ -269,6 +269,28 @@ def test_step_benchmark_scaffold_reaches_the_mig_config(monkeypatch, capsys):
     assert ("mig", "</think>\n<answer>") in scaffolds and ("grpo", None) in scaffolds
 
 
+def test_compute_matched_at_pooled_cost_reads_the_arm_at_the_comparators_time():
+    """With the arm's cost R measured over all seeds, its curve is read at step s / R: an arm twice as slow (R = 2)
+    is read at steps 5 and 10 for the comparator's 10 and 20; a run's own timing does not move its seed's value."""
+    from registered_comparisons import compute_matched_at_pooled_cost
+
+    def run(seed, seconds, mid):
+        return {"seed": seed, "compute": [[0, 0.0, 0], [10, seconds / 2, 10], [20, seconds, 20]],
+                "curves": {"test": [[0, 0.0], [10, mid], [20, 1.0]]}}
+
+    cells = {"slow": [run(0, 150, 0.6), run(1, 250, 0.7), run(2, 200, 0.8)],  # 600 s against 300 s: R = 2
+             "fast": [run(0, 100, 0.5), run(1, 100, 0.5), run(2, 100, 0.5)]}
+    (row,) = compute_matched_at_pooled_cost(cells, ["slow"], ["fast"], {"split": "test", "steps": [10, 20]})
+    assert row["cost_ratio"] == 2.0
+    # seed 0: the slow arm at steps 5 and 10 is 0.3 and 0.6 (mean 0.45) against the fast arm's 0.5 and 1.0 (0.75)
+    assert row["per_seed"] == {"0": -30.0, "1": -22.5, "2": -15.0}  # not moved by seeds 0 and 1's own 1.5x and 2.5x
+    assert row["mean"] == -22.5 and row["t95"][0] < -22.5 < row["t95"][1]
+    assert row["cost_ratio_t95_high"] > 2.0 and row["mean_at_high_cost"] < row["mean"]
+    (same,) = compute_matched_at_pooled_cost({"a": cells["fast"], "b": cells["fast"]}, ["a"], ["b"],
+                                             {"split": "test", "steps": [10, 20]})
+    assert same["cost_ratio"] == 1.0 and same["per_seed"] == {"0": 0.0, "1": 0.0, "2": 0.0}
+
+
 def test_registered_comparisons_pool_studies_without_common_seeds(tmp_path):
     """Several study.json files pool into one analysis: each arm at each study's selected setting, the per-seed
     differences of both, one interval over all seeds; studies that share a seed are refused."""
