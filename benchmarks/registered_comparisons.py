@@ -7,8 +7,9 @@ every arm at the setting its validation score selected, and writes for each (arm
 primary metric, paired by seed: per-seed differences, mean, t-interval and bootstrap interval over seeds x problems
 (`trl_mig.study.statistics.compare_arms`, the computation study.md uses), at each confidence level asked for; the
 verdict the registration defines (beats: both intervals above 0; loses: both below; else a tie); and each arm's
-wall-clock seconds per run against the comparator's, paired by seed. Writes OUTPUT.json and OUTPUT.md and ends with
-one JSON line.
+wall-clock seconds per run against the comparator's, paired by seed; and the primary AUC with compute matched, read
+two ways: at each seed's own comparator run's training seconds (`compute_matched`), and at the arm's cost measured over
+all seeds (`compute_matched_at_pooled_cost`). Writes OUTPUT.json and OUTPUT.md and ends with one JSON line.
 
     python benchmarks/registered_comparisons.py docs/study/cpu_arms/study.json \
         --arms mig_rtg mig_failure_scaled --against grpo grpo_partial_credit --confidence 0.95 0.9875 \
@@ -201,7 +202,9 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
     return rows
 
 
-def markdown(result: dict, study_path: str, compute_matched_registered: bool = False) -> str:
+def markdown(result: dict, study_path: str, registered_reading: str | None = None) -> str:
+    """`registered_reading`: which compute-matched reading the registration declared before the study ran ("own_run":
+    `compute_matched`, "pooled_cost": `compute_matched_at_pooled_cost`, None: neither); the others are secondary."""
     lines = [
         f"# Registered comparisons: {study_path}",
         "",
@@ -228,7 +231,8 @@ def markdown(result: dict, study_path: str, compute_matched_registered: bool = F
         lines.append(f"| {row['arm']} / {row['comparator']} | {seeds} | {row['mean']:.2f} | "
                      f"[{row['t95'][0]:.2f}, {row['t95'][1]:.2f}] |")
     if result["compute_matched"]:
-        when = "Registered with the study" if compute_matched_registered else "Secondary, defined after the study ran"
+        when = "Registered with the study" if registered_reading == "own_run" else (
+            "Secondary, registered as such" if registered_reading else "Secondary, defined after the study ran")
         lines += ["", f"{when}: the primary at equal training wall-clock time (the arm's "
                   "curve read at the comparator's `train_seconds` of the primary's evaluations, held-out evaluation "
                   "time excluded), arm - comparator in points, 95 % t-interval over seeds:", "",
@@ -238,7 +242,9 @@ def markdown(result: dict, study_path: str, compute_matched_registered: bool = F
             lines.append(f"| {row['arm']} - {row['comparator']} | {seeds} | {row['mean']:+.1f} | "
                          f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] |")
     if result.get("compute_matched_at_pooled_cost"):
-        lines += ["", "The primary at equal training time with the arm's cost measured over all seeds (R = the arm's "
+        when = ("Registered with the study" if registered_reading == "pooled_cost"
+                else "Secondary, defined after the study ran")
+        lines += ["", f"{when}: the primary at equal training time with the arm's cost measured over all seeds (R = the arm's "
                   "training seconds / the comparator's, summed over the paired seeds; the arm's curve read at step s / R "
                   "for each comparator evaluation step s; a run's own timing noise left out), arm - comparator in "
                   "points, 95 % t-interval over seeds; and the same at R's upper 95 % bound:", "",
@@ -263,20 +269,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.95], help="Levels, e.g. 0.95 0.9875.")
     parser.add_argument("--resamples", type=int, default=10_000, help="Bootstrap resamples (the study's: 10000).")
     parser.add_argument("--output", required=True, help="Path without suffix: writes OUTPUT.json and OUTPUT.md.")
-    parser.add_argument("--compute-matched-registered", action="store_true",
-                        help="The registration declared the compute-matched comparison before the study ran "
-                        "(else it is labelled a secondary defined afterwards).")
+    registered = parser.add_mutually_exclusive_group()
+    registered.add_argument("--pooled-cost-registered", action="store_true",
+                            help="The registration declared the compute-matched reading at the arm's cost measured "
+                            "over all seeds before the study ran (docs/benchmark.md, section 16).")
+    registered.add_argument("--compute-matched-registered", action="store_true",
+                            help="The registration declared the compute-matched reading at each seed's own "
+                            "comparator run's seconds before the study ran (sections 14-15). Without either flag both "
+                            "readings are labelled secondaries defined afterwards.")
     args = parser.parse_args(argv)
     studies = [json.loads(Path(path).read_text()) for path in args.study]
     study = studies[0] if len(studies) == 1 else pooled(studies)
     result = compare(study, args.arms, args.against, args.confidence, args.resamples)
     result["compute_matched_registered"] = args.compute_matched_registered
+    result["pooled_cost_registered"] = args.pooled_cost_registered
+    reading = "own_run" if args.compute_matched_registered else "pooled_cost" if args.pooled_cost_registered else None
     if len(studies) > 1:
         result["pooled_from"] = args.study
         result["schedule"] = " / ".join(schedule(s["config"]) for s in studies)
     Path(args.output).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     Path(args.output).with_suffix(".md").write_text(markdown(result, " + ".join(args.study),
-                                                             args.compute_matched_registered))
+                                                             reading))
     print(Path(args.output).with_suffix(".md").read_text())
     summary = {f"{r['arm']}-{r['comparator']}@{r['confidence']}": r["verdict"] for r in result["comparisons"]}
     print(json.dumps(summary))

@@ -146,6 +146,16 @@ def test_registered_comparisons_pair_every_comparator_and_match_the_committed_re
                 "--output", str(tmp_path / "registered"), "--compute-matched-registered"])
     assert "Registered with the study: the primary at equal training" in (tmp_path / "registered.md").read_text()
     assert json.loads((tmp_path / "registered.json").read_text())["compute_matched_registered"] is True
+    assert "Secondary, defined after the study ran: the primary at equal training time with the arm's cost" in (
+        tmp_path / "registered.md").read_text()
+    registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo", "--resamples", "20",
+                "--output", str(tmp_path / "pooled"), "--pooled-cost-registered"])
+    report = (tmp_path / "pooled.md").read_text()
+    assert "Registered with the study: the primary at equal training time with the arm's cost" in report
+    assert "Secondary, registered as such: the primary at equal training wall-clock time" in report
+    with pytest.raises(SystemExit):  # one reading decides
+        registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo", "--output",
+                    str(tmp_path / "both"), "--pooled-cost-registered", "--compute-matched-registered"])
 
 
 # ------------------------------------------------------------------------------------------------ step benchmark
@@ -313,3 +323,24 @@ def test_registered_comparisons_pool_studies_without_common_seeds(tmp_path):
     assert both["selection"]["grpo"].count("learning_rate") == 2
     with pytest.raises(SystemExit, match="share seeds"):
         registered([str(original), str(original), *arguments, "--output", str(tmp_path / "twice")])
+
+
+def test_reward_spread_reads_every_logged_window_of_every_run(tmp_path):
+    """Per run, the logged `frac_reward_zero_std` of each window in order; per arm, the window means over seeds and
+    the mean over all windows; a folder without runs is refused with its path."""
+    from reward_spread import main as reward_spread
+
+    logs = {("grpo", 0): [0.8, 0.6], ("grpo", 1): [0.6, 0.4], ("mig", 0): [0.5, 0.5]}
+    for (arm, seed), values in logs.items():
+        folder = tmp_path / "runs" / arm / "default" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        lines = ["Tokenizing train dataset: 100%", *(str({"loss": "0.1", "frac_reward_zero_std": str(v)}) for v in values),
+                 str({"train_runtime": 12.0})]
+        (folder / "train.log").write_text("\n".join(lines) + "\n")
+    result = reward_spread([str(tmp_path), "--output", str(tmp_path / "spread.json")])
+    assert {(r["arm"], r["seed"]): r["frac_reward_zero_std"] for r in result["runs"]} == logs
+    assert result["arms"]["grpo"] == {"seeds": 2, "mean_per_window": [0.7, 0.5], "mean": 0.6}
+    assert result["arms"]["mig"]["mean"] == 0.5
+    assert json.loads((tmp_path / "spread.json").read_text())["arms"] == result["arms"]
+    with pytest.raises(SystemExit, match="No runs"):
+        reward_spread([str(tmp_path / "runs"), "--output", str(tmp_path / "none.json")])
