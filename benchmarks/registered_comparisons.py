@@ -133,36 +133,47 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
-def compute_matched(cells: dict, arms: list[str], against: list[str], primary: dict, eval_steps: int) -> list[dict]:
-    """
-    Secondary, defined after the studies ran: the primary AUC at equal training wall-clock time. Per seed, the
-    comparator's evaluations in the primary's step window give the times (its `train_seconds` there); the arm's
-    held-out curve, linear in its own `train_seconds`, is read at those times (its last value past its end). The
-    arm's mean there minus the comparator's mean: points of pass@1, with a 95 % t-interval over seeds.
-    """
-    split, (first, last) = primary["split"], primary["steps"]
-    rows = []
+def _paired_runs(cells: dict, arms: list[str], against: list[str]):
+    """(arm, comparator, [(arm's run, comparator's run) per seed both have]) for every pair, no arm against itself."""
     for comparator in against:
         for arm in arms:
-            if arm == comparator:
-                continue
-            runs = {r["seed"]: r for r in cells[arm]}
-            diffs = {}
-            for ref in cells[comparator]:
-                if ref["seed"] not in runs:
-                    continue
-                run = runs[ref["seed"]]
-                ref_time = {int(step): seconds for step, seconds, _ in ref["compute"]}
-                ref_curve = [(int(step), value) for step, value in ref["curves"][split] if first <= step <= last]
-                arm_time = {int(step): seconds for step, seconds, _ in run["compute"]}
-                arm_points = [(arm_time[int(step)], value) for step, value in run["curves"][split]]
-                at_times = [interpolate(arm_points, ref_time[step]) for step, _ in ref_curve]
-                diffs[ref["seed"]] = 100 * (sum(at_times) / len(at_times) - sum(v for _, v in ref_curve) / len(ref_curve))
-            mean, low, high = t_interval(list(diffs.values()))
-            rows.append({"arm": arm, "comparator": comparator,
-                         "per_seed": {str(k): round(v, 4) for k, v in sorted(diffs.items())},
-                         "mean": round(mean, 4), "t95": [round(low, 4), round(high, 4)]})
-    return rows
+            if arm != comparator:
+                runs = {r["seed"]: r for r in cells[arm]}
+                yield arm, comparator, [(runs[ref["seed"]], ref) for ref in cells[comparator] if ref["seed"] in runs]
+
+
+def _matched_differences(pairs: list, primary: dict, read_arm) -> dict:
+    """
+    Per seed, 100 x (the arm's mean where `read_arm(run, ref, step)` reads its curve, at each of the comparator's
+    evaluation steps in the primary's window, - the comparator's mean there), with the mean and a 95 % t-interval.
+    """
+    split, (first, last) = primary["split"], primary["steps"]
+    diffs = {}
+    for run, ref in pairs:
+        ref_curve = [(int(step), value) for step, value in ref["curves"][split] if first <= step <= last]
+        at = [read_arm(run, ref, step) for step, _ in ref_curve]
+        diffs[ref["seed"]] = 100 * (sum(at) / len(at) - sum(v for _, v in ref_curve) / len(ref_curve))
+    mean, low, high = t_interval(list(diffs.values()))
+    return {"per_seed": {str(k): round(v, 4) for k, v in sorted(diffs.items())},
+            "mean": round(mean, 4), "t95": [round(low, 4), round(high, 4)]}
+
+
+def compute_matched(cells: dict, arms: list[str], against: list[str], primary: dict, eval_steps: int) -> list[dict]:
+    """
+    The primary AUC at equal training wall-clock time, each seed's runs against each other (section 15's reading).
+    Per seed, the comparator's evaluations in the primary's step window give the times (its `train_seconds` there);
+    the arm's held-out curve, linear in its own `train_seconds`, is read at those times (its last value past its
+    end). The arm's mean there minus the comparator's mean: points of pass@1, with a 95 % t-interval over seeds.
+    """
+    split = primary["split"]
+
+    def at_comparators_seconds(run, ref, step):
+        ref_time = {int(s): seconds for s, seconds, _ in ref["compute"]}
+        arm_time = {int(s): seconds for s, seconds, _ in run["compute"]}
+        return interpolate([(arm_time[int(s)], value) for s, value in run["curves"][split]], ref_time[step])
+
+    return [{"arm": arm, "comparator": comparator, **_matched_differences(pairs, primary, at_comparators_seconds)}
+            for arm, comparator, pairs in _paired_runs(cells, arms, against)]
 
 
 def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[str], primary: dict) -> list[dict]:
@@ -175,30 +186,21 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
     difference; the cost of the method does, through R. Points of pass@1, 95 % t-interval over seeds; the same at
     R's upper 95 % t-bound over the per-seed ratios (a pessimistic cost) as a sensitivity.
     """
-    split, (first, last) = primary["split"], primary["steps"]
+    split = primary["split"]
     rows = []
-    for comparator in against:
-        for arm in arms:
-            if arm == comparator:
-                continue
-            runs = {r["seed"]: r for r in cells[arm]}
-            pairs = [(runs[ref["seed"]], ref) for ref in cells[comparator] if ref["seed"] in runs]
-            trained = [(run["compute"][-1][1], ref["compute"][-1][1]) for run, ref in pairs]
-            ratio = sum(a for a, _ in trained) / sum(c for _, c in trained)
-            _, _, ratio_high = t_interval([a / c for a, c in trained])
-            row = {"arm": arm, "comparator": comparator, "cost_ratio": round(ratio, 4),
-                   "cost_ratio_t95_high": round(ratio_high, 4)}
-            for key, cost in (("", ratio), ("_at_high_cost", ratio_high)):
-                diffs = {}
-                for run, ref in pairs:
-                    ref_curve = [(int(step), value) for step, value in ref["curves"][split] if first <= step <= last]
-                    arm_curve = [(int(step), value) for step, value in run["curves"][split]]
-                    at_steps = [interpolate(arm_curve, step / cost) for step, _ in ref_curve]
-                    diffs[ref["seed"]] = 100 * (sum(at_steps) / len(at_steps) - sum(v for _, v in ref_curve) / len(ref_curve))
-                mean, low, high = t_interval(list(diffs.values()))
-                row.update({f"per_seed{key}": {str(k): round(v, 4) for k, v in sorted(diffs.items())},
-                            f"mean{key}": round(mean, 4), f"t95{key}": [round(low, 4), round(high, 4)]})
-            rows.append(row)
+    for arm, comparator, pairs in _paired_runs(cells, arms, against):
+        trained = [(run["compute"][-1][1], ref["compute"][-1][1]) for run, ref in pairs]
+        ratio = sum(a for a, _ in trained) / sum(c for _, c in trained)
+        _, _, ratio_high = t_interval([a / c for a, c in trained])
+        row = {"arm": arm, "comparator": comparator, "cost_ratio": round(ratio, 4),
+               "cost_ratio_t95_high": round(ratio_high, 4)}
+        for key, cost in (("", ratio), ("_at_high_cost", ratio_high)):
+            def at_equal_cost(run, ref, step, cost=cost):
+                return interpolate([(int(s), value) for s, value in run["curves"][split]], step / cost)
+
+            row.update({f"{name}{key}": value
+                        for name, value in _matched_differences(pairs, primary, at_equal_cost).items()})
+        rows.append(row)
     return rows
 
 
