@@ -122,6 +122,7 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
             "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched,
             "compute_matched_at_pooled_cost": at_pooled_cost,
+            "per_evaluation": per_evaluation_differences(cells, arms, against, primary["split"]),
             "schedule": schedule(config)}
 
 
@@ -204,6 +205,24 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
     return rows
 
 
+def per_evaluation_differences(cells: dict, arms: list[str], against: list[str], split: str) -> list[dict]:
+    """
+    Secondary: pass@1 on `split` at every evaluation step after the start (the last one is the final pass@1), arm -
+    comparator in points, paired by seed: the mean and a 95 % t-interval over seeds at each step.
+    """
+    rows = []
+    for arm, comparator, pairs in _paired_runs(cells, arms, against):
+        steps = {}
+        for index, (step, _) in enumerate(pairs[0][1]["curves"][split]):
+            if step == 0:
+                continue
+            diffs = [100 * (run["curves"][split][index][1] - ref["curves"][split][index][1]) for run, ref in pairs]
+            mean, low, high = t_interval(diffs)
+            steps[str(int(step))] = {"mean": round(mean, 2), "t95": [round(low, 2), round(high, 2)]}
+        rows.append({"arm": arm, "comparator": comparator, "split": split, "steps": steps})
+    return rows
+
+
 def markdown(result: dict, study_path: str, registered_reading: str | None = None) -> str:
     """`registered_reading`: which compute-matched reading the registration declared before the study ran ("own_run":
     `compute_matched`, "pooled_cost": `compute_matched_at_pooled_cost`, None: neither); the others are secondary."""
@@ -259,6 +278,15 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
                          f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] | {row['cost_ratio_t95_high']:.3f}: {high} | "
                          f"{row['mean_at_high_cost']:+.1f} | [{row['t95_at_high_cost'][0]:+.1f}, "
                          f"{row['t95_at_high_cost'][1]:+.1f}] |")
+    if result.get("per_evaluation"):
+        steps = list(result["per_evaluation"][0]["steps"])
+        lines += ["", f"Secondary: {result['per_evaluation'][0]['split']} pass@1 at each evaluation step (the last: "
+                  "the final pass@1), arm - comparator in points, paired by seed, mean [95 % t-interval]:", "",
+                  "| arm - comparator | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for row in result["per_evaluation"]:
+            cells = [f"{v['mean']:+.1f} [{v['t95'][0]:+.1f}, {v['t95'][1]:+.1f}]" for v in row["steps"].values()]
+            lines.append(f"| {row['arm']} - {row['comparator']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

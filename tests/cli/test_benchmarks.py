@@ -282,7 +282,7 @@ def test_step_benchmark_scaffold_reaches_the_mig_config(monkeypatch, capsys):
 def test_compute_matched_at_pooled_cost_reads_the_arm_at_the_comparators_time():
     """With the arm's cost R measured over all seeds, its curve is read at step s / R: an arm twice as slow (R = 2)
     is read at steps 5 and 10 for the comparator's 10 and 20; a run's own timing does not move its seed's value."""
-    from registered_comparisons import compute_matched_at_pooled_cost
+    from registered_comparisons import compute_matched_at_pooled_cost, per_evaluation_differences
 
     def run(seed, seconds, mid):
         return {"seed": seed, "compute": [[0, 0.0, 0], [10, seconds / 2, 10], [20, seconds, 20]],
@@ -296,6 +296,8 @@ def test_compute_matched_at_pooled_cost_reads_the_arm_at_the_comparators_time():
     assert row["per_seed"] == {"0": -30.0, "1": -22.5, "2": -15.0}  # not moved by seeds 0 and 1's own 1.5x and 2.5x
     assert row["mean"] == -22.5 and row["t95"][0] < -22.5 < row["t95"][1]
     assert row["cost_ratio_t95_high"] > 2.0 and row["mean_at_high_cost"] < row["mean"]
+    (steps,) = per_evaluation_differences(cells, ["slow"], ["fast"], "test")  # per step, no cost: +10/+20/+30 at 10
+    assert steps["steps"] == {"10": {"mean": 20.0, "t95": [-4.84, 44.84]}, "20": {"mean": 0.0, "t95": [0.0, 0.0]}}
     (same,) = compute_matched_at_pooled_cost({"a": cells["fast"], "b": cells["fast"]}, ["a"], ["b"],
                                              {"split": "test", "steps": [10, 20]})
     assert same["cost_ratio"] == 1.0 and same["per_seed"] == {"0": 0.0, "1": 0.0, "2": 0.0}
