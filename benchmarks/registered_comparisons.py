@@ -116,7 +116,7 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
             cost.append({"arm": arm, "comparator": comparator, "time_ratio_per_seed": {str(s): round(r, 3) for s, r in
                          ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
     auc = primary["metric"] == "auc"
-    matched = compute_matched(cells, arms, against, primary, config["eval_steps"]) if auc else []
+    matched = compute_matched(cells, arms, against, primary) if auc else []
     at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary) if auc else []
     return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
@@ -159,7 +159,7 @@ def _matched_differences(pairs: list, primary: dict, read_arm) -> dict:
             "mean": round(mean, 4), "t95": [round(low, 4), round(high, 4)]}
 
 
-def compute_matched(cells: dict, arms: list[str], against: list[str], primary: dict, eval_steps: int) -> list[dict]:
+def compute_matched(cells: dict, arms: list[str], against: list[str], primary: dict) -> list[dict]:
     """
     The primary AUC at equal training wall-clock time, each seed's runs against each other (section 15's reading).
     Per seed, the comparator's evaluations in the primary's step window give the times (its `train_seconds` there);
