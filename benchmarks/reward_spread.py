@@ -37,6 +37,8 @@ def main(argv=None) -> dict:
     arms = {}
     for arm in dict.fromkeys(run["arm"] for run in runs):
         series = [run["frac_reward_zero_std"] for run in runs if run["arm"] == arm and run["frac_reward_zero_std"]]
+        if not series:
+            raise SystemExit(f"Arm {arm!r} logged no `frac_reward_zero_std` in any train.log (no logging window ran).")
         windows = min(len(s) for s in series)
         per_window = [round(sum(s[i] for s in series) / len(series), 4) for i in range(windows)]
         arms[arm] = {"seeds": len(series), "mean_per_window": per_window,

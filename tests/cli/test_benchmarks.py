@@ -346,3 +346,6 @@ def test_reward_spread_reads_every_logged_window_of_every_run(tmp_path):
     assert json.loads((tmp_path / "spread.json").read_text())["arms"] == result["arms"]
     with pytest.raises(SystemExit, match="No runs"):
         reward_spread([str(tmp_path / "runs"), "--output", str(tmp_path / "none.json")])
+    (tmp_path / "runs" / "mig" / "default" / "seed0" / "train.log").write_text("{'train_runtime': 1.0}\n")
+    with pytest.raises(SystemExit, match="Arm 'mig' logged no"):
+        reward_spread([str(tmp_path), "--output", str(tmp_path / "none.json")])
