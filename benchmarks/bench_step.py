@@ -48,6 +48,12 @@ transient memory (peak above the RSS before the cycles) are printed too.
     python benchmarks/bench_step.py --preset old_logps --tokenizer byte_bpe
     python benchmarks/bench_step.py --quick              # tiny sizes: a smoke test, not a measurement
     python benchmarks/bench_step.py --rollout scripted
+    python benchmarks/bench_step.py --profile outputs/profile.txt   # + torch profiler tables of one cycle each
+
+`--profile FILE`: after a preset's timed cycles, one more cycle of each trainer runs under `torch.profiler` (CPU, and
+CUDA where present), and FILE gets, per trainer, trl-mig's named stages (`mig/...` ranges of trl_mig/trainer.py,
+time including what they call) and the operators that took the most self time (device time on CUDA, else CPU);
+with `--preset all`, one file per preset (FILE's stem + the preset's name). The profiled cycle is not timed.
 """
 
 from __future__ import annotations
@@ -390,6 +396,45 @@ def trl_forwards(trainer) -> dict[str, bool]:
     return {key: buffered.get(key) is not None for key in ("old_per_token_logps", "ref_per_token_logps")}
 
 
+def profile_path(args, preset_name: str) -> str:
+    if args.preset != "all":
+        return args.profile
+    stem, ext = os.path.splitext(args.profile)
+    return f"{stem}_{preset_name}{ext or '.txt'}"
+
+
+def write_profile(trainers, rows, path: str, seed: int, top: int = 30):
+    """One untimed cycle of each trainer under torch.profiler; the top operators by self time written to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sections = []
+    for variant, trainer in trainers.items():
+        with profile(activities=activities) as prof:
+            seconds, _ = run_cycle(trainer, rows, seed=seed)
+        averages = prof.key_averages()
+        table = averages.table(sort_by=sort_by, row_limit=top, max_name_column_width=60)
+        # trl-mig's named stages (record_function in trl_mig/trainer.py), total time including what they call
+        stages = [
+            f"  {e.key:<28} calls {e.count:>4}  cpu {e.cpu_time_total / 1e3:10.1f} ms"
+            + (f"  device {e.device_time_total / 1e3:10.1f} ms" if cuda else "")
+            for e in averages
+            if e.key.startswith("mig/")
+        ]
+        sections.append(
+            f"## {variant}: one cycle, {seconds:.3f} s under the profiler\n\n"
+            + ("trl-mig stages:\n" + "\n".join(stages) + "\n\n" if stages else "")
+            + f"operators by {sort_by}:\n{table}"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    print(f"profile of one cycle per trainer: {path}", flush=True)
+
+
 def status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
@@ -517,6 +562,8 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
             }
             for v, t in trainers.items()
         }
+        if args.profile:
+            write_profile(trainers, rows, profile_path(args, preset_name), seed=args.warmup + args.repeats)
         reference_scorer = trainers["mig"]._scoring_model_context()[0] is trainers["mig"].ref_model
         steps_logged = trainers["mig"]._metrics["train"].get("mig/steps", [])
     grpo_s, mig_s = statistics.median(times["grpo"]), statistics.median(times["mig"])
@@ -635,6 +682,10 @@ def parse_args(argv):
         "--quick", action="store_true",
         help="tiny sizes for a smoke test (2 prompts x 2, micro-batch 2, L = 64, hidden 64, 2 cycle pairs); "
         "options given explicitly still win",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE",
+        help="after the timed cycles, profile one more cycle of each trainer (torch.profiler) into FILE",
     )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, is_dataclass
 import torch
 from accelerate.utils import gather, is_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.profiler import record_function
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -254,7 +255,8 @@ class MIGMixin:
         # processes pad their completions to different lengths: pad the step ids to the longest before gathering
         all_step_ids = gather(self.accelerator.pad_across_processes(step_ids, dim=1, pad_index=NOT_COT))
         # rewards_per_func is gathered already (GRPOTrainer._calculate_rewards): credit is composed on the global batch
-        credit = self.compose_credit(rewards_per_func, all_gains, all_steps, all_scorable, all_step_ids, group_size)
+        with record_function("mig/compose_credit"):
+            credit = self.compose_credit(rewards_per_func, all_gains, all_steps, all_scorable, all_step_ids, group_size)
         local_credit = credit.rows(process_slice)
         self._check_outcome_advantages(output["advantages"], local_credit.outcome_advantages)
         all_gain_sums, trajectory_adv = credit.mig_rewards, credit.trajectory_mig_advantages
@@ -411,15 +413,16 @@ class MIGMixin:
         ground-truth answers. prompt_rows: B lists of prompt ids (no padding); completion_ids_list: B lists of
         completion ids as generated; tool_mask: `(B, T)` or None; multimodal: B dicts or None.
         """
-        contents = [self._content_ids(ids) for ids in completion_ids_list]
-        turn_masks = self._turn_masks(tool_mask, contents)
-        segments = [
-            segment_completion(self._tokenizer, ids, self.format_spec)
-            if mask is None
-            else segment_turns(self._tokenizer, ids, mask, self.format_spec)
-            for ids, mask in zip(contents, turn_masks)
-        ]
-        answers = [self._answer_blocks_for(row) for row in inputs]
+        with record_function("mig/step_batch"):  # a named range in torch.profiler's tables (bench_step --profile)
+            contents = [self._content_ids(ids) for ids in completion_ids_list]
+            turn_masks = self._turn_masks(tool_mask, contents)
+            segments = [
+                segment_completion(self._tokenizer, ids, self.format_spec)
+                if mask is None
+                else segment_turns(self._tokenizer, ids, mask, self.format_spec)
+                for ids, mask in zip(contents, turn_masks)
+            ]
+            answers = [self._answer_blocks_for(row) for row in inputs]
         return StepBatch(inputs, prompt_rows, contents, segments, answers, multimodal)
 
     def _turn_masks(self, tool_mask, contents: list[list[int]]) -> list[list[int] | None]:
@@ -536,7 +539,11 @@ class MIGMixin:
         if self.mig_scorer.resolve_method(model, items) != "block":
             fusion.give_up()
             return None
-        with self.mig_scorer.rows_per_forward(kwargs.get("batch_size")), self.accelerator.autocast():
+        with (
+            record_function("mig/fused_scoring_pass"),
+            self.mig_scorer.rows_per_forward(kwargs.get("batch_size")),
+            self.accelerator.autocast(),
+        ):
             scores, completion_logps = self.mig_scorer.score(model, items, completion_logps=True)
         loglik = step_batch.empty_log_likelihoods()
         logps = torch.zeros(len(items), logits_to_keep, device=device)
@@ -590,6 +597,7 @@ class MIGMixin:
         distinct = distinct_prefixes(items)  # a prefix that several completions share is scored once
         self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
         with (
+            record_function("mig/step_log_likelihoods"),
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             context,

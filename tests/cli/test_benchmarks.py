@@ -199,6 +199,20 @@ def test_step_benchmark_preset_runs_the_forwards_it_names(preset, tokenizer, cap
     assert summary["mig_scores_with_reference_model"] == (preset == "reference")
 
 
+def test_step_benchmark_profile_names_mig_stages(tmp_path, capsys):
+    """`--profile FILE` profiles one more cycle of each trainer: the MIG section lists trl-mig's named stages (step
+    batch, scoring, credit), the GRPO section none, both an operator table; with `--preset all` one file per preset."""
+    path = tmp_path / "profile.txt"
+    bench_step.main(["--quick", "--preset", "default", "--no-memory", "--repeats", "1", "--profile", str(path)])
+    grpo, mig = path.read_text().split("## mig: ")
+    assert grpo.startswith("## grpo: one cycle") and "mig/" not in grpo and "self_cpu_time_total" in grpo
+    stages = [line.split()[0] for line in mig.split("operators by")[0].splitlines() if line.startswith("  mig/")]
+    assert sorted(stages) == ["mig/compose_credit", "mig/step_batch", "mig/step_log_likelihoods"]
+    assert "Self CPU" in mig
+    args = bench_step.parse_args(["--preset", "all", "--profile", "out/p.txt"])
+    assert bench_step.profile_path(args, "old_logps") == "out/p_old_logps.txt"
+
+
 def test_step_benchmark_all_runs_every_preset_then_a_table(monkeypatch, capsys):
     """`--preset all` runs the four presets in order, then one markdown row per preset."""
     def fake_run(name, args, raw_argv):
