@@ -12,7 +12,7 @@ import yaml
 from trl_mig.cli.main import main
 from trl_mig.cli.errors import CLIError
 from trl_mig.study import StudyConfig, plan_runs, study_markdown, summarize_study, write_outputs
-from trl_mig.study.report import compute_series, pass_at_1_series, zero_splits
+from trl_mig.study.report import band_limits, compute_series, pass_at_1_series, zero_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = sorted((ROOT / "recipes" / "study").glob("*.yaml"))
@@ -216,6 +216,15 @@ def test_study_md_leads_with_the_primary_metric_paired_by_seed(tmp_path):
     stored = json.loads((out / "study.json").read_text())
     assert stored["primary"]["differences"]["mig"]["values"] == pytest.approx([0.1, 0.2, 0.3])
     assert stored["runs"][0]["problems"]["test"][1] == [1, "1110000000"]  # compact: one character per problem
+
+
+def test_the_plotted_band_stays_within_0_and_100_percent_and_needs_3_seeds():
+    """pass@1 cannot leave 0-100 %, so neither does its band; with 2 seeds (t = 12.7) no band, the per-seed lines."""
+    series = {"low": [-0.2, 0.1], "high": [0.5, 1.3]}
+    low, high = band_limits(series, seeds=3)
+    assert (low, high) == (pytest.approx([0.0, 10.0]), pytest.approx([50.0, 100.0]))
+    assert band_limits(series, seeds=2) is None
+    assert band_limits({"low": [None], "high": [None]}, seeds=1) is None
 
 
 def test_a_steps_to_primary_says_which_runs_never_reached_the_threshold(tmp_path):

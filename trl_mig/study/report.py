@@ -287,7 +287,8 @@ COMPUTE_AXES = (
 def plot_study(config, results: dict, output: Path, per_seed_lines: bool = True) -> list[Path]:
     """
     The study's PNG plots in `output`: held-out greedy pass@1 over training steps per split (`pass_at_1_<split>.png`:
-    each arm's mean over seeds with its 95 % t-interval band, and thin per-seed lines with `per_seed_lines`),
+    each arm's mean over seeds with its 95 % t-interval band, clipped to 0-100 %, from 3 seeds on, and thin per-seed
+    lines with `per_seed_lines` or below 3 seeds),
     the same against compute for each reported split (`pass_at_1_<split>_compute.png`: against training wall-clock
     seconds and against rollout tokens, when the runs logged them) and the training accuracy reward
     (`train_reward.png`). A split on which every run scored 0 % gets no plot (study.md says so). Drawn on matplotlib
@@ -300,7 +301,10 @@ def plot_study(config, results: dict, output: Path, per_seed_lines: bool = True)
     colors = {arm: f"C{index}" for index, arm in enumerate(results["summary"])}  # one colour per arm in every plot
     zero = zero_splits(results, [config.select_split, *config.report_splits])
     seeds = len(config.seeds)
-    band = "one seed" if seeds == 1 else f"mean and 95 % t-interval over {seeds} seeds"
+    if seeds < MIN_SEEDS_FOR_BAND:
+        band = "one seed" if seeds == 1 else f"mean of {seeds} seeds (thin: per seed)"
+    else:
+        band = f"mean and 95 % t-interval over {seeds} seeds"
     for split in [config.select_split, *config.report_splits]:
         if split in zero:
             continue
@@ -310,10 +314,10 @@ def plot_study(config, results: dict, output: Path, per_seed_lines: bool = True)
             color = colors[arm_series["arm"]]
             ax.plot(arm_series["steps"], _percent(arm_series["mean"]), label=arm_series["label"], color=color,
                     linewidth=2)
-            if None not in arm_series["low"]:
-                ax.fill_between(arm_series["steps"], _percent(arm_series["low"]), _percent(arm_series["high"]),
-                                color=color, alpha=0.15)
-            if per_seed_lines:
+            limits = band_limits(arm_series, seeds)
+            if limits is not None:
+                ax.fill_between(arm_series["steps"], *limits, color=color, alpha=0.15)
+            if per_seed_lines or seeds < MIN_SEEDS_FOR_BAND:
                 for seed in arm_series["per_seed"]:
                     ax.plot(seed["steps"], _percent(seed["values"]), color=color, linewidth=0.6, alpha=0.5)
         ax.set_xlabel("training step")
@@ -355,6 +359,19 @@ def plot_study(config, results: dict, output: Path, per_seed_lines: bool = True)
     _finish(figure, ax)
     paths.append(_save(figure, output / "train_reward.png"))
     return paths
+
+
+# with two seeds the t-interval has one degree of freedom (t = 12.7): a band wider than the axis says nothing that
+# the two per-seed lines do not
+MIN_SEEDS_FOR_BAND = 3
+
+
+def band_limits(arm_series: dict, seeds: int) -> tuple[list[float], list[float]] | None:
+    """The band `pass_at_1_<split>.png` draws for one arm: its 95 % t-interval in %, clipped to [0, 100] (pass@1
+    cannot leave it), or None below `MIN_SEEDS_FOR_BAND` seeds (the per-seed lines are drawn instead)."""
+    if seeds < MIN_SEEDS_FOR_BAND or None in arm_series["low"]:
+        return None
+    return tuple([min(max(v, 0.0), 100.0) for v in _percent(arm_series[key])] for key in ("low", "high"))
 
 
 def _percent(values) -> list[float]:
