@@ -208,17 +208,19 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
 def per_evaluation_differences(cells: dict, arms: list[str], against: list[str], split: str) -> list[dict]:
     """
     Secondary: pass@1 on `split` at every evaluation step after the start (the last one is the final pass@1), arm -
-    comparator in points, paired by seed: the mean and a 95 % t-interval over seeds at each step.
+    comparator in points, paired by seed: the mean and a 95 % t-interval over seeds at each step. Runs are paired at
+    equal steps, and a step is reported only where every paired run has an evaluation (a run that stopped early, or a
+    study with another schedule, leaves its missing steps out rather than pairing unequal steps).
     """
     rows = []
     for arm, comparator, pairs in _paired_runs(cells, arms, against):
+        curves = [({int(s): v for s, v in run["curves"][split]}, {int(s): v for s, v in ref["curves"][split]})
+                  for run, ref in pairs]
+        common = sorted(set.intersection(*(set(a) & set(c) for a, c in curves)) - {0}) if curves else []
         steps = {}
-        for index, (step, _) in enumerate(pairs[0][1]["curves"][split]):
-            if step == 0:
-                continue
-            diffs = [100 * (run["curves"][split][index][1] - ref["curves"][split][index][1]) for run, ref in pairs]
-            mean, low, high = t_interval(diffs)
-            steps[str(int(step))] = {"mean": round(mean, 2), "t95": [round(low, 2), round(high, 2)]}
+        for step in common:
+            mean, low, high = t_interval([100 * (a[step] - c[step]) for a, c in curves])
+            steps[str(step)] = {"mean": round(mean, 2), "t95": [round(low, 2), round(high, 2)]}
         rows.append({"arm": arm, "comparator": comparator, "split": split, "steps": steps})
     return rows
 

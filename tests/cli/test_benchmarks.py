@@ -312,6 +312,9 @@ def test_compute_matched_at_pooled_cost_reads_the_arm_at_the_comparators_time():
     assert row["cost_ratio_t95_high"] > 2.0 and row["mean_at_high_cost"] < row["mean"]
     (steps,) = per_evaluation_differences(cells, ["slow"], ["fast"], "test")  # per step, no cost: +10/+20/+30 at 10
     assert steps["steps"] == {"10": {"mean": 20.0, "t95": [-4.84, 44.84]}, "20": {"mean": 0.0, "t95": [0.0, 0.0]}}
+    cells["slow"][1] = {**cells["slow"][1], "curves": {"test": [[0, 0.0], [20, 1.0]]}}  # seed 1 has no step 10
+    (steps,) = per_evaluation_differences(cells, ["slow"], ["fast"], "test")
+    assert steps["steps"] == {"20": {"mean": 0.0, "t95": [0.0, 0.0]}}  # step 10 left out, not paired with step 20
     (same,) = compute_matched_at_pooled_cost({"a": cells["fast"], "b": cells["fast"]}, ["a"], ["b"],
                                              {"split": "test", "steps": [10, 20]})
     assert same["cost_ratio"] == 1.0 and same["per_seed"] == {"0": 0.0, "1": 0.0, "2": 0.0}
