@@ -143,6 +143,8 @@ def run_training(script_args, builtin_args, training_args, model_args, mixture_a
     state.wait_for_everyone()
     if hasattr(trainer, "end"):
         trainer.end()
+    # left to interpreter exit, a gloo group's teardown can abort a rank (SIGABRT) after all work is saved
+    state.destroy_process_group()
     return 0
 
 
