@@ -27,11 +27,10 @@ from .scoring import (
     _model_config,
     _model_device,
     block_mask_unsupported_reason,
+    fill_chunks,
     scaffold_continuations,
 )
 
-# a forward of answer copies ends where a row would run fewer copy tokens than this share of its longest row's
-MIN_CHUNK_FILL = 0.9
 
 
 @dataclass
@@ -201,17 +200,11 @@ def _chunks_by_copy_tokens(plans: Sequence[_CopyPlan], max_rows: int) -> list[li
     """
     The items' indices in forwards: most copy tokens first (a forward pads every row to its longest, and its cost
     grows with the padded width), then the most cached columns; a forward holds at most `max_rows` rows and ends
-    where a row's copy tokens fall below `MIN_CHUNK_FILL` of its first row's, so that padding stays under a tenth of
+    where a row's copy tokens fall below `scoring.MIN_CHUNK_FILL` of its first row's, so that padding stays under a tenth of
     the tokens it runs. Depends only on the plans, so every process can count its forwards before the first.
     """
     order = sorted(range(len(plans)), key=lambda j: (-plans[j].tokens, -plans[j].columns))
-    chunks: list[list[int]] = []
-    for j in order:
-        if chunks and len(chunks[-1]) < max_rows and plans[j].tokens >= MIN_CHUNK_FILL * plans[chunks[-1][0]].tokens:
-            chunks[-1].append(j)
-        else:
-            chunks.append([j])
-    return chunks
+    return [order[start:end] for start, end in fill_chunks([plans[j].tokens for j in order], max_rows)]
 
 
 @dataclass

@@ -17,11 +17,12 @@ Row layout of a block micro-batch of B rows, width W = S + C:
                      columns and itself causally
 
 (`ScoringItem.keep_completion`: the shared part holds the whole completion.) A copy never runs the answer's last
-token (a target, never a query), and with `keep_completion` a copy whose prefix the completion continues with the
-scaffold's own ids (typically the last step's: the model closed its thought and opened the answer) leaves the
-scaffold to the shared part, whose last scaffold token then predicts the answer's first. A micro-batch is built on
-the CPU by tensor operations over the flattened items (`BlockBatch`, `build_block_batches`), with no Python loop over
-tokens or copies, and goes to the device in one copy.
+token (a target, never a query), and with `keep_completion` a copy leaves to the shared part the block's first
+tokens that the completion continues its prefix with (typically the last step's: the model closed its thought, opened
+the answer and, when right, wrote it): the shared part's last such token then predicts the next, and a completion
+that wrote the whole answer needs no copy for l_K. A micro-batch is built on the CPU by tensor operations over the
+flattened items (`BlockBatch`, `build_block_batches`), with no Python loop over tokens or copies, and goes to the
+device in one copy.
 
 With sdpa, the block mask only covers the C copy queries: the scoring forward temporarily routes attention through
 `_split_sdpa_attention`, which runs the S shared queries with `is_causal=True` (the fast causal kernels, no W x W mask)
@@ -52,6 +53,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 BLOCK_MASK_ATTENTION = ("sdpa", "eager")
+# a forward ends where its next row would be shorter than this share of its first (longest) row: every row is padded
+# to the first, so padding stays under a tenth of what the forward runs
+MIN_CHUNK_FILL = 0.9
 SPLIT_ATTENTION = "trl_mig_split_sdpa"
 
 # Layer types whose token mixing a 4-D attention mask controls (MLP-only kinds are harmless).
@@ -173,32 +177,34 @@ class DistinctPrefixes:
 
 def distinct_prefixes(items: Sequence[ScoringItem]) -> DistinctPrefixes:
     """
-    l_k depends only on the prompt, `completion_ids[:b_k]` and the answer blocks, and the completions of one prompt
-    share l_0 and often their first steps (all of them once the policy is sure): keep each distinct prefix in the
-    first item that has it, and drop it from the others (an item left without one is not scored). Items whose rows
-    carry more than tokens (images, a position offset, the whole completion) are kept whole. Linear in the tokens: a
-    prefix is identified by its previous prefix and its last step's tokens.
+    l_k depends only on the prompt, its positions, `completion_ids[:b_k]` and the answer blocks, and the completions
+    of one prompt share l_0 and often their first steps (all of them once the policy is sure): keep each distinct
+    prefix in the first item that has it, and drop it from the others (an item left without one is not scored, unless
+    it keeps its whole completion: its row still gives the completion's log-probs, `ScoringItem.keep_completion`).
+    Items with images are kept whole. Linear in the tokens: a prefix is identified by its previous prefix and its last
+    step's tokens.
     """
     node_of: dict = {}  # (previous prefix's node, step tokens) -> node; the root holds the prompt and the answers
     value_of: dict[int, tuple[int, int]] = {}  # node -> where its value is computed
     kept_items, origins, sources = [], [], []
     for i, item in enumerate(items):
-        if item.multimodal is not None or item.position_offset or item.keep_completion:
+        if item.multimodal is not None:
             sources.append([(len(kept_items), m) for m in range(item.num_prefixes)])
             kept_items.append(item)
             origins.append(i)
             continue
         answers = tuple((tuple(block.ids), tuple(block.scored)) for block in item.answers)
-        node = node_of.setdefault((None, tuple(item.prompt_ids), answers), len(node_of))
+        root = (None, tuple(_as_list(item.prompt_ids)), item.position_offset, answers)
+        node = node_of.setdefault(root, len(node_of))
         kept, where, start = [], [], 0
         for end in item.boundaries:
-            node = node_of.setdefault((node, tuple(item.completion_ids[start:end])), len(node_of))
+            node = node_of.setdefault((node, tuple(_as_list(item.completion_ids[start:end]))), len(node_of))
             start = end
             if node not in value_of:
                 value_of[node] = (len(kept_items), len(kept))
                 kept.append(end)
             where.append(value_of[node])
-        if kept:
+        if kept or item.keep_completion:
             kept_items.append(dataclasses.replace(item, boundaries=kept))
             origins.append(i)
         sources.append(where)
@@ -314,15 +320,16 @@ class StepLikelihoodScorer:
 
     def plan(self, items: Sequence[ScoringItem], method: str) -> int:
         """Forward passes this process needs for `items` (before synchronisation); depends on nothing else."""
-        rows = len(items) if method == "block" else sum(item.num_prefixes * len(item.answers) for item in items)
-        return math.ceil(rows / self.batch_size)
+        if method == "block":
+            flat = _FlatItems(items, [None] * len(items), self.pad_token_id)
+            return len(_BlockLayout(flat, flat.block_order()).chunks(self.batch_size))
+        return math.ceil(sum(item.num_prefixes * len(item.answers) for item in items) / self.batch_size)
 
-    def _forward_budget(self, model, items: Sequence[ScoringItem], method: str) -> int:
+    def _forward_budget(self, model, items: Sequence[ScoringItem], method: str, planned: int) -> int:
         """
-        Forwards this process may run for `items`: the plan, plus one while the split attention is unverified (a
-        first split forward that cannot split is redone with the full mask).
+        Forwards this process may run for `items`: the `planned` ones, plus one while the split attention is
+        unverified (a first split forward that cannot split is redone with the full mask).
         """
-        planned = self.plan(items, method)
         unverified = method == "block" and len(items) > 0 and self._split_enabled(model) and not self._split_verified
         return planned + 1 if unverified else planned
 
@@ -349,16 +356,20 @@ class StepLikelihoodScorer:
             _check_fusable(model, items, method)
         device = _model_device(model)
         flat = _FlatItems(items, _item_positions(model, items), self.pad_token_id)
-        layout = _BlockLayout(flat, flat.block_order()) if method == "block" else _PrefixLayout(flat)
+        if method == "block":
+            layout = _BlockLayout(flat, flat.block_order())
+            chunks = layout.chunks(self.batch_size)
+        else:
+            layout = _PrefixLayout(flat)
+            chunks = [(s, min(s + self.batch_size, layout.num_rows)) for s in range(0, layout.num_rows, self.batch_size)]
         token_logps, slots = [], []  # per micro-batch, on the device: read back once, after the last forward
         per_item_logps: list[torch.Tensor | None] = [None] * len(items)
         # agree on the forward count before any forward: afterwards another rank may be inside an all-gather
         required = None
         if self.sync_forward_count is not None:
-            required = int(self.sync_forward_count(self._forward_budget(model, items, method)))
+            required = int(self.sync_forward_count(self._forward_budget(model, items, method, len(chunks))))
         first_forward = self.forward_count
-        for start in range(0, layout.num_rows, self.batch_size):
-            end = min(start + self.batch_size, layout.num_rows)
+        for start, end in chunks:
             if method == "block":
                 split = self._split_enabled(model)
                 # a (B, 1, 1, W) copy mask would broadcast over every query: keep it unambiguous
@@ -499,7 +510,11 @@ def _check_items(items: Sequence[ScoringItem], allow_no_answers: bool = False) -
     for item in items:
         if not item.answers and not allow_no_answers:
             raise ValueError("Every scoring item needs at least one answer variant.")
+        if item.position_offset < 0:
+            raise ValueError(f"ScoringItem.position_offset must be >= 0, got {item.position_offset}.")
         if not item.boundaries:
+            if item.keep_completion:  # its row still gives the completion's log-probs (`distinct_prefixes`)
+                continue
             raise ValueError("Every scoring item needs at least one step boundary (b_0).")
         if len(item.prompt_ids) + min(item.boundaries) == 0:
             raise ValueError("Cannot score an answer after an empty prompt and an empty prefix.")
@@ -509,8 +524,6 @@ def _check_items(items: Sequence[ScoringItem], allow_no_answers: bool = False) -
                 f"Step boundaries {list(item.boundaries)} must lie in [0, {len(item.completion_ids)}] "
                 "(the completion's length)."
             )
-        if item.position_offset < 0:
-            raise ValueError(f"ScoringItem.position_offset must be >= 0, got {item.position_offset}.")
 
 
 def _scored_lengths(item: ScoringItem) -> tuple[int, ...]:
@@ -553,7 +566,7 @@ class BlockBatch:
             (`model_position_ids` gives them as the model takes them). Each row's `position_offset` is included.
         copy_start, copy_visible (`torch.Tensor` of shape `(B, C)`): per copy-region column, the column where its
             copy starts and how many leading shared columns the copy sees (P + b_k, plus the scaffold tokens the shared
-            part holds after the prefix, see `_shared_scaffold`); what the block mask is built from
+            part holds after the prefix, see `_shared_continuation`); what the block mask is built from
             (`copy_attention`, `full_attention`).
         prompt_lengths, completion_lengths (`torch.Tensor` of shape `(B,)`): the two parts of each row's shared part.
         rows, cols, targets, slots (`torch.Tensor` of shape `(N,)`): each scored answer token's row, the column whose
@@ -674,11 +687,13 @@ def build_block_batches(
     """
     _check_items(items)
     flat = _FlatItems(items, _item_positions(model, items), pad_token_id)
-    layout = _BlockLayout(flat, flat.block_order() if longest_first else torch.arange(len(items)))
-    return [
-        layout.batch(start, min(start + batch_size, len(items)), min_copy_width)
-        for start in range(0, len(items), batch_size)
-    ]
+    if longest_first:  # and cut as the scorer cuts them
+        layout = _BlockLayout(flat, flat.block_order())
+        chunks = layout.chunks(batch_size)
+    else:
+        layout = _BlockLayout(flat, torch.arange(len(items)))
+        chunks = [(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
+    return [layout.batch(start, end, min_copy_width) for start, end in chunks]
 
 
 def build_block_batch(items: Sequence[ScoringItem], **kwargs) -> BlockBatch:
@@ -704,8 +719,8 @@ class _FlatItems:
     prefix). Per variant (G,): `block_sizes`, `block_base` (start in `block_ids`), `scored_start`, `scored_end`,
     `variant_index` (v within its item), `copy_base` (start in the per-copy tensors). Per copy, i.e. per (variant,
     prefix) (sum over variants of K_i + 1,): `copy_skip`, the block's first tokens that the shared part already holds
-    after the prefix (the scaffold, when a `keep_completion` item's completion continues step k with the scaffold's
-    ids; else 0), and `copy_lengths`, the tokens the copy runs: the block's [copy_skip, scored_end - 1) (the last
+    after the prefix (`_shared_continuation`: those a `keep_completion` item's completion continues step k with; else
+    0), and `copy_lengths`, the tokens the copy runs: the block's [copy_skip, scored_end - 1) (the last
     scored token is a target, never a query).
     """
 
@@ -731,7 +746,7 @@ class _FlatItems:
                 block_ids += block.ids
                 block_sizes.append(len(block.ids))
                 scored += block.scored
-                copy_skip += _shared_scaffold(item, block)
+                copy_skip += _shared_continuation(item, block)
         self.prompt_lengths = _long_tensor(prompt_lengths)
         self.completion_lengths = _long_tensor(completion_lengths)
         shared_lengths = self.prompt_lengths + self.completion_lengths
@@ -827,6 +842,11 @@ class _BlockLayout:
         scored_per_row = torch.zeros(self.num_rows, dtype=torch.long).index_add_(0, copy_row, end - start)
         self.token_bounds = [0, *torch.cumsum(self.copies_lengths, 0).tolist()]
         self.scored_bounds = [0, *torch.cumsum(scored_per_row, 0).tolist()]
+
+    def chunks(self, max_rows: int) -> list[tuple[int, int]]:
+        """The rows' forwards, [start, end) in this layout's order (longest first: `_FlatItems.block_order`), at most
+        `max_rows` rows each, every row at least `MIN_CHUNK_FILL` of its forward's first ([`fill_chunks`])."""
+        return fill_chunks((self.shared_lengths + self.copies_lengths).tolist(), max_rows)
 
     def batch(self, start: int, end: int, min_copy_width: int = 1) -> BlockBatch:
         """Rows [start, end) as one micro-batch."""
@@ -973,10 +993,45 @@ def scaffold_continuations(item: ScoringItem, block: AnswerBlock) -> list[int]:
     return [size if size and list(completion[end : end + size]) == scaffold else 0 for end in item.boundaries]
 
 
-def _shared_scaffold(item: ScoringItem, block: AnswerBlock) -> list[int]:
-    """Per prefix k, the tokens of `block` that the row's shared part holds right after the prefix: the scaffold
-    where the item keeps its whole completion and it continues step k with the scaffold (`scaffold_continuations`)."""
-    return scaffold_continuations(item, block) if item.keep_completion else [0] * len(item.boundaries)
+def _shared_continuation(item: ScoringItem, block: AnswerBlock) -> list[int]:
+    """
+    Per prefix k, how many of `block`'s first tokens the row's shared part holds right after the prefix: where the
+    item keeps its whole completion, as many as the completion continues step k with (typically the scaffold after
+    the last step, and all of the answer when the completion wrote it), at most all but the last scored token (a
+    target only: the copy then runs nothing); 0 otherwise.
+    """
+    bounds = item.boundaries
+    if not item.keep_completion:
+        return [0] * len(bounds)
+    wanted, completion = block.ids[: block.scored[1] - 1], _as_list(item.completion_ids)
+    shared = []
+    for end in bounds:
+        run = 0
+        for want, have in zip(wanted, completion[end : end + len(wanted)]):
+            if want != have:
+                break
+            run += 1
+        shared.append(run)
+    return shared
+
+
+def fill_chunks(widths: Sequence[int], max_rows: int, fill: float = MIN_CHUNK_FILL) -> list[tuple[int, int]]:
+    """
+    Consecutive rows, widest first (`widths`, non-increasing), cut into forwards of at most `max_rows` rows: a forward
+    pads every row to its first, so one also ends where the next row is narrower than `fill` times its first.
+
+    Returns:
+        `[(start, end), ...]`, covering `range(len(widths))` in order.
+    """
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    for row, width in enumerate(widths):
+        if row > start and (row - start >= max_rows or width < fill * widths[start]):
+            chunks.append((start, row))
+            start = row
+    if widths:
+        chunks.append((start, len(widths)))
+    return chunks
 
 
 def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -539,12 +539,16 @@ class MIGMixin:
         if self.mig_scorer.resolve_method(model, items) != "block":
             fusion.give_up()
             return None
+        # a prefix that several completions share is scored in one row; every row keeps its completion
+        distinct = distinct_prefixes(items)
+        self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
         with (
             record_function("mig/fused_scoring_pass"),
             self.mig_scorer.rows_per_forward(kwargs.get("batch_size")),
             self.accelerator.autocast(),
         ):
-            scores, completion_logps = self.mig_scorer.score(model, items, completion_logps=True)
+            scores, completion_logps = self.mig_scorer.score(model, distinct.items, completion_logps=True)
+        scores = distinct.spread(scores)
         loglik = step_batch.empty_log_likelihoods()
         logps = torch.zeros(len(items), logits_to_keep, device=device)
         for row, (score, row_logps) in enumerate(zip(scores, completion_logps)):

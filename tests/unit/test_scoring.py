@@ -19,7 +19,9 @@ from trl_mig.scoring import (
     StepLikelihoodScorer,
     block_mask_unsupported_reason,
     build_block_batch,
+    build_block_batches,
     encode_answer,
+    fill_chunks,
 )
 from trl_mig.builtin.tiny import build_tiny_model
 
@@ -269,7 +271,8 @@ def test_split_attention_not_routed_falls_back_to_the_full_mask(char_tokenizer, 
     assert_scores_close(got, expected)
     assert model.config._attn_implementation == "sdpa" and not scorer.split_attention
     # the failed forward counts: the other ranks are told about every forward this one started
-    assert counter.count == 2 and asked == [2] and scorer.forward_count == 2
+    planned = scorer.plan(items, "block")
+    assert counter.count == planned + 1 and asked == [planned + 1] and scorer.forward_count == planned + 1
 
 
 def test_split_attention_given_another_mask_ends_the_forward_then_falls_back(char_tokenizer, caplog):
@@ -301,8 +304,10 @@ def test_split_attention_given_another_mask_ends_the_forward_then_falls_back(cha
     assert any("the split attention got the mask" in record.getMessage() for record in caplog.records)
     assert_scores_close(got, expected)
     assert not scorer.split_attention and model.config._attn_implementation == "sdpa"
-    # one forward planned, one in reserve: the failed split forward reached the last layer, then the full-mask one ran
-    assert asked == [2] and len(finished) == 2 and scorer.forward_count == 2
+    # the planned forwards and one in reserve: the failed split forward reached the last layer, then the full-mask
+    # ones ran
+    planned = scorer.plan(items, "block")
+    assert asked == [planned + 1] and len(finished) == planned + 1 and scorer.forward_count == planned + 1
 
 
 def test_split_attention_mask_covers_only_the_copies(char_tokenizer, tiny_model):
@@ -319,11 +324,14 @@ def test_split_attention_mask_covers_only_the_copies(char_tokenizer, tiny_model)
     StepLikelihoodScorer("block", batch_size=8).score(model, items)
     StepLikelihoodScorer("block", batch_size=8, split_attention=False).score(model, items)
     handle.remove()
-    (split_mask, width), (full_mask, full_width) = seen
-    assert width == full_width and full_mask[-2:] == (width, width)
+    first = build_block_batches(items, 8, min_copy_width=2)  # the forwards of each scorer
+    assert len(seen) == 2 * len(first)
+    (split_mask, width), (full_mask, full_width) = seen[0], seen[len(first)]
+    assert width == full_width == first[0].input_ids.shape[1] and full_mask[-2:] == (width, width)
     # the split mask covers only the copy queries: all but the shared part (longest prompt + completion[:b_K])
-    shared = max(len(item.prompt_ids) + item.boundaries[-1] for item in items)
-    assert split_mask == (len(items), 1, width - shared, width)
+    rows = first[0].input_ids.shape[0]
+    shared = max(len(items[i].prompt_ids) + items[i].boundaries[-1] for i in first[0].item_index.tolist())
+    assert split_mask == (rows, 1, width - shared, width)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -359,7 +367,8 @@ def test_forward_count_is_planned_and_synchronised(char_tokenizer, tiny_model, m
         return count + 3  # another rank has more rows
 
     scorer = StepLikelihoodScorer(method, batch_size=2, sync_forward_count=sync)
-    expected = -(-rows // 2)
+    expected = scorer.plan(items, method)
+    assert expected == -(-rows // 2) if method == "prefix" else -(-rows // 2) <= expected <= rows
     # until a split forward has worked, block scoring keeps one forward in reserve for redoing it with the full mask
     reserve = 1 if method == "block" else 0
     scores = scorer.score(model, items)
@@ -375,6 +384,32 @@ def test_forward_count_is_planned_and_synchronised(char_tokenizer, tiny_model, m
     counter.handle.remove()
 
 
+def test_fill_chunks_end_a_forward_where_rows_get_much_narrower():
+    assert fill_chunks([100, 95, 91, 89, 60, 58, 57], max_rows=8) == [(0, 3), (3, 4), (4, 7)]
+    assert fill_chunks([10, 10, 10, 10, 10], max_rows=2) == [(0, 2), (2, 4), (4, 5)]
+    assert fill_chunks([], max_rows=4) == []
+    assert fill_chunks([5, 1], max_rows=4, fill=0.0) == [(0, 2)]
+
+
+def test_block_forwards_pad_rows_to_a_similar_width(char_tokenizer, tiny_model):
+    """Rows longest first; a forward ends where a row is under 90 % of its first row's width, so that a few long
+    rows do not make every row of a large batch pay their width; same l_k as one forward."""
+    from trl_mig.scoring import MIN_CHUNK_FILL
+
+    model = tiny_model.eval()
+    long_items = [make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS, ["57"])] * 2
+    short_items = [make_item(char_tokenizer, PROMPTS[2], [], ["57"])] * 3
+    items = short_items[:1] + long_items + short_items[1:]
+    counter = ForwardCounter(model)
+    got = StepLikelihoodScorer("block", batch_size=16).score(model, items)
+    counter.handle.remove()
+    long_width, short_width = (build_block_batch(part[:1]).input_ids.shape[1] for part in (long_items, short_items))
+    assert short_width < MIN_CHUNK_FILL * long_width
+    assert [shape[0] for shape in counter.shapes] == [2, 3]  # the long rows, then the short ones
+    assert counter.shapes[1][1] < counter.shapes[0][1]
+    assert_scores_close(got, [reference_scores(model, item) for item in items])
+
+
 def test_no_sync_runs_exactly_the_plan(char_tokenizer, tiny_model):
     model = tiny_model.eval()
     items = sample_items(char_tokenizer) * 3
@@ -382,7 +417,7 @@ def test_no_sync_runs_exactly_the_plan(char_tokenizer, tiny_model):
     counter = ForwardCounter(model)
     scorer.score(model, items)
     counter.handle.remove()
-    assert counter.count == scorer.plan(items, "block") == 4
+    assert counter.count == scorer.plan(items, "block") >= 4  # 15 rows, at most 4 per forward
 
 
 def test_rows_per_forward_bounded_by_the_batch_size(char_tokenizer, tiny_model):
@@ -468,23 +503,42 @@ def test_keep_completion_puts_the_whole_completion_in_the_shared_part(char_token
 
 
 @pytest.mark.parametrize("tokenizer_name", ["char", "bpe", "metaspace"])
-def test_kept_completion_that_continues_with_the_scaffold_leaves_it_to_the_shared_part(tokenizers, tokenizer_name):
-    """Where the completion continues step k with the scaffold's ids, the shared part already computed those tokens
-    after the prefix: copy k runs only the answer's tokens but the last, and l_k stay the teacher-forced ones."""
+def test_kept_completion_leaves_what_it_continues_a_prefix_with_to_the_shared_part(tokenizers, tokenizer_name):
+    """Where the completion continues step k with the block's first ids, the shared part already computed those
+    tokens after the prefix: copy k runs only the rest (but the last scored token), nothing when the completion wrote
+    the answer, and l_k stay the teacher-forced ones."""
     tokenizer = tokenizers[tokenizer_name]
     model = build_tiny_model(tokenizer).float().eval()
     items = [dataclasses.replace(item, keep_completion=True) for item in sample_items(tokenizer)]
-    expected = [reference_scores(model, item) for item in items]
-    for scorer in scorers().values():
-        assert_scores_close(scorer.score(model, items), expected)
+    # the answer's first token right and its last wrong; the scaffold only, then a wrong answer; half the scaffold
+    block = items[0].answers[0]
+    scaffold_ids, answer_ids = list(block.ids[: block.scored[0]]), list(block.ids[block.scored[0] :])
+    tails = {
+        "first answer token right": scaffold_ids + answer_ids[:-1] + [answer_ids[0]],
+        "scaffold then a wrong answer": scaffold_ids + [answer_ids[-1]] * len(answer_ids),
+        "half the scaffold": scaffold_ids[: len(scaffold_ids) // 2] + [answer_ids[-1]],
+    }
     first = items[0]  # ends its last step with the scaffold, then the answer "57"
-    block = first.answers[0]
-    scaffold, answer = block.scored[0], len(block.ids) - block.scored[0]
-    batch = build_block_batch(items[:1])
-    assert int((batch.copy_visible > 0).sum()) == (len(block.ids) - 1) * (first.num_prefixes - 1) + answer - 1
+    varied = [
+        dataclasses.replace(first, completion_ids=list(first.completion_ids[: first.boundaries[-1]]) + tail)
+        for tail in tails.values()
+    ]
+    expected = [reference_scores(model, item) for item in items + varied]
+    for scorer in scorers().values():
+        assert_scores_close(scorer.score(model, items + varied), expected)
+
+    def copy_tokens(item):
+        return int((build_block_batch([item]).copy_visible > 0).sum())
+
+    runs = len(block.ids) - 1  # a copy that the completion does not continue: all but the last scored token
+    # the copies of the steps before the last (their continuations are the next steps)
+    earlier = copy_tokens(dataclasses.replace(first, boundaries=first.boundaries[:-1]))
+    assert answer_ids and copy_tokens(first) == earlier  # the answer written: l_K needs no copy
+    assert copy_tokens(varied[0]) == earlier  # its last scored token is a target only
+    assert copy_tokens(varied[1]) == earlier + len(answer_ids) - 1
+    assert copy_tokens(varied[2]) == earlier + runs - len(scaffold_ids) // 2
     # without keep_completion the shared part ends at b_K: every copy runs its scaffold
-    plain = build_block_batch([dataclasses.replace(first, keep_completion=False)])
-    assert int((plain.copy_visible > 0).sum()) == (len(block.ids) - 1) * first.num_prefixes
+    assert copy_tokens(dataclasses.replace(first, keep_completion=False)) == runs * first.num_prefixes
 
 
 @torch.no_grad()
@@ -623,7 +677,8 @@ def test_scores_from_the_generation_cache_equal_teacher_forcing(tokenizers, toke
 def test_cache_route_forwards_hold_rows_of_similar_copy_tokens():
     """A forward pads its rows to the longest: rows go by copy tokens, at most `max_rows` per forward, and a forward
     ends where a row would run fewer than MIN_CHUNK_FILL of its first row's copy tokens."""
-    from trl_mig.cached_scoring import MIN_CHUNK_FILL, _chunks_by_copy_tokens, _CopyPlan
+    from trl_mig.cached_scoring import _chunks_by_copy_tokens, _CopyPlan
+    from trl_mig.scoring import MIN_CHUNK_FILL
 
     assert MIN_CHUNK_FILL == 0.9
     tokens = [20, 40, 37, 5, 36, 19, 40]
@@ -694,19 +749,31 @@ def test_a_prefix_several_completions_share_is_scored_once(char_tokenizer):
     assert_scores_close(spread, [reference_scores(model, item) for item in items])
 
 
-def test_items_whose_rows_carry_more_than_tokens_are_scored_whole(char_tokenizer):
-    """Images, a position offset or a kept completion make a row more than its tokens: such items keep every prefix;
-    no items give no scores."""
+def test_kept_completions_share_prefixes_and_keep_their_rows(char_tokenizer):
+    """A fused pass's items (whole completions, positions offset by the prompt's left padding): a prefix is shared only
+    at the same offset, and an item left without a prefix still gets its row (its completion's log-probs); items with
+    images keep every prefix; no items give no scores."""
+    from trl.trainer.utils import add_fused_lm_head
+
     from trl_mig.scoring import distinct_prefixes
 
     item = make_item(char_tokenizer, PROMPTS[0], STEP_TEXTS[:2], ["57"])
-    variants = [
-        dataclasses.replace(item, keep_completion=True),
-        dataclasses.replace(item, position_offset=3),
-        dataclasses.replace(item, multimodal={"pixel_values": torch.zeros(1, 3)}),
-    ]
-    distinct = distinct_prefixes([item, *variants])
-    assert distinct.origins == [0, 1, 2, 3]
+    fused = [dataclasses.replace(item, keep_completion=True, position_offset=offset) for offset in (3, 3, 5)]
+    distinct = distinct_prefixes(fused)
+    assert distinct.origins == [0, 1, 2]
+    assert [list(kept.boundaries) for kept in distinct.items] == [list(item.boundaries), [], list(item.boundaries)]
+    assert distinct.sources[1] == [(0, m) for m in range(item.num_prefixes)]
+
+    model = build_tiny_model(char_tokenizer).float().eval()
+    add_fused_lm_head(model, temperature=1.0)
+    scores, logps = StepLikelihoodScorer("block").score(model, distinct.items, completion_logps=True)
+    assert_scores_close(distinct.spread(scores), [reference_scores(model, item)] * 3)
+    assert [row.numel() for row in logps] == [len(item.completion_ids)] * 3
+    torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=0)
+
+    with_image = dataclasses.replace(item, multimodal={"pixel_values": torch.zeros(1, 3)})
+    distinct = distinct_prefixes([item, with_image])
+    assert distinct.origins == [0, 1]
     assert all(list(kept.boundaries) == list(item.boundaries) for kept in distinct.items)
     empty = distinct_prefixes([])
     assert empty.items == [] and empty.spread([]) == []
