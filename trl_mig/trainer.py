@@ -647,7 +647,7 @@ class MIGMixin:
         stacked = gather(torch.stack(list(columns.values()), dim=1).float())
         for name, value in zip(columns, torch.nanmean(stacked, dim=0).tolist()):
             self._metrics[mode][name].append(value)
-        # every process logs, whichever route scored: MIG's own pass and the cache route count their prefixes
+        # every process logs, whichever route scored: each counts its prefixes (`distinct_prefixes`)
         scored, total = gather(torch.tensor([self._prefix_counts], dtype=torch.float32, device=device)).sum(0).tolist()
         self._prefix_counts = [0, 0]
         if total:

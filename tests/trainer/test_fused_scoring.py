@@ -95,6 +95,8 @@ def same_logliks(fused, plain):
     [
         ("char", dict(steps_per_generation=2)),  # generation not aligned with optimizer steps: old log-probs
         ("char", dict(num_iterations=2, temperature=0.7)),  # TRL's temperature on the old log-probs, not on l_k
+        # the text after a step: a completion that wrote the answer scores l_K from its own logits, with no copy
+        ("char", dict(num_iterations=2, mig_scaffold="</think>\n<answer>")),
         ("char", dict(steps_per_generation=2, mask_truncated_completions=True, mig_scoring_batch_size=3)),
         ("char", dict(gradient_accumulation_steps=2, steps_per_generation=3)),
         # micro-batches: the fused pass takes TRL's rows per forward (4) when mig_scoring_batch_size is smaller
@@ -110,6 +112,9 @@ def test_fused_old_logps_equal_trls(tmp_path, char_tokenizer, tokenizer_kind, op
     gains = same_logliks(fused, plain)
     assert torch.allclose(torch.tensor(gains[0]), torch.tensor(gains[1]), atol=ATOL, equal_nan=True)
     assert_same_loss(fused, plain, fused_out, plain_out)
+    # the completions of a prompt share l_0 (the second prompt's four are identical): both passes score it once
+    shared = [trainer._metrics["train"]["mig/scored_prefix_frac"][-1] for trainer in (fused, plain)]
+    assert shared[0] == shared[1] < 0.6
 
 
 def test_without_trls_forward_nothing_is_fused(tmp_path, char_tokenizer):
