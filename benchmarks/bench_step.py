@@ -32,8 +32,10 @@ two generations (the first generates, rewards, MIG-scores and trains on the firs
 the buffered ones; what TRL's `step_time` sums over, without the optimizer step, which is the same for both). The two
 trainers alternate cycle by cycle in one process, after `--warmup` cycles each, same seed per pair; the median of
 `--repeats` pairs. The JSON line also records which of TRL's no-grad forwards ran (`trl_forwards`: whether the
-buffered micro-batches carry `old_per_token_logps` / `ref_per_token_logps`) and how many generations and training
-steps each cycle held.
+buffered micro-batches carry `old_per_token_logps` / `ref_per_token_logps`), how many generations and training
+steps each cycle held, and the tokens of each trainer's no-gradient forwards besides generation (`no_grad_tokens`,
+rows x columns with padding: TRL's old-logp or reference forward, MIG's scoring pass; `no_grad_token_ratio`, MIG's
+over GRPO's, where GRPO runs one): unlike time, a count that other jobs on the machine cannot disturb.
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated` per cycle, in the same interleaved run. On the CPU there is no
 allocator statistic, so each variant runs in its own subprocess (`--worker`) for `--memory-cycles` cycles and reports
@@ -363,6 +365,37 @@ def build_trainer(variant, args, preset_name, model_folder, tokenizer, prompts, 
     return trainer
 
 
+class NoGradTokens:
+    """
+    Counts the tokens (rows x columns, padding included) of a trainer's no-gradient forwards outside generation:
+    TRL's old-logp or reference forward, MIG's scoring pass (fused or not). `tokens` grows with every such forward.
+    """
+
+    def __init__(self, trainer):
+        import torch
+
+        self.tokens, self.generating = 0, False
+        modules = [trainer.model] + ([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])
+        for module in modules:
+            module.register_forward_pre_hook(self.count, with_kwargs=True)
+        generate = trainer._generate
+
+        def flagged(*args, **kwargs):
+            self.generating = True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.generating = False
+
+        trainer._generate = flagged
+        self._grad_enabled = torch.is_grad_enabled
+
+    def count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and not self.generating and not self._grad_enabled():
+            self.tokens += ids.numel()
+
+
 def generation_rows(args, prompts):
     """One generation batch as TRL's sampler hands it over: each prompt `--generations` times in a row."""
     return [{"prompt": p, "solution": s} for p, s in prompts.items() for _ in range(args.generations)]
@@ -539,12 +572,13 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
             v: build_trainer(v, args, preset_name, model_folder, tokenizer, prompts, os.path.join(tmp, v))
             for v in VARIANTS
         }
+        no_grad = {v: NoGradTokens(t) for v, t in trainers.items()}
         times = {v: [] for v in VARIANTS}
         peaks = {v: [] for v in VARIANTS}
         counts = {v: None for v in VARIANTS}  # (rollout calls, training steps) when the timed cycles start
         for cycle in range(args.warmup + args.repeats):
             if cycle == args.warmup:
-                counts = {v: (t.rollout_func.calls, t._step) for v, t in trainers.items()}
+                counts = {v: (t.rollout_func.calls, t._step, no_grad[v].tokens) for v, t in trainers.items()}
             order = list(VARIANTS) if cycle % 2 == 0 else list(reversed(VARIANTS))
             for variant in order:
                 seconds, peak = run_cycle(trainers[variant], rows, seed=cycle)
@@ -559,6 +593,7 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
             v: {
                 "generations": (t.rollout_func.calls - counts[v][0]) / args.repeats,
                 "training_steps": (t._step - counts[v][1]) / args.repeats,
+                "no_grad_tokens": (no_grad[v].tokens - counts[v][2]) / args.repeats,
             }
             for v, t in trainers.items()
         }
@@ -570,6 +605,8 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
     time_ratio = mig_s / grpo_s
     print(f"cycle time: grpo {grpo_s:.3f} s, mig {mig_s:.3f} s (median) -> ratio {time_ratio:.3f}")
     print(f"TRL no-grad forwards per generation: {forwards['grpo']}")
+    print("no-grad forward tokens per cycle (padding included, generation not counted): "
+          + ", ".join(f"{v} {per_cycle[v]['no_grad_tokens']:.0f}" for v in VARIANTS))
     if steps_logged:
         print(f"mean steps per completion K (mig/steps): {statistics.mean(steps_logged):.2f}")
 
@@ -610,6 +647,11 @@ def run_preset(preset_name: str, args, raw_argv: list[str]) -> dict:
         "trl_forwards": forwards,
         "per_cycle": per_cycle,
         "mean_steps_per_completion": round(statistics.mean(steps_logged), 2) if steps_logged else None,
+        # tokens of the no-gradient forwards besides generation (padding included), MIG's over GRPO's
+        "no_grad_token_ratio": (
+            round(per_cycle["mig"]["no_grad_tokens"] / per_cycle["grpo"]["no_grad_tokens"], 3)
+            if per_cycle["grpo"]["no_grad_tokens"] else None
+        ),
         # issue 23's targets: 1.08 on CPU where there is no TRL forward to fold the scoring into, else 1.03
         "targets_met": {
             f"time_ratio<={TIME_TARGETS[preset_name]}": time_ratio <= TIME_TARGETS[preset_name],

@@ -75,7 +75,8 @@ def verdict(entry: dict, lower_is_better: bool) -> str:
     return "beats" if above else "loses" if below else "tie"
 
 
-def compare(study: dict, arms: list[str], against: list[str], levels: list[float], resamples: int) -> dict:
+def compare(study: dict, arms: list[str], against: list[str], levels: list[float], resamples: int,
+            given_cost: tuple[float, float] | None = None) -> dict:
     config, cells = study["config"], selected_cells(study)
     primary = config.get("primary") or study.get("primary", {}).get("primary")
     if not primary:
@@ -117,7 +118,7 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
                          ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
     auc = primary["metric"] == "auc"
     matched = compute_matched(cells, arms, against, primary) if auc else []
-    at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary) if auc else []
+    at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary, given_cost) if auc else []
     return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
             "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched,
@@ -177,7 +178,9 @@ def compute_matched(cells: dict, arms: list[str], against: list[str], primary: d
             for arm, comparator, pairs in _paired_runs(cells, arms, against)]
 
 
-def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[str], primary: dict) -> list[dict]:
+def compute_matched_at_pooled_cost(
+    cells: dict, arms: list[str], against: list[str], primary: dict, given_cost: tuple[float, float] | None = None
+) -> list[dict]:
     """
     The primary AUC at equal training time, with the arm's cost measured once over all seeds: R = the arm's training
     seconds summed over the paired seeds / the comparator's (held-out evaluations excluded). Per seed, the arm's
@@ -185,7 +188,9 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
     primary's window: where the arm would be after the comparator's training time at step s. Unlike
     `compute_matched`, a run's own wall-clock noise (another process, a slow start) does not move its seed's
     difference; the cost of the method does, through R. Points of pass@1, 95 % t-interval over seeds; the same at
-    R's upper 95 % t-bound over the per-seed ratios (a pessimistic cost) as a sensitivity.
+    R's upper 95 % t-bound over the per-seed ratios (a pessimistic cost) as a sensitivity. `given_cost` = (R, upper
+    bound) measured elsewhere (`--cost-ratio`: e.g. a cost check of a cheaper implementation of the same arm, whose
+    learning per step it does not change) replaces both: a projection, not a measurement of these runs.
     """
     split = primary["split"]
     rows = []
@@ -193,8 +198,10 @@ def compute_matched_at_pooled_cost(cells: dict, arms: list[str], against: list[s
         trained = [(run["compute"][-1][1], ref["compute"][-1][1]) for run, ref in pairs]
         ratio = sum(a for a, _ in trained) / sum(c for _, c in trained)
         _, _, ratio_high = t_interval([a / c for a, c in trained])
+        if given_cost is not None:
+            ratio, ratio_high = given_cost
         row = {"arm": arm, "comparator": comparator, "cost_ratio": round(ratio, 4),
-               "cost_ratio_t95_high": round(ratio_high, 4)}
+               "cost_ratio_t95_high": round(ratio_high, 4), "cost_given": given_cost is not None}
         for key, cost in (("", ratio), ("_at_high_cost", ratio_high)):
             def at_equal_cost(run, ref, step, cost=cost):
                 return interpolate([(int(s), value) for s, value in run["curves"][split]], step / cost)
@@ -267,10 +274,17 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
     if result.get("compute_matched_at_pooled_cost"):
         when = ("Registered with the study" if registered_reading == "pooled_cost"
                 else "Secondary, defined after the study ran")
-        lines += ["", f"{when}: the primary at equal training time with the arm's cost measured over all seeds (R = the arm's "
-                  "training seconds / the comparator's, summed over the paired seeds; the arm's curve read at step s / R "
+        cost = ("the arm's cost measured over all seeds (R = the arm's training seconds / the comparator's, summed over "
+                "the paired seeds")
+        upper = "R's upper 95 % bound"
+        if result.get("cost_ratio_given"):
+            when = "Projection, not a measurement (secondary, defined after the study ran)"
+            cost = (f"a cost measured elsewhere (R = {result['cost_ratio_given'][0]}, given with `--cost-ratio`: these "
+                    "runs' learning per step, read at the cost another study measured for the same arm")
+            upper = f"the given upper bound, {result['cost_ratio_given'][1]}"
+        lines += ["", f"{when}: the primary at equal training time with {cost}; the arm's curve read at step s / R "
                   "for each comparator evaluation step s; a run's own timing noise left out), arm - comparator in "
-                  "points, 95 % t-interval over seeds; and the same at R's upper 95 % bound:", "",
+                  f"points, 95 % t-interval over seeds; and the same at {upper}:", "",
                   "| arm - comparator | R | per seed | mean | 95 % t-interval | at R's upper bound | mean | 95 % t-interval |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in result["compute_matched_at_pooled_cost"]:
@@ -301,6 +315,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.95], help="Levels, e.g. 0.95 0.9875.")
     parser.add_argument("--resamples", type=int, default=10_000, help="Bootstrap resamples (the study's: 10000).")
     parser.add_argument("--output", required=True, help="Path without suffix: writes OUTPUT.json and OUTPUT.md.")
+    parser.add_argument("--cost-ratio", nargs=2, type=float, metavar=("R", "R_HIGH"),
+                        help="Read the pooled-cost comparison at this cost and upper bound, measured elsewhere (a "
+                        "projection, labelled so) instead of the runs' own.")
     registered = parser.add_mutually_exclusive_group()
     registered.add_argument("--pooled-cost-registered", action="store_true",
                             help="The registration declared the compute-matched reading at the arm's cost measured "
@@ -312,7 +329,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     studies = [json.loads(Path(path).read_text()) for path in args.study]
     study = studies[0] if len(studies) == 1 else pooled(studies)
-    result = compare(study, args.arms, args.against, args.confidence, args.resamples)
+    if args.cost_ratio and args.pooled_cost_registered:
+        parser.error("--cost-ratio gives a projection, which no registration declared: drop --pooled-cost-registered.")
+    given = tuple(args.cost_ratio) if args.cost_ratio else None
+    result = compare(study, args.arms, args.against, args.confidence, args.resamples, given)
+    result["cost_ratio_given"] = list(given) if given else None
     result["compute_matched_registered"] = args.compute_matched_registered
     result["pooled_cost_registered"] = args.pooled_cost_registered
     reading = "own_run" if args.compute_matched_registered else "pooled_cost" if args.pooled_cost_registered else None

@@ -22,6 +22,7 @@ from bench_host import main as host_benchmark  # noqa: E402
 from bench_host import make_batch  # noqa: E402
 from oracle_step_credit import main as oracle_study  # noqa: E402
 from oracle_step_credit import oracle_trainer_class  # noqa: E402
+from run_costs import main as run_costs  # noqa: E402
 
 from trl_mig import StepBatch  # noqa: E402
 from trl_mig.segmentation import FormatSpec, segment_completion  # noqa: E402
@@ -156,6 +157,17 @@ def test_registered_comparisons_pair_every_comparator_and_match_the_committed_re
     with pytest.raises(SystemExit):  # one reading decides
         registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo", "--output",
                     str(tmp_path / "both"), "--pooled-cost-registered", "--compute-matched-registered"])
+    # a cost measured elsewhere: a projection, labelled so; at R = 1 equal time is equal steps
+    given = registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo",
+                        "--resamples", "20", "--output", str(tmp_path / "given"), "--cost-ratio", "1.0", "1.02"])
+    (row,) = given["compute_matched_at_pooled_cost"]
+    (per_step,) = [r for r in given["comparisons"] if r["confidence"] == 0.95]
+    assert row["cost_given"] and row["cost_ratio"] == 1.0 and row["cost_ratio_t95_high"] == 1.02
+    assert row["mean"] == pytest.approx(per_step["mean"], abs=0.05)
+    assert "Projection, not a measurement" in (tmp_path / "given.md").read_text()
+    with pytest.raises(SystemExit):  # no registration declared a projection
+        registered([str(study / "study.json"), "--arms", "mig_failure_scaled", "--against", "grpo", "--output",
+                    str(tmp_path / "p"), "--cost-ratio", "1.0", "1.02", "--pooled-cost-registered"])
 
 
 # ------------------------------------------------------------------------------------------------ step benchmark
@@ -190,11 +202,17 @@ def test_step_benchmark_preset_runs_the_forwards_it_names(preset, tokenizer, cap
     assert positive_finite(summary["grpo_s"]) and positive_finite(summary["mig_s"])
     assert positive_finite(summary["time_ratio"]) and summary["memory_ratio"] is None
     old_logps, reference = EXPECTED_FORWARDS[preset]
+    no_grad = {}
     for variant in ("grpo", "mig"):
         assert summary["trl_forwards"][variant] == {"old_per_token_logps": old_logps, "ref_per_token_logps": reference}
+        no_grad[variant] = summary["per_cycle"][variant].pop("no_grad_tokens")
         assert summary["per_cycle"][variant] == {
             "generations": 1.0, "training_steps": float(summary["batch"]["training_steps_per_cycle"])
         }
+    # GRPO runs a no-grad forward outside generation only where TRL needs one; MIG always scores (fused or not)
+    assert (no_grad["grpo"] > 0) == (old_logps or reference) and no_grad["mig"] > 0
+    ratio = summary["no_grad_token_ratio"]
+    assert ratio is None if preset == "default" else ratio == pytest.approx(no_grad["mig"] / no_grad["grpo"], 1e-2)
     assert summary["batch"]["training_steps_per_cycle"] == (4 if preset == "iterations2" else 2)
     assert summary["mig_scores_with_reference_model"] == (preset == "reference")
 
@@ -366,3 +384,28 @@ def test_reward_spread_reads_every_logged_window_of_every_run(tmp_path):
     (tmp_path / "runs" / "mig" / "default" / "seed0" / "train.log").write_text("{'train_runtime': 1.0}\n")
     with pytest.raises(SystemExit, match="Arm 'mig' logged no"):
         reward_spread([str(tmp_path), "--output", str(tmp_path / "none.json")])
+
+
+def test_run_costs_pairs_runs_by_seed(tmp_path, capsys):
+    """Per seed, the arm's run and training seconds over the comparator's; with an earlier study, the same seeds'
+    ratios there and the change; seeds one arm lacks are left out."""
+    def run(arm, seed, seconds, train):
+        return {"arm": arm, "seed": seed, "seconds": seconds, "compute": [[0, 0.0, 0], [20, train, 100]]}
+
+    now = {"runs": [run("grpo", 0, 100, 80), run("mig", 0, 110, 90), run("grpo", 1, 100, 80),
+                    run("mig", 1, 104, 84), run("grpo", 2, 100, 80)]}
+    before = {"runs": [run("grpo", 0, 100, 80), run("mig", 0, 120, 100), run("grpo", 1, 50, 40),
+                       run("mig", 1, 60, 50), run("mig", 9, 1, 1), run("grpo", 9, 1, 1)]}
+    paths = []
+    for name, study in (("now", now), ("before", before)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(study))
+    result = run_costs([str(paths[0]), "--arm", "mig", "--against", "grpo", "--before", str(paths[1]),
+                        "--output", str(tmp_path / "costs")])
+    assert result["seeds"] == [0, 1] and result["per_seed"]["1"] == {"run": 1.04, "train": 1.05}
+    assert result["run"]["mean"] == pytest.approx(1.07) and result["train"]["mean"] == pytest.approx(1.0875)
+    assert result["before"]["seeds"] == [0, 1] and result["before"]["run"]["mean"] == pytest.approx(1.2)
+    assert result["change"]["run"]["mean"] == pytest.approx(-0.13)
+    assert json.loads((tmp_path / "costs.json").read_text()) == json.loads(capsys.readouterr().out.splitlines()[-1])
+    with pytest.raises(SystemExit, match="no runs of"):
+        run_costs([str(paths[0]), "--arm", "mig_rtg", "--against", "grpo"])
