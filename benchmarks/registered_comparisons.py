@@ -274,8 +274,8 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
     if result.get("compute_matched_at_pooled_cost"):
         when = ("Registered with the study" if registered_reading == "pooled_cost"
                 else "Secondary, defined after the study ran")
-        cost = ("the arm's cost measured over all seeds (R = the arm's training seconds / the comparator's, summed over "
-                "the paired seeds")
+        cost = ("the arm's cost measured over all seeds (R = the arm's training seconds / the comparator's, summed "
+                "over the paired seeds")
         upper = "R's upper 95 % bound"
         if result.get("cost_ratio_given"):
             when = "Projection, not a measurement (secondary, defined after the study ran)"

@@ -32,7 +32,6 @@ from .scoring import (
 )
 
 
-
 @dataclass
 class GenerationCache:
     """
@@ -200,8 +199,8 @@ def _chunks_by_copy_tokens(plans: Sequence[_CopyPlan], max_rows: int) -> list[li
     """
     The items' indices in forwards: most copy tokens first (a forward pads every row to its longest, and its cost
     grows with the padded width), then the most cached columns; a forward holds at most `max_rows` rows and ends
-    where a row's copy tokens fall below `scoring.MIN_CHUNK_FILL` of its first row's, so that padding stays under a tenth of
-    the tokens it runs. Depends only on the plans, so every process can count its forwards before the first.
+    where a row's copy tokens fall below `scoring.MIN_CHUNK_FILL` of its first row's, so that padding stays under a
+    tenth of the tokens it runs. Depends only on the plans, so every process can count its forwards before the first.
     """
     order = sorted(range(len(plans)), key=lambda j: (-plans[j].tokens, -plans[j].columns))
     return [order[start:end] for start, end in fill_chunks([plans[j].tokens for j in order], max_rows)]

@@ -361,7 +361,8 @@ class StepLikelihoodScorer:
             chunks = layout.chunks(self.batch_size)
         else:
             layout = _PrefixLayout(flat)
-            chunks = [(s, min(s + self.batch_size, layout.num_rows)) for s in range(0, layout.num_rows, self.batch_size)]
+            size = self.batch_size
+            chunks = [(start, min(start + size, layout.num_rows)) for start in range(0, layout.num_rows, size)]
         token_logps, slots = [], []  # per micro-batch, on the device: read back once, after the last forward
         per_item_logps: list[torch.Tensor | None] = [None] * len(items)
         # agree on the forward count before any forward: afterwards another rank may be inside an all-gather
