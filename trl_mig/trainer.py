@@ -539,9 +539,7 @@ class MIGMixin:
         if self.mig_scorer.resolve_method(model, items) != "block":
             fusion.give_up()
             return None
-        # a prefix that several completions share is scored in one row; every row keeps its completion
-        distinct = distinct_prefixes(items)
-        self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
+        distinct = self._distinct_prefixes(items)  # every row keeps its completion, whose log-probs TRL needs
         with (
             record_function("mig/fused_scoring_pass"),
             self.mig_scorer.rows_per_forward(kwargs.get("batch_size")),
@@ -598,8 +596,7 @@ class MIGMixin:
             len(batch) != generation.prompt_mask.shape[0] or cache_unsupported_reason(model, generation, items, rows)
         ):
             generation = None
-        distinct = distinct_prefixes(items)  # a prefix that several completions share is scored once
-        self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
+        distinct = self._distinct_prefixes(items)
         with (
             record_function("mig/step_log_likelihoods"),
             torch.no_grad(),
@@ -618,6 +615,13 @@ class MIGMixin:
         for row, score in zip(rows, distinct.spread(scores)):
             loglik[row, : score.numel()] = score
         return loglik.to(device)
+
+    def _distinct_prefixes(self, items: list[ScoringItem]):
+        """A prefix that several completions share is scored once ([`~trl_mig.scoring.distinct_prefixes`]); the
+        counts go to `mig/scored_prefix_frac`."""
+        distinct = distinct_prefixes(items)
+        self._prefix_counts = [sum(item.num_prefixes for item in part) for part in (distinct.items, items)]
+        return distinct
 
     def _log_mig_metrics(self, mode, loglik, gain_sum, lift, num_steps, segments, has_answer, sft_gate):
         device = loglik.device
