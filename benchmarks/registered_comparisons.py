@@ -22,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trl_mig.study.statistics import compare_arms, describe_primary, t_interval
+from trl_mig.study.statistics import check_primary, compare_arms, describe_primary, t_interval
 
 
 def selected_cells(study: dict) -> dict:
@@ -76,20 +76,34 @@ def verdict(entry: dict, lower_is_better: bool) -> str:
 
 
 def compare(study: dict, arms: list[str], against: list[str], levels: list[float], resamples: int,
-            given_cost: tuple[float, float] | None = None) -> dict:
+            given_cost: tuple[float, float] | None = None, exploratory_primary: dict | None = None) -> dict:
+    """`exploratory_primary`: a metric for a study that declared none (a pilot), read as an exploratory one."""
     config, cells = study["config"], selected_cells(study)
     primary = config.get("primary") or study.get("primary", {}).get("primary")
+    if primary and exploratory_primary:
+        raise SystemExit("The study declares a primary metric; --exploratory-primary is for studies that declare none.")
+    if exploratory_primary:
+        splits = sorted({split for cell in cells.values() for run in cell for split in run["curves"]})
+        try:
+            check_primary(exploratory_primary, splits=splits, eval_steps=config["eval_steps"],
+                          max_steps=[run["curves"][splits[0]][-1][0] for cell in cells.values() for run in cell])
+        except ValueError as err:
+            raise SystemExit(f"--exploratory-primary: {err}") from None
+        primary = exploratory_primary
     if not primary:
-        raise SystemExit("The study declares no primary metric: nothing was registered to compare.")
+        raise SystemExit("The study declares no primary metric: nothing was registered to compare (a pilot's "
+                         "metric can be given with --exploratory-primary).")
     missing = [arm for arm in [*arms, *against] if arm not in cells]
     if missing:
         raise SystemExit(f"Arm(s) {missing} are not in the study; it has {sorted(cells)}.")
     scale = 1.0 if primary["metric"] == "steps_to" else 100.0  # pass@1 in points, as study.md shows it
-    rows = []
+    rows, arm_means = [], {}
     for comparator in against:
         for level in levels:
             result = compare_arms(primary, {a: cells[a] for a in dict.fromkeys([comparator, *arms])}, comparator,
                                   eval_steps=config["eval_steps"], resamples=resamples, confidence=level)
+            for arm, values in result["arms"].items():
+                arm_means.setdefault(arm, None if values["mean"] is None else round(scale * values["mean"], 4))
             for arm in arms:
                 if arm == comparator:
                     continue
@@ -118,10 +132,12 @@ def compare(study: dict, arms: list[str], against: list[str], levels: list[float
                          ratios.items()}, "mean": round(mean, 3), "t95": [round(low, 3), round(high, 3)]})
     auc = primary["metric"] == "auc"
     matched = compute_matched(cells, arms, against, primary) if auc else []
-    at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary, given_cost) if auc else []
+    at_pooled_cost = compute_matched_at_pooled_cost(cells, arms, against, primary, given_cost, levels) if auc else []
     return {"primary": primary, "description": describe_primary(primary, config["eval_steps"]),
+            "exploratory": exploratory_primary is not None,
             "selection": {arm: study["selection"][arm]["setting"] for arm in dict.fromkeys([*arms, *against])},
-            "comparisons": rows, "seconds": seconds, "time_ratios": cost, "compute_matched": matched,
+            "comparisons": rows, "arm_means": arm_means, "seconds": seconds, "time_ratios": cost,
+            "compute_matched": matched,
             "compute_matched_at_pooled_cost": at_pooled_cost,
             "per_evaluation": per_evaluation_differences(cells, arms, against, primary["split"]),
             "schedule": schedule(config)}
@@ -179,7 +195,8 @@ def compute_matched(cells: dict, arms: list[str], against: list[str], primary: d
 
 
 def compute_matched_at_pooled_cost(
-    cells: dict, arms: list[str], against: list[str], primary: dict, given_cost: tuple[float, float] | None = None
+    cells: dict, arms: list[str], against: list[str], primary: dict, given_cost: tuple[float, float] | None = None,
+    levels: list[float] = (0.95,),
 ) -> list[dict]:
     """
     The primary AUC at equal training time, with the arm's cost measured once over all seeds: R = the arm's training
@@ -190,7 +207,9 @@ def compute_matched_at_pooled_cost(
     difference; the cost of the method does, through R. Points of pass@1, 95 % t-interval over seeds; the same at
     R's upper 95 % t-bound over the per-seed ratios (a pessimistic cost) as a sensitivity. `given_cost` = (R, upper
     bound) measured elsewhere (`--cost-ratio`: e.g. a cost check of a cheaper implementation of the same arm, whose
-    learning per step it does not change) replaces both: a projection, not a measurement of these runs.
+    learning per step it does not change) replaces both: a projection, not a measurement of these runs. `levels`:
+    the confidence levels asked for; each one other than 0.95 adds its t-interval at R (`t_intervals`, e.g. a
+    group-sequential level such as 0.9706).
     """
     split = primary["split"]
     rows = []
@@ -208,6 +227,11 @@ def compute_matched_at_pooled_cost(
 
             row.update({f"{name}{key}": value
                         for name, value in _matched_differences(pairs, primary, at_equal_cost).items()})
+        row["t_intervals"] = {}
+        for level in levels:
+            if level != 0.95:
+                _, low, high = t_interval(list(row["per_seed"].values()), level)
+                row["t_intervals"][str(level)] = [round(low, 4), round(high, 4)]
         rows.append(row)
     return rows
 
@@ -236,9 +260,11 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
     """`registered_reading`: which compute-matched reading the registration declared before the study ran ("own_run":
     `compute_matched`, "pooled_cost": `compute_matched_at_pooled_cost`, None: neither); the others are secondary."""
     lines = [
-        f"# Registered comparisons: {study_path}",
+        f"# {'Exploratory' if result.get('exploratory') else 'Registered'} comparisons: {study_path}",
         "",
-        f"Primary: {result['description']} (`{json.dumps(result['primary'])}`); every arm at its selected setting "
+        ("Exploratory metric (the study declared no primary; given with --exploratory-primary after it ran): "
+         if result.get("exploratory") else "Primary: ")
+        + f"{result['description']} (`{json.dumps(result['primary'])}`); every arm at its selected setting "
         f"({', '.join(f'{a}: {s}' for a, s in result['selection'].items())}). Difference = arm - comparator "
         "(points of pass@1, or steps for steps_to), paired by seed. Verdict: beats when the t-interval and the bootstrap interval both lie "
         "above 0, loses when both lie below, else a tie.",
@@ -253,6 +279,9 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
             f"[{row['t_low']:+.1f}, {row['t_high']:+.1f}] | [{row['bootstrap_low']:+.1f}, {row['bootstrap_high']:+.1f}]"
             f" ({row['bootstrap_over']}) | {row['verdict']} |"
         )
+    if result.get("arm_means"):
+        lines += ["", "Each arm's metric, mean over its seeds: " + ", ".join(
+            f"{arm} {value:.1f}" for arm, value in result["arm_means"].items() if value is not None) + "."]
     lines += ["", "Wall-clock seconds per run, arm / comparator, paired by seed (start-up and held-out evaluations "
               f"included; {result['schedule']}):", "", "| arm / comparator | per seed | mean | 95 % t-interval |",
               "|---|---|---|---|"]
@@ -294,6 +323,10 @@ def markdown(result: dict, study_path: str, registered_reading: str | None = Non
                          f"[{row['t95'][0]:+.1f}, {row['t95'][1]:+.1f}] | {row['cost_ratio_t95_high']:.3f}: {high} | "
                          f"{row['mean_at_high_cost']:+.1f} | [{row['t95_at_high_cost'][0]:+.1f}, "
                          f"{row['t95_at_high_cost'][1]:+.1f}] |")
+        for row in result["compute_matched_at_pooled_cost"]:
+            for level, (low, high) in row.get("t_intervals", {}).items():
+                lines += ["", f"At confidence {100 * float(level):.2f} %, {row['arm']} - {row['comparator']} at R "
+                          f"{row['cost_ratio']:.3f}: {row['mean']:+.1f} [{low:+.1f}, {high:+.1f}]."]
     if result.get("per_evaluation"):
         steps = list(result["per_evaluation"][0]["steps"])
         lines += ["", f"Secondary: {result['per_evaluation'][0]['split']} pass@1 at each evaluation step (the last: "
@@ -318,6 +351,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--cost-ratio", nargs=2, type=float, metavar=("R", "R_HIGH"),
                         help="Read the pooled-cost comparison at this cost and upper bound, measured elsewhere (a "
                         "projection, labelled so) instead of the runs' own.")
+    parser.add_argument("--exploratory-primary", type=json.loads, metavar="JSON",
+                        help="For a study that declared no primary (a pilot): the metric to compare, e.g. "
+                        '\'{"metric": "auc", "split": "validation", "steps": [5, 20]}\'; labelled exploratory.')
     registered = parser.add_mutually_exclusive_group()
     registered.add_argument("--pooled-cost-registered", action="store_true",
                             help="The registration declared the compute-matched reading at the arm's cost measured "
@@ -332,7 +368,9 @@ def main(argv=None) -> dict:
     if args.cost_ratio and args.pooled_cost_registered:
         parser.error("--cost-ratio gives a projection, which no registration declared: drop --pooled-cost-registered.")
     given = tuple(args.cost_ratio) if args.cost_ratio else None
-    result = compare(study, args.arms, args.against, args.confidence, args.resamples, given)
+    if args.exploratory_primary and (args.pooled_cost_registered or args.compute_matched_registered):
+        parser.error("--exploratory-primary is a metric chosen after the study ran: nothing about it was registered.")
+    result = compare(study, args.arms, args.against, args.confidence, args.resamples, given, args.exploratory_primary)
     result["cost_ratio_given"] = list(given) if given else None
     result["compute_matched_registered"] = args.compute_matched_registered
     result["pooled_cost_registered"] = args.pooled_cost_registered

@@ -328,6 +328,11 @@ def test_compute_matched_at_pooled_cost_reads_the_arm_at_the_comparators_time():
     assert row["per_seed"] == {"0": -30.0, "1": -22.5, "2": -15.0}  # not moved by seeds 0 and 1's own 1.5x and 2.5x
     assert row["mean"] == -22.5 and row["t95"][0] < -22.5 < row["t95"][1]
     assert row["cost_ratio_t95_high"] > 2.0 and row["mean_at_high_cost"] < row["mean"]
+    assert row["t_intervals"] == {}  # 0.95 only: t95
+    (wider,) = compute_matched_at_pooled_cost(cells, ["slow"], ["fast"], {"split": "test", "steps": [10, 20]},
+                                              levels=[0.95, 0.99])
+    low, high = wider["t_intervals"]["0.99"]  # sd 7.5 over 3 seeds: half-width t(0.995, 2) x 7.5 / sqrt(3) = 42.98
+    assert (round(low, 2), round(high, 2)) == (-65.48, 20.48) and wider["per_seed"] == row["per_seed"]
     (steps,) = per_evaluation_differences(cells, ["slow"], ["fast"], "test")  # per step, no cost: +10/+20/+30 at 10
     assert steps["steps"] == {"10": {"mean": 20.0, "t95": [-4.84, 44.84]}, "20": {"mean": 0.0, "t95": [0.0, 0.0]}}
     cells["slow"][1] = {**cells["slow"][1], "curves": {"test": [[0, 0.0], [20, 1.0]]}}  # seed 1 has no step 10
@@ -360,6 +365,36 @@ def test_registered_comparisons_pool_studies_without_common_seeds(tmp_path):
     assert both["selection"]["grpo"].count("learning_rate") == 2
     with pytest.raises(SystemExit, match="share seeds"):
         registered([str(original), str(original), *arguments, "--output", str(tmp_path / "twice")])
+
+
+def test_registered_comparisons_read_a_pilot_with_an_exploratory_metric(tmp_path):
+    """A study that declared no primary (a pilot) is compared on a metric given after it ran, labelled exploratory;
+    the same metric gives the same differences as the declared one; a study with a primary, or a metric on a split
+    the runs lack, is refused."""
+    from registered_comparisons import main as registered
+
+    original = ROOT / "docs" / "study" / "cpu_arms" / "study.json"
+    study = json.loads(original.read_text())
+    declared = study["config"]["primary"]
+    pilot = tmp_path / "pilot.json"
+    pilot.write_text(json.dumps({**study, "config": {**study["config"], "primary": None}, "primary": {}}))
+    arguments = ["--arms", "mig_failure_scaled", "--against", "grpo", "--resamples", "50"]
+    with pytest.raises(SystemExit, match="no primary metric"):
+        registered([str(pilot), *arguments, "--output", str(tmp_path / "none")])
+    given = registered([str(pilot), *arguments, "--exploratory-primary", json.dumps(declared),
+                        "--output", str(tmp_path / "pilot_comparisons")])
+    reference = registered([str(original), *arguments, "--output", str(tmp_path / "declared")])
+    assert given["exploratory"] and not reference["exploratory"]
+    assert given["comparisons"][0]["per_seed"] == reference["comparisons"][0]["per_seed"]
+    difference = given["arm_means"]["mig_failure_scaled"] - given["arm_means"]["grpo"]
+    assert difference == pytest.approx(given["comparisons"][0]["mean"], abs=1e-3)
+    assert (tmp_path / "pilot_comparisons.md").read_text().startswith("# Exploratory comparisons")
+    with pytest.raises(SystemExit, match="declares a primary"):
+        registered([str(original), *arguments, "--exploratory-primary", json.dumps(declared),
+                    "--output", str(tmp_path / "both")])
+    with pytest.raises(SystemExit, match="primary.split"):
+        registered([str(pilot), *arguments, "--exploratory-primary", json.dumps({**declared, "split": "train"}),
+                    "--output", str(tmp_path / "bad")])
 
 
 def test_reward_spread_reads_every_logged_window_of_every_run(tmp_path):
