@@ -9,7 +9,8 @@ primary metric, paired by seed: per-seed differences, mean, t-interval and boots
 verdict the registration defines (beats: both intervals above 0; loses: both below; else a tie); and each arm's
 wall-clock seconds per run against the comparator's, paired by seed; and the primary AUC with compute matched, read
 two ways: at each seed's own comparator run's training seconds (`compute_matched`), and at the arm's cost measured over
-all seeds (`compute_matched_at_pooled_cost`). Writes OUTPUT.json and OUTPUT.md and ends with one JSON line.
+all seeds (`compute_matched_at_pooled_cost`). Writes OUTPUT.json and OUTPUT.md and ends with one JSON line. A
+pilot that declared no primary can be read on a metric given with `--exploratory-primary`, labelled exploratory.
 
     python benchmarks/registered_comparisons.py docs/study/cpu_arms/study.json \
         --arms mig_rtg mig_failure_scaled --against grpo grpo_partial_credit --confidence 0.95 0.9875 \
@@ -209,7 +210,7 @@ def compute_matched_at_pooled_cost(
     bound) measured elsewhere (`--cost-ratio`: e.g. a cost check of a cheaper implementation of the same arm, whose
     learning per step it does not change) replaces both: a projection, not a measurement of these runs. `levels`:
     the confidence levels asked for; each one other than 0.95 adds its t-interval at R (`t_intervals`, e.g. a
-    group-sequential level such as 0.9706).
+    two-look level such as 0.9714).
     """
     split = primary["split"]
     rows = []
